@@ -1,0 +1,217 @@
+//! Roles, callers and bearer-token checks. Static tokens (admin, app) come from configuration and
+//! are compared in constant time; worker tokens are HMAC-SHA256 signatures over the worker id,
+//! so a worker is authenticated as exactly one workerId without any stored state.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::OpError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    App,
+    Worker,
+    Telegram,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::App => "app",
+            Self::Worker => "worker",
+            Self::Telegram => "telegram",
+        }
+    }
+}
+
+/// Who is calling. A worker caller always carries the workerId its token was minted for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    pub worker_id: Option<String>,
+}
+
+impl Caller {
+    pub fn admin() -> Self {
+        Self {
+            role: Role::Admin,
+            worker_id: None,
+        }
+    }
+
+    /// Refuses a worker caller acting for another workerId. Other roles pass.
+    pub fn require_worker(&self, worker_id: &str) -> Result<(), OpError> {
+        match (&self.role, &self.worker_id) {
+            (Role::Worker, Some(own)) if own == worker_id => Ok(()),
+            (Role::Worker, _) => Err(OpError::forbidden(format!(
+                "this worker token may not act for worker '{worker_id}'"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+const WORKER_TOKEN_PREFIX: &str = "afw1";
+
+/// Verifies bearer tokens. Holds only what configuration provides; a role without a configured
+/// token cannot be used at all.
+pub struct Authenticator {
+    admin: Option<[u8; 32]>,
+    app: Option<[u8; 32]>,
+    worker_key: Option<SecretString>,
+}
+
+impl Authenticator {
+    pub fn new(
+        admin: Option<&SecretString>,
+        app: Option<&SecretString>,
+        worker_key: Option<&SecretString>,
+    ) -> Self {
+        let digest =
+            |s: &SecretString| -> [u8; 32] { Sha256::digest(s.expose_secret().as_bytes()).into() };
+        Self {
+            admin: admin.map(digest),
+            app: app.map(digest),
+            worker_key: worker_key.cloned(),
+        }
+    }
+
+    /// Authenticates the value of an `Authorization` header (`Bearer <token>`, or a bare token).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, OpError> {
+        let Some(raw) = authorization.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Err(OpError::unauthenticated(
+                "missing bearer token: send 'Authorization: Bearer <token>'",
+            ));
+        };
+        let token = raw
+            .strip_prefix("Bearer ")
+            .or_else(|| raw.strip_prefix("bearer "))
+            .unwrap_or(raw)
+            .trim();
+        if let Some(worker_id) = self.verify_worker_token(token) {
+            return Ok(Caller {
+                role: Role::Worker,
+                worker_id: Some(worker_id),
+            });
+        }
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Both comparisons always run so timing does not reveal which role matched.
+        let is_admin = self
+            .admin
+            .map(|d| d.ct_eq(&presented).into())
+            .unwrap_or(false);
+        let is_app = self
+            .app
+            .map(|d| d.ct_eq(&presented).into())
+            .unwrap_or(false);
+        match (is_admin, is_app) {
+            (true, _) => Ok(Caller::admin()),
+            (false, true) => Ok(Caller {
+                role: Role::App,
+                worker_id: None,
+            }),
+            (false, false) => Err(OpError::unauthenticated("invalid bearer token")),
+        }
+    }
+
+    /// Mints the token a spawned worker uses to act as `worker_id`.
+    pub fn mint_worker_token(&self, worker_id: &str) -> Result<String, OpError> {
+        let key = self.worker_key.as_ref().ok_or_else(|| {
+            OpError::unavailable(
+                "auth.worker_token_key is not configured; worker tokens cannot be issued",
+            )
+        })?;
+        let id = URL_SAFE_NO_PAD.encode(worker_id.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(sign(key, worker_id)?);
+        Ok(format!("{WORKER_TOKEN_PREFIX}.{id}.{sig}"))
+    }
+
+    fn verify_worker_token(&self, token: &str) -> Option<String> {
+        let key = self.worker_key.as_ref()?;
+        let mut parts = token.split('.');
+        let (Some(WORKER_TOKEN_PREFIX), Some(id), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let worker_id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
+        let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).ok()?;
+        mac.update(worker_id.as_bytes());
+        mac.verify_slice(&sig).ok()?;
+        Some(worker_id)
+    }
+}
+
+fn sign(key: &SecretString, worker_id: &str) -> Result<Vec<u8>, OpError> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes())
+        .map_err(OpError::internal)?;
+    mac.update(worker_id.as_bytes());
+    Ok(mac.finalize().into_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Authenticator {
+        Authenticator::new(
+            Some(&SecretString::from("admin-secret")),
+            Some(&SecretString::from("app-secret")),
+            Some(&SecretString::from("worker-key")),
+        )
+    }
+
+    #[test]
+    fn static_tokens_map_to_roles() {
+        let a = auth();
+        assert_eq!(
+            a.authenticate(Some("Bearer admin-secret")).unwrap().role,
+            Role::Admin
+        );
+        assert_eq!(a.authenticate(Some("app-secret")).unwrap().role, Role::App);
+        assert!(a.authenticate(Some("Bearer nope")).is_err());
+        assert!(a.authenticate(None).is_err());
+        assert!(a.authenticate(Some("  ")).is_err());
+    }
+
+    #[test]
+    fn worker_tokens_bind_one_worker_id() {
+        let a = auth();
+        let token = a.mint_worker_token("afw-1767258000000-0").unwrap();
+        let caller = a.authenticate(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!(caller.role, Role::Worker);
+        assert_eq!(caller.worker_id.as_deref(), Some("afw-1767258000000-0"));
+        assert!(caller.require_worker("afw-1767258000000-0").is_ok());
+        assert!(caller.require_worker("afw-other").is_err());
+
+        // A token signed with another key, or with a swapped id, is refused.
+        let other = Authenticator::new(None, None, Some(&SecretString::from("other-key")));
+        let forged = other.mint_worker_token("afw-1767258000000-0").unwrap();
+        assert!(a.authenticate(Some(&forged)).is_err());
+        let parts: Vec<&str> = token.split('.').collect();
+        let swapped = format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode("afw-x"),
+            parts[2]
+        );
+        assert!(a.authenticate(Some(&swapped)).is_err());
+    }
+
+    #[test]
+    fn unconfigured_roles_cannot_be_used() {
+        let a = Authenticator::new(None, None, None);
+        assert!(a.authenticate(Some("")).is_err());
+        assert!(a.mint_worker_token("w").is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! Layered configuration: built-in defaults (`defaults.toml`), then an optional TOML file, then
+//! `AF_`-prefixed environment variables with `__` between sections. The environment is passed in
+//! as a map so tests never mutate the process environment. Bad values fail at start with a
+//! message that names the key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The built-in defaults, also the reference for docs/configuration.md.
+pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+
+/// The environment variable prefix.
+pub const ENV_PREFIX: &str = "AF";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub nats: NatsSettings,
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub secrets: SecretsSettings,
+    pub clock: ClockSettings,
+    pub loops: LoopSettings,
+    pub queue: QueueSettings,
+    pub limits: LimitSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    pub url: Option<String>,
+    pub replicas: usize,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub bind: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub admin_token: Option<SecretString>,
+    pub app_token: Option<SecretString>,
+    pub worker_token_key: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSettings {
+    pub key: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockMode {
+    System,
+    Manual,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockSettings {
+    pub mode: ClockMode,
+    pub start_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopSettings {
+    /// Pauses every background loop; operators then drive them through their operations.
+    pub manual: bool,
+    pub lease_recovery: bool,
+    pub lease_recovery_interval_ms: u64,
+}
+
+impl LoopSettings {
+    /// Whether one loop runs by itself: its own switch and the global pause.
+    pub fn enabled(&self, own_switch: bool) -> bool {
+        own_switch && !self.manual
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub default_priority: i64,
+    pub max_priority: i64,
+    pub max_attempts: u32,
+    pub lease_ms: i64,
+    pub stale_after_ms: i64,
+    pub idle_timeout_ms: i64,
+    pub claim_wait_max_ms: u64,
+    pub idempotency_window_ms: u64,
+    pub inbox_max_age_ms: u64,
+    pub max_message_bytes: usize,
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub base_delay_ms: i64,
+    pub max_delay_ms: i64,
+    pub backoff_factor: f64,
+    pub jitter_ratio: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_string_bytes: usize,
+    pub max_list_items: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the `AF_*` entries of `env`, and validates.
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULTS_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "configuration file '{}' does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("AF_") && k.as_str() != "AF_CONFIG")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults only, with the given overrides (`"queue.lease_ms" => "1000"` style keys).
+    pub fn from_overrides(overrides: &[(&str, &str)]) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = overrides
+            .iter()
+            .map(|(k, v)| {
+                (
+                    format!("AF_{}", k.replace('.', "__").to_uppercase()),
+                    v.to_string(),
+                )
+            })
+            .collect();
+        Self::load(None, &env)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let q = &self.queue;
+        if !(1..=5).contains(&self.nats.replicas) {
+            return fail("nats.replicas", "must be between 1 and 5");
+        }
+        if let Some(url) = &self.nats.url {
+            if url.trim().is_empty() {
+                return fail("nats.url", "must not be empty when set");
+            }
+        }
+        if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            return fail("http.bind", "must be an address like 127.0.0.1:8080");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return fail("http.max_body_bytes", "must be at least 1024");
+        }
+        if q.lease_ms < 1000 {
+            return fail("queue.lease_ms", "must be at least 1000");
+        }
+        if q.stale_after_ms < q.lease_ms {
+            return fail("queue.stale_after_ms", "must be at least queue.lease_ms");
+        }
+        if q.idle_timeout_ms < 1000 {
+            return fail("queue.idle_timeout_ms", "must be at least 1000");
+        }
+        if q.max_attempts == 0 || q.max_attempts > 1000 {
+            return fail("queue.max_attempts", "must be between 1 and 1000");
+        }
+        if !(0..=q.max_priority).contains(&q.default_priority) {
+            return fail(
+                "queue.default_priority",
+                "must be between 0 and queue.max_priority",
+            );
+        }
+        if q.retry.base_delay_ms < 0 || q.retry.max_delay_ms < q.retry.base_delay_ms {
+            return fail(
+                "queue.retry.max_delay_ms",
+                "must be at least queue.retry.base_delay_ms",
+            );
+        }
+        if !(q.retry.backoff_factor >= 1.0) {
+            return fail("queue.retry.backoff_factor", "must be at least 1.0");
+        }
+        if !(0.0..=1.0).contains(&q.retry.jitter_ratio) {
+            return fail("queue.retry.jitter_ratio", "must be between 0 and 1");
+        }
+        if q.claim_wait_max_ms > 300_000 {
+            return fail("queue.claim_wait_max_ms", "must be at most 300000");
+        }
+        if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
+            return fail(
+                "queue.max_message_bytes",
+                "must be between 1024 and 1000000",
+            );
+        }
+        if self.loops.lease_recovery_interval_ms < 10 {
+            return fail("loops.lease_recovery_interval_ms", "must be at least 10");
+        }
+        if let Some(start) = self.clock.start_ms {
+            if start < 0 {
+                return fail("clock.start_ms", "must not be negative");
+            }
+        }
+        if self.limits.max_string_bytes < 256 {
+            return fail("limits.max_string_bytes", "must be at least 256");
+        }
+        if self.limits.max_list_items < 1 {
+            return fail("limits.max_list_items", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn nats_store_dir(&self) -> PathBuf {
+        self.data_dir.join("nats")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load(None, &HashMap::new()).unwrap();
+        assert_eq!(s.queue.lease_ms, 360_000);
+        assert_eq!(s.queue.stale_after_ms, 420_000);
+        assert_eq!(s.clock.mode, ClockMode::System);
+        assert!(s.nats.url.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let env = HashMap::from([
+            ("AF_QUEUE__LEASE_MS".to_string(), "5000".to_string()),
+            ("AF_QUEUE__STALE_AFTER_MS".to_string(), "6000".to_string()),
+            (
+                "AF_NATS__URL".to_string(),
+                "nats://127.0.0.1:4999".to_string(),
+            ),
+            ("AF_CLOCK__MODE".to_string(), "manual".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ]);
+        let s = Settings::load(None, &env).unwrap();
+        assert_eq!(s.queue.lease_ms, 5000);
+        assert_eq!(s.nats.url.as_deref(), Some("nats://127.0.0.1:4999"));
+        assert_eq!(s.clock.mode, ClockMode::Manual);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Settings::from_overrides(&[("queue.lease_ms", "10")]).unwrap_err();
+        assert!(err.to_string().contains("queue.lease_ms"), "{err}");
+        let err = Settings::from_overrides(&[("queue.lease_ms", "abc")]).unwrap_err();
+        assert!(err.to_string().contains("lease_ms"), "{err}");
+        let err = Settings::from_overrides(&[("clock.mode", "sundial")]).unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::from_overrides(&[("queue.lease_msec", "1000")]).unwrap_err();
+        assert!(err.to_string().contains("lease_msec"), "{err}");
+    }
+}

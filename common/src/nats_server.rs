@@ -1,0 +1,182 @@
+//! Starts and stops a local `nats-server` (JetStream on, data under a given directory). Used by
+//! the launcher when no `nats.url` is configured, and by the test harness and benchmarks. The
+//! child is started on a free port chosen by the server itself (`-p -1`, read back from the
+//! ports file), is killed when this handle drops, and dies with its parent (PDEATHSIG).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub struct NatsServer {
+    child: Option<tokio::process::Child>,
+    url: String,
+    log_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsServerOptions {
+    pub binary: PathBuf,
+    pub store_dir: PathBuf,
+    /// Where the ports file and log go.
+    pub run_dir: PathBuf,
+    /// Extra configuration file contents (e.g. `jetstream { sync_interval: always }`).
+    pub extra_config: Option<String>,
+}
+
+/// Finds nats-server: `explicit`, then `<project>/.tools/nats/bin/nats-server` (the project's
+/// install script puts it there), then `nats-server` on PATH.
+pub fn find_binary(explicit: Option<&Path>, project_root: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        bail!("nats-server binary '{}' does not exist", path.display());
+    }
+    let local = project_root.join(".tools/nats/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!(
+        "nats-server not found: run ops/scripts/install-nats.sh (installs 2.15.x into .tools/nats) \
+         or set AF_NATS_SERVER_BIN"
+    )
+}
+
+impl NatsServer {
+    pub async fn start(options: &NatsServerOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.store_dir)
+            .with_context(|| format!("creating {}", options.store_dir.display()))?;
+        std::fs::create_dir_all(&options.run_dir)
+            .with_context(|| format!("creating {}", options.run_dir.display()))?;
+        // A ports file left by a previous (killed) server would be read as ours.
+        for entry in std::fs::read_dir(&options.run_dir)?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "ports") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let log_file = options.run_dir.join("nats-server.log");
+        let mut cmd = tokio::process::Command::new(&options.binary);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-js", "--http_port", "-1"])
+            .arg("-sd")
+            .arg(&options.store_dir)
+            .arg("--ports_file_dir")
+            .arg(&options.run_dir)
+            .arg("-l")
+            .arg(&log_file);
+        if let Some(extra) = &options.extra_config {
+            let conf = options.run_dir.join("extra.conf");
+            std::fs::write(&conf, extra)?;
+            cmd.arg("-c").arg(conf);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", options.binary.display()))?;
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let url = loop {
+            if let Some(url) = read_ports_file(&options.run_dir) {
+                break url;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "nats-server exited with {status} during start-up:\n{}",
+                    log_tail(&log_file)
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "nats-server did not report its ports within 15 s:\n{}",
+                    log_tail(&log_file)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(Self {
+            child: Some(child),
+            url,
+            log_file,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Asks the server to shut down (SIGTERM) and waits for it; kills it after `grace`.
+    pub async fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            signal(pid, libc::SIGTERM);
+        }
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_file)
+    }
+}
+
+fn read_ports_file(dir: &Path) -> Option<String> {
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json.get("nats")?
+        .as_array()?
+        .first()?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Sends `sig` to `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Asks the kernel to SIGTERM the child when the thread that spawned it dies, so a launcher
+/// killed with SIGKILL does not leave an orphaned server holding the data directory.
+#[allow(unsafe_code)]
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}

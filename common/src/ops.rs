@@ -1,0 +1,660 @@
+//! The operation catalogue: every operation declared once (name, owning service, roles allowed),
+//! served over NATS request/reply on `af.op.<name>` and exposed by ingress as
+//! `POST /v1/ops/<name>`. Both transports carry the same JSON and the same error body.
+//!
+//! Requests carry `Authorization: Bearer <token>` in a NATS header, so a service authenticates
+//! every call itself whether it came through ingress or straight from a worker on NATS.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::{Caller, Role};
+use crate::error::{ErrorCode, OpError};
+use crate::service::ServiceContext;
+
+pub const SUBJECT_PREFIX: &str = "af.op";
+pub const HEADER_STATUS: &str = "af-status";
+pub const HEADER_AUTHORIZATION: &str = "authorization";
+pub const HEADER_CLOCK_REVISION: &str = "af-clock-rev";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    QueueManager,
+    Hydration,
+    Scheduler,
+    PushDispatcher,
+    Cleanup,
+}
+
+impl Service {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueManager => "queue-manager",
+            Self::Hydration => "hydration",
+            Self::Scheduler => "scheduler",
+            Self::PushDispatcher => "push-dispatcher",
+            Self::Cleanup => "cleanup",
+        }
+    }
+}
+
+/// One operation of the catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct OpSpec {
+    pub name: &'static str,
+    pub service: Service,
+    pub roles: &'static [Role],
+    pub summary: &'static str,
+}
+
+use Role::{Admin, App, Worker};
+use Service::{Hydration, QueueManager};
+
+const fn op(
+    name: &'static str,
+    service: Service,
+    roles: &'static [Role],
+    summary: &'static str,
+) -> OpSpec {
+    OpSpec {
+        name,
+        service,
+        roles,
+        summary,
+    }
+}
+
+/// Every operation of the system. docs/api.md mirrors this table (a test keeps them in step).
+pub const CATALOGUE: &[OpSpec] = &[
+    // Queue.
+    op(
+        "enqueueMessage",
+        QueueManager,
+        &[Admin, App],
+        "queue a message for a conversation",
+    ),
+    op(
+        "claimNextJob",
+        QueueManager,
+        &[Admin, Worker],
+        "lease the next job for a worker, optionally waiting",
+    ),
+    op(
+        "heartbeatJob",
+        QueueManager,
+        &[Admin, Worker],
+        "extend the lease of a processing job",
+    ),
+    op(
+        "completeJob",
+        QueueManager,
+        &[Admin, Worker],
+        "mark a leased job done",
+    ),
+    op(
+        "failJob",
+        QueueManager,
+        &[Admin, Worker],
+        "fail a leased job: retry with backoff or dead-letter",
+    ),
+    op(
+        "releaseStuckJobs",
+        QueueManager,
+        &[Admin],
+        "recover jobs whose lease expired",
+    ),
+    op(
+        "getQueueStats",
+        QueueManager,
+        &[Admin, App],
+        "counts of ready, processing and dead-lettered jobs",
+    ),
+    op(
+        "listJobsByStatus",
+        QueueManager,
+        &[Admin],
+        "jobs in one status",
+    ),
+    op(
+        "listQueueItemsForConversation",
+        QueueManager,
+        &[Admin, App],
+        "a conversation's jobs, newest first",
+    ),
+    op(
+        "hasQueuedJobsForConversation",
+        QueueManager,
+        &[Admin, App, Worker],
+        "whether a conversation has queued jobs",
+    ),
+    op(
+        "requeueDeadLetter",
+        QueueManager,
+        &[Admin],
+        "put a dead-lettered job back at the end of its conversation",
+    ),
+    op(
+        "purgeDeadLetter",
+        QueueManager,
+        &[Admin],
+        "delete a dead-lettered job",
+    ),
+    // Workers.
+    op(
+        "getWorkerControlState",
+        QueueManager,
+        &[Admin, Worker],
+        "whether a worker should stop",
+    ),
+    op(
+        "getWorkerStats",
+        QueueManager,
+        &[Admin, App],
+        "active workers and their load",
+    ),
+    op(
+        "upsertWorkerState",
+        QueueManager,
+        &[Admin],
+        "create or move a worker row through its lifecycle",
+    ),
+    op(
+        "listWorkersForScheduler",
+        QueueManager,
+        &[Admin],
+        "every worker row",
+    ),
+    op(
+        "issueWorkerToken",
+        QueueManager,
+        &[Admin],
+        "mint the bearer token a worker uses",
+    ),
+    // Test clock.
+    op(
+        "getTestClock",
+        QueueManager,
+        &[Admin],
+        "the clock mode and the time every service sees",
+    ),
+    op(
+        "setTestClock",
+        QueueManager,
+        &[Admin],
+        "manual clock only: set the time of the whole stack",
+    ),
+    op(
+        "advanceTestClock",
+        QueueManager,
+        &[Admin],
+        "manual clock only: move the time of the whole stack forward",
+    ),
+    // Profiles, secrets, runtime configuration.
+    op(
+        "upsertAgentProfile",
+        Hydration,
+        &[Admin],
+        "create or update an agent profile",
+    ),
+    op(
+        "getAgentProfile",
+        Hydration,
+        &[Admin, App],
+        "one agent profile",
+    ),
+    op(
+        "listAgentProfiles",
+        Hydration,
+        &[Admin],
+        "every agent profile",
+    ),
+    op(
+        "importPlaintextSecret",
+        Hydration,
+        &[Admin],
+        "store a new active version of a secret",
+    ),
+    op(
+        "getSecretsStatus",
+        Hydration,
+        &[Admin],
+        "which secret refs have an active version",
+    ),
+    op(
+        "providerRuntimeConfig",
+        Hydration,
+        &[Admin],
+        "the stored provider configuration",
+    ),
+    op(
+        "setProviderRuntimeConfig",
+        Hydration,
+        &[Admin],
+        "store the provider configuration",
+    ),
+    op(
+        "messageRuntimeConfig",
+        Hydration,
+        &[Admin],
+        "the stored message configuration",
+    ),
+    op(
+        "setMessageRuntimeConfig",
+        Hydration,
+        &[Admin],
+        "store the message configuration",
+    ),
+];
+
+pub fn find(name: &str) -> Option<&'static OpSpec> {
+    CATALOGUE.iter().find(|spec| spec.name == name)
+}
+
+pub fn subject(name: &str) -> String {
+    format!("{SUBJECT_PREFIX}.{name}")
+}
+
+type Handler = Arc<
+    dyn Fn(Caller, serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, OpError>>
+        + Send
+        + Sync,
+>;
+
+/// The handlers a service process serves.
+#[derive(Default, Clone)]
+pub struct OpRegistry {
+    handlers: HashMap<&'static str, Handler>,
+}
+
+impl OpRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers the handler of `name`, which must be in the catalogue.
+    pub fn register<A, R, F, Fut>(&mut self, name: &'static str, handler: F) -> &mut Self
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + 'static,
+        F: Fn(Caller, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, OpError>> + Send + 'static,
+    {
+        assert!(
+            find(name).is_some(),
+            "operation '{name}' is not in the catalogue"
+        );
+        let handler = Arc::new(handler);
+        self.handlers.insert(
+            name,
+            Arc::new(move |caller, value| {
+                let handler = handler.clone();
+                Box::pin(async move {
+                    let args: A = serde_json::from_value(value).map_err(|e| {
+                        OpError::invalid(format!("invalid arguments for {name}: {e}"))
+                    })?;
+                    let result = handler(caller, args).await?;
+                    serde_json::to_value(result).map_err(OpError::internal)
+                })
+            }),
+        );
+        self
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.handlers.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Serves every registered operation until `shutdown` is cancelled. Each operation is a
+    /// queue-group subscription, so replicas of a service share the load.
+    pub async fn serve(
+        self,
+        ctx: ServiceContext,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut streams = Vec::new();
+        for (name, handler) in self.handlers {
+            let spec = find(name).ok_or_else(|| anyhow::anyhow!("unknown operation {name}"))?;
+            let sub = ctx
+                .nats
+                .queue_subscribe(subject(name), format!("af-{}", spec.service.as_str()))
+                .await?;
+            streams.push(sub.map(move |msg| (spec, handler.clone(), msg)).boxed());
+        }
+        // The subscriptions are registered once the server has processed them; flush so a
+        // caller that starts right after `serve` is spawned finds a responder.
+        ctx.nats.flush().await?;
+        let mut all = futures::stream::select_all(streams);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = all.next() => {
+                    let Some((spec, handler, msg)) = next else { break };
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { handle(ctx, spec, handler, msg).await });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn handle(
+    ctx: ServiceContext,
+    spec: &'static OpSpec,
+    handler: Handler,
+    msg: async_nats::Message,
+) {
+    let Some(reply) = msg.reply.clone() else {
+        tracing::debug!(op = spec.name, "request without reply subject ignored");
+        return;
+    };
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "op",
+        otel.name = spec.name,
+        op = spec.name,
+        role = tracing::field::Empty
+    );
+    crate::telemetry::set_parent_from_headers(&span, msg.headers.as_ref());
+    let result = async {
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        let caller = ctx
+            .auth
+            .authenticate(header(HEADER_AUTHORIZATION).as_deref())?;
+        tracing::Span::current().record("role", caller.role.as_str());
+        if !spec.roles.contains(&caller.role) {
+            return Err(OpError::forbidden(format!(
+                "role '{}' may not call '{}'",
+                caller.role.as_str(),
+                spec.name
+            )));
+        }
+        if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
+            ctx.clock
+                .wait_for_revision(rev, Duration::from_secs(2))
+                .await;
+        }
+        let args = parse_args(&msg.payload, &ctx.settings.limits)?;
+        handler(caller, args).await
+    }
+    .instrument(span.clone())
+    .await;
+    let (status, body) = match result {
+        Ok(value) => (
+            200u16,
+            serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()),
+        ),
+        Err(err) => {
+            if err.code == ErrorCode::Internal {
+                span.in_scope(|| tracing::warn!(op = spec.name, "operation failed internally"));
+            }
+            (
+                err.http_status(),
+                serde_json::to_vec(&err.to_body()).unwrap_or_default(),
+            )
+        }
+    };
+    metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status.to_string())
+        .record(started.elapsed().as_secs_f64());
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_STATUS, status.to_string().as_str());
+    if let Err(e) = ctx
+        .nats
+        .publish_with_headers(reply, headers, Bytes::from(body))
+        .await
+    {
+        tracing::warn!(op = spec.name, error = %e, "could not send reply");
+    }
+}
+
+/// Parses a request body into JSON, enforcing the string and list limits. An empty body is `{}`.
+pub fn parse_args(
+    payload: &[u8],
+    limits: &crate::config::LimitSettings,
+) -> Result<serde_json::Value, OpError> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Object(Default::default()));
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| OpError::invalid(format!("request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(OpError::invalid("request body must be a JSON object"));
+    }
+    check_limits(&value, "$", limits)?;
+    Ok(value)
+}
+
+fn check_limits(
+    value: &serde_json::Value,
+    path: &str,
+    limits: &crate::config::LimitSettings,
+) -> Result<(), OpError> {
+    match value {
+        serde_json::Value::String(s) if s.len() > limits.max_string_bytes => {
+            Err(OpError::invalid(format!(
+                "{path}: string of {} bytes exceeds the limit of {} bytes",
+                s.len(),
+                limits.max_string_bytes
+            )))
+        }
+        serde_json::Value::Array(items) => {
+            if items.len() > limits.max_list_items {
+                return Err(OpError::invalid(format!(
+                    "{path}: list of {} items exceeds the limit of {}",
+                    items.len(),
+                    limits.max_list_items
+                )));
+            }
+            for (i, item) in items.iter().enumerate() {
+                check_limits(item, &format!("{path}[{i}]"), limits)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Object(map) => {
+            if map.len() > limits.max_list_items {
+                return Err(OpError::invalid(format!(
+                    "{path}: object has more than {} keys",
+                    limits.max_list_items
+                )));
+            }
+            for (k, v) in map {
+                check_limits(v, &format!("{path}.{k}"), limits)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Calls operations over NATS. Used by ingress (as a pass-through), the CLI, workers and tests.
+#[derive(Clone)]
+pub struct OpClient {
+    nats: async_nats::Client,
+    clock: Option<crate::clock::Clock>,
+    timeout: Duration,
+}
+
+impl OpClient {
+    pub fn new(nats: async_nats::Client, timeout: Duration) -> Self {
+        Self {
+            nats,
+            clock: None,
+            timeout,
+        }
+    }
+
+    /// Attaches this process's clock revision to every request, so a call made after a test
+    /// clock change is served by a process that has seen the change.
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Sends raw JSON bytes and returns the HTTP-equivalent status with the raw reply body.
+    pub async fn call_raw(
+        &self,
+        name: &str,
+        authorization: Option<&str>,
+        body: Bytes,
+        extra_timeout: Duration,
+    ) -> (u16, Bytes) {
+        let mut headers = HeaderMap::new();
+        if let Some(auth) = authorization {
+            headers.insert(HEADER_AUTHORIZATION, auth);
+        }
+        if let Some(clock) = &self.clock {
+            let rev = clock.revision();
+            if rev > 0 {
+                headers.insert(HEADER_CLOCK_REVISION, rev.to_string().as_str());
+            }
+        }
+        crate::telemetry::inject_current_context(&mut headers);
+        let request = async_nats::Request::new()
+            .payload(body)
+            .headers(headers)
+            .timeout(Some(self.timeout + extra_timeout));
+        match self.nats.send_request(subject(name), request).await {
+            Ok(msg) => {
+                let status = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(HEADER_STATUS))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(200);
+                (status, msg.payload)
+            }
+            Err(e) => {
+                let err = match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => OpError::unavailable(format!(
+                        "no service is serving '{name}' right now; retry shortly"
+                    )),
+                    async_nats::RequestErrorKind::TimedOut => OpError::unavailable(format!(
+                        "'{name}' timed out; it may or may not have been applied"
+                    )),
+                    async_nats::RequestErrorKind::MaxPayloadExceeded => OpError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the request for '{name}' exceeds the NATS maximum payload"),
+                    ),
+                    async_nats::RequestErrorKind::InvalidSubject => {
+                        OpError::invalid(format!("'{name}' is not a valid operation name"))
+                    }
+                    async_nats::RequestErrorKind::Other => {
+                        OpError::unavailable(format!("'{name}' failed: {e}"))
+                    }
+                };
+                (
+                    err.http_status(),
+                    Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()),
+                )
+            }
+        }
+    }
+
+    /// Calls `name` with typed arguments and result.
+    pub async fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        name: &str,
+        token: &str,
+        args: &A,
+    ) -> Result<R, OpError> {
+        let body = serde_json::to_vec(args).map_err(|e| OpError::invalid(e.to_string()))?;
+        let auth = format!("Bearer {token}");
+        let (status, reply) = self
+            .call_raw(name, Some(&auth), Bytes::from(body), claim_wait(name, args))
+            .await;
+        decode_reply(status, &reply)
+    }
+}
+
+/// Long-polling operations need a request timeout beyond their wait.
+fn claim_wait<A: Serialize>(name: &str, args: &A) -> Duration {
+    if name != "claimNextJob" {
+        return Duration::ZERO;
+    }
+    serde_json::to_value(args)
+        .ok()
+        .and_then(|v| v.get("waitMs").and_then(|w| w.as_u64()))
+        .map(Duration::from_millis)
+        .unwrap_or_default()
+}
+
+/// Turns a reply into the result or the error it carries.
+pub fn decode_reply<R: DeserializeOwned>(status: u16, reply: &[u8]) -> Result<R, OpError> {
+    if status == 200 {
+        serde_json::from_slice(reply)
+            .map_err(|e| OpError::internal(format!("undecodable reply: {e}")))
+    } else {
+        match serde_json::from_slice::<crate::error::ErrorBody>(reply) {
+            Ok(body) => Err(body.error),
+            Err(_) => Err(OpError::internal(format!(
+                "status {status} with an undecodable body"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_names_are_unique_and_every_op_has_a_role() {
+        let mut seen = std::collections::HashSet::new();
+        for spec in CATALOGUE {
+            assert!(seen.insert(spec.name), "duplicate {}", spec.name);
+            assert!(
+                !spec.roles.is_empty(),
+                "{} is reachable by nobody",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn args_limits_name_the_path() {
+        let limits = crate::config::LimitSettings {
+            max_string_bytes: 300,
+            max_list_items: 3,
+        };
+        let long = "x".repeat(301);
+        let err = parse_args(
+            format!(r#"{{"payload":{{"messageText":"{long}"}}}}"#).as_bytes(),
+            &limits,
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("$.payload.messageText"),
+            "{}",
+            err.message
+        );
+        let err = parse_args(br#"{"a":[1,2,3,4]}"#, &limits).unwrap_err();
+        assert!(err.message.contains("$.a"));
+        assert_eq!(parse_args(b"", &limits).unwrap(), serde_json::json!({}));
+        assert_eq!(
+            parse_args(b"[1]", &limits).unwrap_err().code,
+            ErrorCode::InvalidInput
+        );
+        assert_eq!(
+            parse_args(b"{nope", &limits).unwrap_err().code,
+            ErrorCode::InvalidInput
+        );
+    }
+}

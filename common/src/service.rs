@@ -1,0 +1,257 @@
+//! What every service needs to run: a NATS connection, the JetStream context with the topology
+//! provisioned, the clock, the authenticator and the settings, bundled in a cheap-to-clone
+//! [`ServiceContext`]. Also the process-level helpers: signal handling and local key files.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use futures::StreamExt;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::clock::{Clock, ManualTime};
+use crate::config::{ClockMode, Settings};
+use crate::ops::OpClient;
+use crate::topology::{self, Buckets};
+
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub clock: Clock,
+    pub settings: Arc<Settings>,
+    pub auth: Arc<Authenticator>,
+    pub buckets: Buckets,
+    pub ops: OpClient,
+}
+
+/// The key of the manual clock record in the `af_system` bucket.
+pub const TEST_CLOCK_KEY: &str = "test_clock";
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestClockRecord {
+    pub now_ms: i64,
+}
+
+impl ServiceContext {
+    /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology, and
+    /// sets up the clock.
+    pub async fn connect(settings: Arc<Settings>, url: &str, name: &str) -> anyhow::Result<Self> {
+        let nats = connect_nats(
+            url,
+            name,
+            Duration::from_millis(settings.nats.connect_timeout_ms),
+        )
+        .await?;
+        let js = jetstream::new(nats.clone());
+        topology::provision(&js, &settings).await?;
+        let buckets = Buckets::open(&js).await?;
+        let clock = match settings.clock.mode {
+            ClockMode::System => Clock::system(),
+            ClockMode::Manual => start_manual_clock(&buckets, &settings).await?,
+        };
+        let auth = Arc::new(Authenticator::new(
+            settings.auth.admin_token.as_ref(),
+            settings.auth.app_token.as_ref(),
+            settings.auth.worker_token_key.as_ref(),
+        ));
+        let ops = OpClient::new(
+            nats.clone(),
+            Duration::from_millis(settings.nats.request_timeout_ms),
+        )
+        .with_clock(clock.clone());
+        Ok(Self {
+            nats,
+            js,
+            clock,
+            settings,
+            auth,
+            buckets,
+            ops,
+        })
+    }
+}
+
+pub async fn connect_nats(
+    url: &str,
+    name: &str,
+    patience: Duration,
+) -> anyhow::Result<async_nats::Client> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(2))
+            .connect(url)
+            .await;
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(url, error = %e, "nats not reachable yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot connect to NATS at {url} (nats.url): {e}"
+                ));
+            }
+        }
+    }
+}
+
+/// Reads (or creates) the stack-wide manual clock record and keeps this process's clock in step
+/// with it through a KV watch.
+async fn start_manual_clock(buckets: &Buckets, settings: &Settings) -> anyhow::Result<Clock> {
+    let store = buckets.system.clone();
+    let current = match store.get::<TestClockRecord>(TEST_CLOCK_KEY).await? {
+        Some(v) => v,
+        None => {
+            let start = settings
+                .clock
+                .start_ms
+                .unwrap_or_else(|| Clock::system().now_ms());
+            match store
+                .create(TEST_CLOCK_KEY, &TestClockRecord { now_ms: start })
+                .await
+            {
+                Ok(revision) => crate::store::Versioned {
+                    value: TestClockRecord { now_ms: start },
+                    revision,
+                },
+                Err(e) if e.is_conflict() => store
+                    .get(TEST_CLOCK_KEY)
+                    .await?
+                    .context("test clock record vanished while being created")?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let clock = Clock::manual(current.value.now_ms);
+    clock
+        .apply_manual(ManualTime {
+            now_ms: current.value.now_ms,
+            revision: current.revision,
+        })
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let mut watch = store
+        .raw()
+        .watch(TEST_CLOCK_KEY)
+        .await
+        .context("watching the test clock")?;
+    let follower = clock.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(entry)) = watch.next().await {
+            if let Ok(record) =
+                crate::store::decode::<TestClockRecord>(TEST_CLOCK_KEY, &entry.value)
+            {
+                let _ = follower.apply_manual(ManualTime {
+                    now_ms: record.now_ms,
+                    revision: entry.revision,
+                });
+            }
+        }
+        tracing::warn!("test clock watch ended");
+    });
+    tracing::warn!(
+        now_ms = current.value.now_ms,
+        "manual test clock enabled: time moves only when told to"
+    );
+    Ok(clock)
+}
+
+/// A token cancelled on the first SIGINT/SIGTERM; a second signal exits the process at once.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down (signal again to exit immediately)");
+        t.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Reads the secret in `dir/name`, creating it with `generate` and owner-only permissions on
+/// first use. Only the local stack uses this; production passes keys by configuration.
+pub fn local_secret_file(
+    dir: &Path,
+    name: &str,
+    generate: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<SecretString> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    if path.is_file() {
+        let mode = std::fs::metadata(&path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        let value = std::fs::read_to_string(&path)?.trim().to_string();
+        return Ok(SecretString::from(value));
+    }
+    let value = generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(value.as_bytes())?;
+    tracing::info!(path = %path.display(), "generated {name} (owner-only permissions); keep it safe");
+    Ok(SecretString::from(value))
+}
+
+/// The subject on which every replica of `service` answers health pings.
+pub fn health_subject(service: &str) -> String {
+    format!("af.health.{service}")
+}
+
+/// Answers `af.health.<service>` with `{"service", "status": "ok"}` until `shutdown`. Ingress's
+/// `/readyz` pings these to tell whether every service is up.
+pub async fn serve_health(
+    ctx: ServiceContext,
+    service: &'static str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut sub = ctx.nats.subscribe(health_subject(service)).await?;
+    ctx.nats.flush().await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = sub.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                if let Some(reply) = msg.reply {
+                    let body = serde_json::json!({ "service": service, "status": "ok" });
+                    let _ = ctx.nats.publish(reply, body.to_string().into()).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Typed JSON access to KV buckets where every write is a compare-and-set. A lost race is
+//! `StoreError::Conflict`, never a string to parse; callers retry or report 409.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("compare-and-set conflict on '{key}'")]
+    Conflict { key: String },
+    #[error("stored value of '{key}' is not valid: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("{op} '{key}': {source}")]
+    Nats {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict { .. })
+    }
+}
+
+/// A value with the KV revision it was read at; the revision is the CAS (and fencing) token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+/// A KV bucket of JSON documents.
+#[derive(Clone)]
+pub struct JsonStore {
+    kv: kv::Store,
+}
+
+impl JsonStore {
+    pub fn new(kv: kv::Store) -> Self {
+        Self { kv }
+    }
+
+    pub fn raw(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| nats_err("get", key, e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
+                value: decode(key, &e.value)?,
+                revision: e.revision,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `value` only if the key does not exist (or was deleted). Returns the new revision.
+    pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, StoreError> {
+        let bytes = encode(key, value)?;
+        self.kv
+            .create(key, bytes)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => StoreError::Conflict {
+                    key: key.to_string(),
+                },
+                _ if is_wrong_last_sequence(&e) => StoreError::Conflict {
+                    key: key.to_string(),
+                },
+                _ => nats_err("create", key, e),
+            })
+    }
+
+    /// Writes `value` only if the key is still at `revision`. Returns the new revision.
+    pub async fn update<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        let bytes = encode(key, value)?;
+        self.update_bytes(key, bytes, revision).await
+    }
+
+    pub async fn update_bytes(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        self.kv
+            .update(key, bytes, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict {
+                    key: key.to_string(),
+                },
+                _ if is_wrong_last_sequence(&e) => StoreError::Conflict {
+                    key: key.to_string(),
+                },
+                _ => nats_err("update", key, e),
+            })
+    }
+
+    /// Create when `revision` is `None`, update otherwise.
+    pub async fn write<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        match revision {
+            None => self.create(key, value).await,
+            Some(rev) => self.update(key, value, rev).await,
+        }
+    }
+
+    /// Deletes only if the key is still at `revision`.
+    pub async fn delete(&self, key: &str, revision: u64) -> Result<(), StoreError> {
+        self.kv
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("wrong last sequence") {
+                    StoreError::Conflict {
+                        key: key.to_string(),
+                    }
+                } else {
+                    nats_err("delete", key, e)
+                }
+            })
+    }
+
+    /// Read-modify-write with retries on conflict. `f` gets the current value (or `None`) and
+    /// returns the new value, or `Ok(None)` to leave the key unchanged.
+    pub async fn modify<T, E, F>(&self, key: &str, mut f: F) -> Result<Option<Versioned<T>>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<StoreError>,
+        F: FnMut(Option<T>) -> Result<Option<T>, E>,
+    {
+        const ATTEMPTS: usize = 64;
+        for _ in 0..ATTEMPTS {
+            let current = self.get::<T>(key).await?;
+            let revision = current.as_ref().map(|c| c.revision);
+            let Some(next) = f(current.map(|c| c.value))? else {
+                return Ok(None);
+            };
+            match self.write(key, &next, revision).await {
+                Ok(revision) => {
+                    return Ok(Some(Versioned {
+                        value: next,
+                        revision,
+                    }));
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict {
+            key: key.to_string(),
+        }
+        .into())
+    }
+
+    /// Every live key of the bucket.
+    pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let keys = self.kv.keys().await.map_err(|e| nats_err("keys", "*", e))?;
+        keys.try_collect()
+            .await
+            .map_err(|e| nats_err("keys", "*", e))
+    }
+
+    /// Every live entry, decoded. Entries that fail to decode are reported, not hidden.
+    pub async fn all<T: DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(String, Versioned<T>)>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.keys().await? {
+            if let Some(v) = self.get(&key).await? {
+                out.push((key, v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Replicated buckets report a lost CAS as JetStream error 10164 ("wrong last sequence") rather
+/// than 10071, and async-nats maps only the latter to a typed kind (see nats-anchors §4).
+fn is_wrong_last_sequence(e: &dyn std::error::Error) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Bytes, StoreError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn nats_err(
+    op: &'static str,
+    key: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::Nats {
+        op,
+        key: key.to_string(),
+        source: Box::new(e),
+    }
+}

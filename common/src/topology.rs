@@ -1,0 +1,162 @@
+//! Every stream and KV bucket of the system, declared once and provisioned idempotently: any
+//! service may run `provision` at start, twice or concurrently with another service, and the
+//! result is the same. File storage everywhere; the replica count comes from `nats.replicas`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::config::Settings;
+use crate::store::JsonStore;
+
+/// Per-conversation inboxes of enqueued messages: subject `af.inbox.<conversation token>`.
+pub const INBOX_STREAM: &str = "AF_INBOX";
+pub const INBOX_SUBJECT_PREFIX: &str = "af.inbox";
+
+/// Agent profiles, key = escaped agentKey.
+pub const PROFILES: &str = "af_profiles";
+/// Versioned, encrypted secrets, key = escaped secretRef.
+pub const SECRETS: &str = "af_secrets";
+/// Runtime configuration rows (`provider`, `message`).
+pub const RUNTIME_CONFIG: &str = "af_runtime_config";
+/// Conversation → agent binding, written once by the first enqueue (create-only).
+pub const CONVERSATIONS: &str = "af_conversations";
+/// Queue state per conversation (cursor, head job, lease); written only by the queue leader.
+pub const QUEUE_STATE: &str = "af_queue_state";
+/// Worker rows, key = escaped workerId.
+pub const WORKERS: &str = "af_workers";
+/// Dead-lettered jobs, key = messageId.
+pub const DEAD_LETTERS: &str = "af_dead_letters";
+/// Leader leases; entries expire by the bucket's max age unless renewed.
+pub const LEADERS: &str = "af_leaders";
+/// Stack-wide switches such as the manual test clock.
+pub const SYSTEM: &str = "af_system";
+
+/// How long a leader lease lives without renewal. Leader liveness is about processes, so it
+/// runs on server (real) time even when the business clock is manual.
+pub const LEADER_TTL: Duration = Duration::from_secs(3);
+
+pub fn inbox_subject(conversation_token: &str) -> String {
+    format!("{INBOX_SUBJECT_PREFIX}.{conversation_token}")
+}
+
+fn bucket(name: &str, description: &str, history: i64, settings: &Settings) -> kv::Config {
+    kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history,
+        storage: stream::StorageType::File,
+        num_replicas: settings.nats.replicas,
+        ..Default::default()
+    }
+}
+
+fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
+    vec![
+        bucket(PROFILES, "agent profiles", 1, settings),
+        bucket(SECRETS, "encrypted, versioned secrets", 1, settings),
+        bucket(
+            RUNTIME_CONFIG,
+            "provider and message runtime configuration",
+            1,
+            settings,
+        ),
+        bucket(CONVERSATIONS, "conversation to agent bindings", 1, settings),
+        bucket(
+            QUEUE_STATE,
+            "per-conversation queue cursor and lease",
+            1,
+            settings,
+        ),
+        bucket(WORKERS, "worker rows", 1, settings),
+        bucket(DEAD_LETTERS, "dead-lettered jobs", 1, settings),
+        kv::Config {
+            max_age: LEADER_TTL,
+            ..bucket(LEADERS, "leader leases", 1, settings)
+        },
+        bucket(SYSTEM, "stack-wide switches (test clock)", 1, settings),
+    ]
+}
+
+fn inbox_config(settings: &Settings) -> stream::Config {
+    stream::Config {
+        name: INBOX_STREAM.to_string(),
+        description: Some("per-conversation message inboxes".to_string()),
+        subjects: vec![format!("{INBOX_SUBJECT_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: settings.nats.replicas,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_millis(settings.queue.inbox_max_age_ms),
+        duplicate_window: Duration::from_millis(settings.queue.idempotency_window_ms),
+        max_message_size: (settings.queue.max_message_bytes + 4096) as i32,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every stream and bucket. Safe to run from any number of services.
+pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    for attempt in 1..=5 {
+        let result: anyhow::Result<()> = async {
+            js.create_or_update_stream(inbox_config(settings))
+                .await
+                .with_context(|| format!("provisioning stream {INBOX_STREAM}"))?;
+            for cfg in bucket_configs(settings) {
+                let name = cfg.bucket.clone();
+                js.create_or_update_key_value(cfg)
+                    .await
+                    .with_context(|| format!("provisioning bucket {name}"))?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            // Two services provisioning at the same instant can see a transient
+            // "already in use" from the server; the next pass finds everything in place.
+            Err(e) if attempt < 5 => {
+                tracing::debug!(error = %format!("{e:#}"), attempt, "provisioning raced, retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Opened handles to every bucket.
+#[derive(Clone)]
+pub struct Buckets {
+    pub profiles: JsonStore,
+    pub secrets: JsonStore,
+    pub runtime_config: JsonStore,
+    pub conversations: JsonStore,
+    pub queue_state: JsonStore,
+    pub workers: JsonStore,
+    pub dead_letters: JsonStore,
+    pub leaders: JsonStore,
+    pub system: JsonStore,
+}
+
+impl Buckets {
+    pub async fn open(js: &jetstream::Context) -> anyhow::Result<Self> {
+        let open = |name: &'static str| async move {
+            js.get_key_value(name)
+                .await
+                .map(JsonStore::new)
+                .map_err(|e| anyhow::anyhow!("opening bucket {name}: {e}"))
+        };
+        Ok(Self {
+            profiles: open(PROFILES).await?,
+            secrets: open(SECRETS).await?,
+            runtime_config: open(RUNTIME_CONFIG).await?,
+            conversations: open(CONVERSATIONS).await?,
+            queue_state: open(QUEUE_STATE).await?,
+            workers: open(WORKERS).await?,
+            dead_letters: open(DEAD_LETTERS).await?,
+            leaders: open(LEADERS).await?,
+            system: open(SYSTEM).await?,
+        })
+    }
+}

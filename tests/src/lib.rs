@@ -1,0 +1,261 @@
+//! The test harness: a real `nats-server` in a temporary directory, the services started in
+//! this process (or as child processes), and clients that call operations as a given role.
+//! Nothing here sleeps to hope: waits poll a condition with a deadline and report what they saw.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::OpError;
+use common::config::Settings;
+use common::nats_server::{NatsServer, NatsServerOptions};
+use common::ops::OpClient;
+use common::service::ServiceContext;
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const APP_TOKEN: &str = "test-app-token";
+pub const WORKER_TOKEN_KEY: &str = "test-worker-token-key";
+
+/// The repository root (for the project-local nats-server install).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A nats-server of our own, with its data in a temporary directory removed on drop
+/// (set `AF_TEST_KEEP_TMP=1` to keep it).
+pub struct TestNats {
+    pub server: NatsServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestNats {
+    pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    pub async fn start_with(extra_config: Option<String>) -> Self {
+        common::telemetry::install_crypto_provider();
+        let dir = tempfile::Builder::new()
+            .prefix("af-test-")
+            .tempdir()
+            .expect("temp dir");
+        let explicit = std::env::var_os("AF_NATS_SERVER_BIN").map(PathBuf::from);
+        let binary = common::nats_server::find_binary(explicit.as_deref(), &project_root())
+            .expect("nats-server binary (run ops/scripts/install-nats.sh)");
+        let options = NatsServerOptions {
+            binary,
+            store_dir: dir.path().join("js"),
+            run_dir: dir.path().join("run"),
+            extra_config,
+        };
+        let server = NatsServer::start(&options)
+            .await
+            .expect("nats-server starts");
+        if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {
+            eprintln!("keeping test directory {}", dir.path().display());
+        }
+        Self { server, dir }
+    }
+
+    pub fn url(&self) -> &str {
+        self.server.url()
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {
+            let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+        }
+    }
+}
+
+/// Settings for tests: known tokens, a fresh secrets key, data under `data_dir`, and the
+/// caller's overrides (`("queue.lease_ms", "1000")`).
+pub fn test_settings(data_dir: &Path, overrides: &[(&str, &str)]) -> Settings {
+    let data = data_dir.display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("data_dir", data.as_str())];
+    all.extend_from_slice(overrides);
+    let mut settings = Settings::from_overrides(&all).expect("valid test settings");
+    settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));
+    settings.auth.app_token = Some(SecretString::from(APP_TOKEN));
+    settings.auth.worker_token_key = Some(SecretString::from(WORKER_TOKEN_KEY));
+    settings.secrets.key = Some(SecretString::from(
+        common::crypto::generate_key_base64().expect("key"),
+    ));
+    settings
+}
+
+/// The whole stack in this process against a private nats-server.
+pub struct TestStack {
+    pub ctx: ServiceContext,
+    pub http_addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+    pub nats: TestNats,
+}
+
+impl TestStack {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(overrides: &[(&str, &str)]) -> Self {
+        let nats = TestNats::start().await;
+        let settings = Arc::new(test_settings(&nats.dir.path().join("data"), overrides));
+        let ctx = ServiceContext::connect(settings, nats.url(), "test-stack")
+            .await
+            .expect("connect");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http_addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
+        let stack = Self {
+            ctx,
+            http_addr,
+            shutdown,
+            tasks,
+            nats,
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Waits until every service answers its health ping and the queue has a leader.
+    async fn wait_ready(&self) {
+        for service in [
+            "queue-manager",
+            "hydration",
+            "scheduler",
+            "push-dispatcher",
+            "cleanup",
+        ] {
+            let subject = common::service::health_subject(service);
+            wait_until(
+                &format!("{service} answers health pings"),
+                Duration::from_secs(10),
+                || async {
+                    self.ctx
+                        .nats
+                        .request(subject.clone(), "".into())
+                        .await
+                        .ok()
+                        .map(|_| ())
+                },
+            )
+            .await;
+        }
+        wait_until(
+            "the queue has a leader",
+            Duration::from_secs(10),
+            || async {
+                self.admin()
+                    .call("getQueueStats", Value::Object(Default::default()))
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+    }
+
+    pub fn client(&self, token: &str) -> Api {
+        Api {
+            ops: self.ctx.ops.clone(),
+            token: token.to_string(),
+        }
+    }
+
+    pub fn admin(&self) -> Api {
+        self.client(ADMIN_TOKEN)
+    }
+
+    pub fn app(&self) -> Api {
+        self.client(APP_TOKEN)
+    }
+
+    /// A client authenticated as worker `worker_id`.
+    pub fn worker(&self, worker_id: &str) -> Api {
+        let token = self
+            .ctx
+            .auth
+            .mint_worker_token(worker_id)
+            .expect("worker token");
+        self.client(&token)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http_addr, path)
+    }
+
+    /// Stops every service and waits for them; panics if one failed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            let (name, result) = joined.expect("service task panicked");
+            if let Err(e) = result {
+                panic!("service {name} failed: {e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Calls operations as one caller.
+#[derive(Clone)]
+pub struct Api {
+    pub ops: OpClient,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn call(&self, op: &str, args: Value) -> Result<Value, OpError> {
+        self.ops.call(op, &self.token, &args).await
+    }
+
+    /// Calls and panics with the error if the call fails.
+    pub async fn ok(&self, op: &str, args: Value) -> Value {
+        match self.call(op, args.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("{op}({args}) failed: {e:?}"),
+        }
+    }
+
+    /// Calls and returns the error, panicking if the call succeeds.
+    pub async fn err(&self, op: &str, args: Value) -> OpError {
+        match self.call(op, args.clone()).await {
+            Ok(v) => panic!("{op}({args}) should fail but returned {v}"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
