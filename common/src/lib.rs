@@ -14,6 +14,7 @@ pub mod leader;
 pub mod model;
 pub mod nats_server;
 pub mod ops;
+pub mod process;
 pub mod service;
 pub mod store;
 pub mod system;

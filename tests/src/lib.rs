@@ -129,7 +129,7 @@ impl TestStack {
         stack
     }
 
-    /// Waits until every service answers its health ping and the queue has a leader.
+    /// Waits until every service answers its health ping.
     async fn wait_ready(&self) {
         for service in [
             "queue-manager",
