@@ -1,10 +1,187 @@
-//! The conversation queue.
+//! The conversation queue: enqueue, claim with long polling, leases and heartbeats,
+//! complete/fail with the original's retry backoff, dead letters, lease recovery, and worker
+//! rows with their lifecycle.
+//!
+//! Every replica serves `enqueueMessage` (it only validates and publishes to the inbox). The
+//! other queue operations are served by the elected leader, whose dispatcher holds the index;
+//! standbys take over by replaying JetStream when the leader's lease lapses.
 
+pub mod dispatcher;
+pub mod enqueue;
+pub mod model;
+pub mod retry;
+pub mod workers;
+
+use common::OpError;
+use common::auth::{Caller, Role};
+use common::ops::OpRegistry;
 use common::service::ServiceContext;
+use serde_json::Value;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::dispatcher::{Command, Dispatcher};
+use crate::model::*;
 
 pub const SERVICE: &str = "queue-manager";
 
+/// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    common::service::serve_health(ctx, SERVICE, shutdown).await
+    let enqueuer = enqueue::Enqueuer::start(ctx.clone()).await?;
+    let mut ops = OpRegistry::new();
+    ops.register("enqueueMessage", move |_caller: Caller, args: EnqueueArgs| {
+        let enqueuer = enqueuer.clone();
+        async move { enqueuer.enqueue(args).await }
+    });
+    register_system_ops(&ctx, &mut ops);
+    let holder = format!("{}-{}", SERVICE, uuid::Uuid::new_v4());
+    let leader_ctx = ctx.clone();
+    let elected = common::leader::run_elected(
+        ctx.buckets.leaders.clone(),
+        "queue",
+        &holder,
+        shutdown.clone(),
+        move |leadership| lead(leader_ctx.clone(), leadership),
+    );
+    let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
+    let serve = ops.serve(ctx, shutdown);
+    let ((), health, serve) = tokio::join!(elected, health, serve);
+    health.and(serve)
+}
+
+fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
+    let c = ctx.clone();
+    ops.register("getTestClock", move |_caller: Caller, _args: Value| {
+        let c = c.clone();
+        async move { Ok(common::system::get_test_clock(&c)) }
+    });
+    let c = ctx.clone();
+    ops.register("setTestClock", move |_caller: Caller, args: common::system::SetTestClockArgs| {
+        let c = c.clone();
+        async move { common::system::set_test_clock(&c, args).await }
+    });
+    let c = ctx.clone();
+    ops.register("advanceTestClock", move |_caller: Caller, args: common::system::AdvanceTestClockArgs| {
+        let c = c.clone();
+        async move { common::system::advance_test_clock(&c, args).await }
+    });
+    let c = ctx.clone();
+    ops.register("issueWorkerToken", move |_caller: Caller, args: WorkerIdArgs| {
+        let c = c.clone();
+        async move {
+            let worker_id = required(&args.worker_id, "workerId")?;
+            Ok(serde_json::json!({ "token": c.auth.mint_worker_token(&worker_id)? }))
+        }
+    });
+}
+
+/// Leads the queue while `leadership` holds: rebuilds the index, then serves the leader-only
+/// operations until leadership ends.
+async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+    let (dispatcher, handle) = match Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx).await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not start the queue dispatcher");
+            // Back off before the lease is given up and perhaps retaken.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = leadership.cancelled() => {}
+        _ = ready_rx.wait_for(|ready| *ready) => {
+            let mut ops = OpRegistry::new();
+            register_leader_ops(&mut ops, &dispatcher);
+            if let Err(e) = ops.serve(ctx, leadership.clone()).await {
+                tracing::error!(error = %e, "serving queue operations failed");
+            }
+        }
+    }
+    leadership.cancel();
+    let _ = handle.await;
+}
+
+fn required(value: &str, field: &str) -> Result<String, OpError> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > 256 {
+        return Err(OpError::invalid(format!("{field} is required (at most 256 bytes)")));
+    }
+    Ok(v.to_string())
+}
+
+fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher) {
+    macro_rules! route {
+        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident| $body:expr) => {{
+            let $d = d.clone();
+            ops.register($name, move |$caller: Caller, $a: $args| {
+                let $d = $d.clone();
+                async move { $body }
+            });
+        }};
+    }
+    route!("claimNextJob", ClaimArgs, |caller, args, d| {
+        caller.require_worker(&args.worker_id)?;
+        required(&args.worker_id, "workerId")?;
+        d.ask(|reply| Command::Claim { args, reply }).await
+    });
+    route!("heartbeatJob", LeaseArgs, |caller, args, d| {
+        caller.require_worker(&args.worker_id)?;
+        d.ask(|reply| Command::Heartbeat { args, reply }).await
+    });
+    route!("completeJob", LeaseArgs, |caller, args, d| {
+        caller.require_worker(&args.worker_id)?;
+        d.ask(|reply| Command::Complete { args, reply }).await
+    });
+    route!("failJob", FailArgs, |caller, args, d| {
+        caller.require_worker(&args.worker_id)?;
+        d.ask(|reply| Command::Fail { args, reply }).await
+    });
+    route!("releaseStuckJobs", ReleaseArgs, |_caller, args, d| {
+        let limit = args.limit.unwrap_or(100);
+        d.ask(|reply| Command::Release { limit, reply: Some(reply) }).await
+    });
+    route!("getQueueStats", Value, |_caller, _args, d| d.ask(|reply| Command::Stats { reply }).await);
+    route!("listJobsByStatus", ListJobsArgs, |_caller, args, d| {
+        d.ask(|reply| Command::ListJobs { args, reply }).await
+    });
+    route!("listQueueItemsForConversation", ConversationArgs, |_caller, args, d| {
+        required(&args.conversation_id, "conversationId")?;
+        d.ask(|reply| Command::ListConversation { args, reply }).await
+    });
+    route!("hasQueuedJobsForConversation", ConversationArgs, |caller, args, d| {
+        if caller.role == Role::Worker {
+            let worker_id = caller.worker_id.clone().unwrap_or_default();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            d.send(Command::WorkerOf { worker_id, reply: tx }).await?;
+            let row = rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?;
+            let own = row.and_then(|r| r.assignment).is_some_and(|a| a.conversation_id == args.conversation_id);
+            if !own {
+                return Err(OpError::forbidden("a worker may only inspect the conversation assigned to it"));
+            }
+        }
+        let conversation_id = args.conversation_id;
+        d.ask(|reply| Command::HasQueued { conversation_id, reply }).await
+    });
+    route!("getWorkerControlState", WorkerIdArgs, |caller, args, d| {
+        caller.require_worker(&args.worker_id)?;
+        let worker_id = args.worker_id;
+        d.ask(|reply| Command::ControlState { worker_id, reply }).await
+    });
+    route!("getWorkerStats", Value, |_caller, _args, d| d.ask(|reply| Command::WorkerStats { reply }).await);
+    route!("listWorkersForScheduler", Value, |_caller, _args, d| {
+        d.ask(|reply| Command::ListWorkers { reply }).await
+    });
+    route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d| {
+        required(&args.worker_id, "workerId")?;
+        d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
+    });
+    route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d| {
+        let message_id = args.message_id;
+        d.ask(|reply| Command::RequeueDeadLetter { message_id, reply }).await
+    });
+    route!("purgeDeadLetter", MessageIdArgs, |_caller, args, d| {
+        let message_id = args.message_id;
+        d.ask(|reply| Command::PurgeDeadLetter { message_id, reply }).await
+    });
 }
