@@ -107,8 +107,19 @@ impl TestStack {
     }
 
     pub async fn start_with(overrides: &[(&str, &str)]) -> Self {
+        // Boxed: the start-up future is large in debug builds and would otherwise sit on the
+        // test thread's stack.
+        Box::pin(Self::start_boxed(overrides)).await
+    }
+
+    async fn start_boxed(overrides: &[(&str, &str)]) -> Self {
         let nats = TestNats::start().await;
         let settings = Arc::new(test_settings(&nats.dir.path().join("data"), overrides));
+        if let Ok(filter) = std::env::var("AF_TEST_LOG") {
+            let mut telemetry = settings.telemetry.clone();
+            telemetry.log_filter = filter;
+            std::mem::forget(common::telemetry::init("test", &telemetry));
+        }
         let ctx = ServiceContext::connect(settings, nats.url(), "test-stack")
             .await
             .expect("connect");
@@ -153,16 +164,14 @@ impl TestStack {
             )
             .await;
         }
-        wait_until(
-            "the queue has a leader",
-            Duration::from_secs(10),
-            || async {
-                self.admin()
-                    .call("getQueueStats", Value::Object(Default::default()))
-                    .await
-                    .ok()
-            },
-        )
+        self.wait_queue_ready().await;
+    }
+
+    /// Waits until the queue has an elected leader serving its operations.
+    pub async fn wait_queue_ready(&self) {
+        wait_until("the queue has a leader", Duration::from_secs(10), || async {
+            self.admin().call("getQueueStats", Value::Object(Default::default())).await.ok()
+        })
         .await;
     }
 
@@ -222,7 +231,7 @@ pub struct Api {
 
 impl Api {
     pub async fn call(&self, op: &str, args: Value) -> Result<Value, OpError> {
-        self.ops.call(op, &self.token, &args).await
+        Box::pin(self.ops.call(op, &self.token, &args)).await
     }
 
     /// Calls and panics with the error if the call fails.
@@ -258,4 +267,58 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Stores an enabled agent profile straight into KV (test set-up that must not depend on the
+/// hydration service).
+pub async fn seed_profile(ctx: &ServiceContext, agent_key: &str) {
+    let profile = common::model::AgentProfile {
+        agent_key: agent_key.to_string(),
+        version: "1.0.0".to_string(),
+        secrets_ref: vec![],
+        bot_identity: None,
+        bridge_config: None,
+        enabled: true,
+        created_at: 0,
+        updated_at: 0,
+    };
+    let key = common::token::escape(agent_key);
+    let store = &ctx.buckets.profiles;
+    let revision = store.get::<Value>(&key).await.expect("read profile").map(|v| v.revision);
+    store.write(&key, &profile, revision).await.expect("seed profile");
+}
+
+/// Overrides for a deterministic stack: manual clock at the spec's reference instant and every
+/// background loop paused, so a test drives each step.
+pub const MANUAL: &[(&str, &str)] = &[
+    ("clock.mode", "manual"),
+    ("clock.start_ms", "1767258000000"),
+    ("loops.manual", "true"),
+];
+
+/// The spec's reference instant (2026-01-01T09:00:00Z).
+pub const T0: i64 = 1_767_258_000_000;
+
+/// A minimal valid enqueue payload.
+pub fn message(conversation: &str, agent: &str, text: &str) -> Value {
+    serde_json::json!({
+        "conversationId": conversation,
+        "agentKey": agent,
+        "payload": { "provider": "telegram", "providerUserId": "u1", "messageText": text },
+    })
+}
+
+/// Path of a workspace binary, building it first (tests that run services as processes).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "-p", name, "--bin", name])
+        .current_dir(project_root())
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {name} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"));
+    target.join("debug").join(name)
 }

@@ -59,6 +59,8 @@ pub enum Command {
     RequeueDeadLetter { message_id: String, reply: Reply },
     PurgeDeadLetter { message_id: String, reply: Reply },
     WorkerOf { worker_id: String, reply: oneshot::Sender<Option<WorkerRow>> },
+    /// Answers once every inbox message up to `seq` has been indexed.
+    Barrier { seq: u64, reply: oneshot::Sender<()> },
 }
 
 enum Event {
@@ -103,6 +105,15 @@ impl Dispatcher {
         rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?
     }
 
+    /// Read-your-writes: waits until the index has seen every message the inbox held when
+    /// this was called, so a claim or read right after an enqueue sees that enqueue.
+    pub async fn barrier(&self, js: &async_nats::jetstream::Context) -> Result<(), OpError> {
+        let seq = crate::enqueue::inbox(js).await?.cached_info().state.last_sequence;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier { seq, reply: tx }).await?;
+        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
+    }
+
     /// Rebuilds the index from JetStream and runs the loop until `leadership` is cancelled.
     /// `ready` flips to true once the inbox replay has caught up.
     pub async fn start(
@@ -111,7 +122,7 @@ impl Dispatcher {
         ready: watch::Sender<bool>,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(65_536);
-        let mut state = State::load(ctx.clone()).await?;
+        let mut state = Box::new(Box::pin(State::load(ctx.clone())).await?);
         let start_seq = state.watermark.max(1);
         let stream = crate::enqueue::inbox(&ctx.js).await.map_err(|e| anyhow::anyhow!(e.message))?;
         let last_seq = stream.cached_info().state.last_sequence;
@@ -160,11 +171,11 @@ impl Dispatcher {
             }
         });
         state.tx = Some(tx.clone());
+        state.ready = Some(ready);
         if last_seq < start_seq {
             state.mark_caught_up();
         }
-        state.ready = Some(ready);
-        let handle = tokio::spawn(state.run(rx, leadership));
+        let handle = tokio::spawn(Box::pin(state.run(rx, leadership)));
         Ok((Self { tx }, handle))
     }
 }
@@ -258,6 +269,7 @@ struct State {
     last_seq: u64,
     caught_up_at: u64,
     ready: Option<watch::Sender<bool>>,
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
     /// Set once the inbox replay has caught up; nothing is handed out before.
     serving: bool,
     next_sweep: Option<Millis>,
@@ -335,6 +347,7 @@ impl State {
             last_seq: watermark.saturating_sub(1),
             caught_up_at: 0,
             ready: None,
+            barriers: Vec::new(),
             serving: false,
             next_sweep,
         })
@@ -356,7 +369,7 @@ impl State {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Event>, leadership: CancellationToken) {
+    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Event>, leadership: CancellationToken) {
         let clock = self.ctx.clock.clone();
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -460,6 +473,12 @@ impl State {
 
     fn on_inbox(&mut self, seq: u64, token: String, job: Arc<Job>) {
         self.last_seq = self.last_seq.max(seq);
+        if !self.barriers.is_empty() {
+            let last = self.last_seq;
+            for (_, reply) in self.barriers.extract_if(.., |(s, _)| *s <= last) {
+                let _ = reply.send(());
+            }
+        }
         let conv = self.convs.entry(token.clone()).or_insert_with(|| Conv {
             conversation_id: job.conversation_id.clone(),
             agent_key: job.agent_key.clone(),
@@ -624,6 +643,13 @@ impl State {
             Command::WorkerOf { worker_id, reply } => {
                 let _ = reply.send(self.workers.get(&worker_id).map(|w| w.row.clone()));
             }
+            Command::Barrier { seq, reply } => {
+                if self.last_seq >= seq {
+                    let _ = reply.send(());
+                } else {
+                    self.barriers.push((seq, reply));
+                }
+            }
         }
     }
 
@@ -645,6 +671,26 @@ impl State {
         let chosen = match &target {
             Some(conversation_id) => {
                 let token = common::token::escape(conversation_id);
+                // A job already leased to this worker is handed out again: its earlier claim
+                // reply was lost (e.g. the previous leader died before answering).
+                let own_lease = self.convs.get(&token).and_then(|c| {
+                    let lease = c.lease()?;
+                    (lease.worker_id == args.worker_id && !c.writing).then(|| (lease.clone(), c.pending.front().cloned()))
+                });
+                if let Some((lease, Some(job))) = own_lease {
+                    let conv = &self.convs[&token];
+                    let claim = Claim {
+                        message_id: job.job.message_id.clone(),
+                        conversation_id: conv.conversation_id.clone(),
+                        agent_key: conv.agent_key.clone(),
+                        lease_id: lease.lease_id,
+                        lease_expires_at: lease.expires_at,
+                        payload: job.job.payload.clone(),
+                        attempts: conv.head().map(|h| h.attempts).unwrap_or(0),
+                    };
+                    let _ = reply.send(to_value(claim));
+                    return;
+                }
                 let claimable = self.convs.get(&token).is_some_and(|c| {
                     c.eligible_at().is_some_and(|t| t <= now)
                         && assignment.as_ref().is_none_or(|a| a.agent_key == c.agent_key)

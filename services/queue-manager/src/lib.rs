@@ -34,7 +34,8 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
         async move { enqueuer.enqueue(args).await }
     });
     register_system_ops(&ctx, &mut ops);
-    let holder = format!("{}-{}", SERVICE, uuid::Uuid::new_v4());
+    // The pid in the holder name lets operators (and the failover test) see which process leads.
+    let holder = format!("{}-{}-{}", SERVICE, std::process::id(), uuid::Uuid::new_v4());
     let leader_ctx = ctx.clone();
     let elected = common::leader::run_elected(
         ctx.buckets.leaders.clone(),
@@ -79,7 +80,8 @@ fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
 /// operations until leadership ends.
 async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     let (ready_tx, mut ready_rx) = watch::channel(false);
-    let (dispatcher, handle) = match Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx).await {
+    // Boxed: the rebuild future is large and would otherwise sit on the caller's stack.
+    let (dispatcher, handle) = match Box::pin(Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx)).await {
         Ok(started) => started,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "could not start the queue dispatcher");
@@ -88,14 +90,15 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
             return;
         }
     };
-    tokio::select! {
-        _ = leadership.cancelled() => {}
-        _ = ready_rx.wait_for(|ready| *ready) => {
-            let mut ops = OpRegistry::new();
-            register_leader_ops(&mut ops, &dispatcher);
-            if let Err(e) = ops.serve(ctx, leadership.clone()).await {
-                tracing::error!(error = %e, "serving queue operations failed");
-            }
+    let caught_up = tokio::select! {
+        _ = leadership.cancelled() => false,
+        ready = ready_rx.wait_for(|ready| *ready) => ready.is_ok(),
+    };
+    if caught_up {
+        let mut ops = OpRegistry::new();
+        register_leader_ops(&mut ops, &dispatcher, &ctx.js);
+        if let Err(e) = ops.serve(ctx, leadership.clone()).await {
+            tracing::error!(error = %e, "serving queue operations failed");
         }
     }
     leadership.cancel();
@@ -110,46 +113,58 @@ fn required(value: &str, field: &str) -> Result<String, OpError> {
     Ok(v.to_string())
 }
 
-fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher) {
+fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::jetstream::Context) {
     macro_rules! route {
-        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident| $body:expr) => {{
+        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident, $js:ident| $body:expr) => {{
             let $d = d.clone();
+            let $js = js.clone();
             ops.register($name, move |$caller: Caller, $a: $args| {
                 let $d = $d.clone();
+                let $js = $js.clone();
                 async move { $body }
             });
         }};
     }
-    route!("claimNextJob", ClaimArgs, |caller, args, d| {
+    route!("claimNextJob", ClaimArgs, |caller, args, d, js| {
         caller.require_worker(&args.worker_id)?;
         required(&args.worker_id, "workerId")?;
+        // A long poll is woken by the enqueue itself; an immediate claim must first see
+        // every enqueue acknowledged before it.
+        if args.wait_ms.unwrap_or(0) == 0 {
+            d.barrier(&js).await?;
+        }
         d.ask(|reply| Command::Claim { args, reply }).await
     });
-    route!("heartbeatJob", LeaseArgs, |caller, args, d| {
+    route!("heartbeatJob", LeaseArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Heartbeat { args, reply }).await
     });
-    route!("completeJob", LeaseArgs, |caller, args, d| {
+    route!("completeJob", LeaseArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Complete { args, reply }).await
     });
-    route!("failJob", FailArgs, |caller, args, d| {
+    route!("failJob", FailArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Fail { args, reply }).await
     });
-    route!("releaseStuckJobs", ReleaseArgs, |_caller, args, d| {
+    route!("releaseStuckJobs", ReleaseArgs, |_caller, args, d, _js| {
         let limit = args.limit.unwrap_or(100);
         d.ask(|reply| Command::Release { limit, reply: Some(reply) }).await
     });
-    route!("getQueueStats", Value, |_caller, _args, d| d.ask(|reply| Command::Stats { reply }).await);
-    route!("listJobsByStatus", ListJobsArgs, |_caller, args, d| {
+    route!("getQueueStats", Value, |_caller, _args, d, js| {
+        d.barrier(&js).await?;
+        d.ask(|reply| Command::Stats { reply }).await
+    });
+    route!("listJobsByStatus", ListJobsArgs, |_caller, args, d, js| {
+        d.barrier(&js).await?;
         d.ask(|reply| Command::ListJobs { args, reply }).await
     });
-    route!("listQueueItemsForConversation", ConversationArgs, |_caller, args, d| {
+    route!("listQueueItemsForConversation", ConversationArgs, |_caller, args, d, js| {
         required(&args.conversation_id, "conversationId")?;
+        d.barrier(&js).await?;
         d.ask(|reply| Command::ListConversation { args, reply }).await
     });
-    route!("hasQueuedJobsForConversation", ConversationArgs, |caller, args, d| {
+    route!("hasQueuedJobsForConversation", ConversationArgs, |caller, args, d, js| {
         if caller.role == Role::Worker {
             let worker_id = caller.worker_id.clone().unwrap_or_default();
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -161,26 +176,27 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher) {
             }
         }
         let conversation_id = args.conversation_id;
+        d.barrier(&js).await?;
         d.ask(|reply| Command::HasQueued { conversation_id, reply }).await
     });
-    route!("getWorkerControlState", WorkerIdArgs, |caller, args, d| {
+    route!("getWorkerControlState", WorkerIdArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         let worker_id = args.worker_id;
         d.ask(|reply| Command::ControlState { worker_id, reply }).await
     });
-    route!("getWorkerStats", Value, |_caller, _args, d| d.ask(|reply| Command::WorkerStats { reply }).await);
-    route!("listWorkersForScheduler", Value, |_caller, _args, d| {
+    route!("getWorkerStats", Value, |_caller, _args, d, _js| d.ask(|reply| Command::WorkerStats { reply }).await);
+    route!("listWorkersForScheduler", Value, |_caller, _args, d, _js| {
         d.ask(|reply| Command::ListWorkers { reply }).await
     });
-    route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d| {
+    route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d, _js| {
         required(&args.worker_id, "workerId")?;
         d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
     });
-    route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d| {
+    route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
         let message_id = args.message_id;
         d.ask(|reply| Command::RequeueDeadLetter { message_id, reply }).await
     });
-    route!("purgeDeadLetter", MessageIdArgs, |_caller, args, d| {
+    route!("purgeDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
         let message_id = args.message_id;
         d.ask(|reply| Command::PurgeDeadLetter { message_id, reply }).await
     });

@@ -1,0 +1,447 @@
+//! The conversation queue, black-box through the operation catalogue, on a manual clock with
+//! every background loop paused so each step is driven by the test.
+
+use serde_json::{Value, json};
+use tests::{MANUAL, T0, TestStack, message, seed_profile};
+
+async fn stack() -> TestStack {
+    let stack = TestStack::start_with(MANUAL).await;
+    seed_profile(&stack.ctx, "agent-a").await;
+    seed_profile(&stack.ctx, "agent-b").await;
+    stack.wait_queue_ready().await;
+    stack
+}
+
+async fn enqueue(stack: &TestStack, conversation: &str, text: &str) -> String {
+    let id = stack.app().ok("enqueueMessage", message(conversation, "agent-a", text)).await;
+    id.as_str().expect("message id").to_string()
+}
+
+async fn claim(stack: &TestStack, worker: &str) -> Value {
+    stack.worker(worker).ok("claimNextJob", json!({ "workerId": worker })).await
+}
+
+async fn complete(stack: &TestStack, worker: &str, job: &Value) -> Value {
+    stack
+        .worker(worker)
+        .ok("completeJob", json!({ "workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"] }))
+        .await
+}
+
+async fn advance(stack: &TestStack, ms: i64) {
+    stack.admin().ok("advanceTestClock", json!({ "ms": ms })).await;
+}
+
+async fn worker_row(stack: &TestStack, worker: &str) -> Value {
+    let rows = stack.admin().ok("listWorkersForScheduler", json!({})).await;
+    rows.as_array().unwrap().iter().find(|r| r["workerId"] == worker).cloned().unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn enqueue_then_claim_returns_the_job_with_a_lease() {
+    let stack = stack().await;
+    let id = enqueue(&stack, "c1", "hello").await;
+    let job = claim(&stack, "w1").await;
+    assert_eq!(job["messageId"], id.as_str());
+    assert_eq!(job["conversationId"], "c1");
+    assert_eq!(job["agentKey"], "agent-a");
+    assert_eq!(job["payload"]["messageText"], "hello");
+    assert_eq!(job["payload"]["metadata"]["providerUserId"], "u1");
+    assert_eq!(job["leaseExpiresAt"], T0 + 360_000);
+    let lease = job["leaseId"].as_str().unwrap();
+    let (ms, rand) = lease.split_once('-').unwrap();
+    assert_eq!(ms, T0.to_string());
+    assert_eq!(rand.len(), 8);
+    assert_eq!(claim(&stack, "w1").await["messageId"], id.as_str(), "a lost claim reply is re-delivered");
+    assert_eq!(claim(&stack, "w2").await, Value::Null);
+    assert_eq!(complete(&stack, "w1", &job).await, true);
+    assert_eq!(complete(&stack, "w1", &job).await, false, "completing twice is a no-op");
+    let stats = stack.admin().ok("getQueueStats", json!({})).await;
+    assert_eq!((stats["queuedReady"].as_u64(), stats["processing"].as_u64()), (Some(0), Some(0)));
+}
+
+#[tokio::test]
+async fn system_prompt_is_appended_and_a_blank_prompt_ignored() {
+    let stack = stack().await;
+    let store = &stack.ctx.buckets.runtime_config;
+    let row = json!({ "config": { "systemPrompt": "Be brief." }, "updatedAt": 0 });
+    store.create(common::model::MESSAGE_CONFIG_KEY, &row).await.unwrap();
+    // The queue reads runtime config through a watch; wait until the prompt is applied.
+    let job = tests::wait_until("the system prompt is applied", std::time::Duration::from_secs(5), || async {
+        let conversation = format!("c-{}", uuid_like());
+        stack.app().ok("enqueueMessage", message(&conversation, "agent-a", "hi  ")).await;
+        let job = stack.worker(&conversation).ok("claimNextJob", json!({ "workerId": conversation })).await;
+        (job["payload"]["messageText"] == "hi\n\nBe brief.").then_some(job)
+    })
+    .await;
+    assert_eq!(job["payload"]["messageText"], "hi\n\nBe brief.");
+
+    let current = store.get::<Value>(common::model::MESSAGE_CONFIG_KEY).await.unwrap().unwrap();
+    let blank = json!({ "config": { "systemPrompt": "   " }, "updatedAt": 1 });
+    store.update(common::model::MESSAGE_CONFIG_KEY, &blank, current.revision).await.unwrap();
+    tests::wait_until("the blank prompt is ignored", std::time::Duration::from_secs(5), || async {
+        let conversation = format!("c-{}", uuid_like());
+        stack.app().ok("enqueueMessage", message(&conversation, "agent-a", "plain")).await;
+        let job = stack.worker(&conversation).ok("claimNextJob", json!({ "workerId": conversation })).await;
+        (job["payload"]["messageText"] == "plain").then_some(())
+    })
+    .await;
+}
+
+fn uuid_like() -> String {
+    common::crypto::random_base36(10)
+}
+
+#[tokio::test]
+async fn enqueue_validation_uses_the_original_messages() {
+    let stack = stack().await;
+    let app = stack.app();
+    let mut blank = message("c1", "agent-a", "x");
+    blank["payload"]["providerUserId"] = json!(" ");
+    let err = app.err("enqueueMessage", blank).await;
+    assert_eq!(err.message, r#"providerUserId is required but missing in payload.providerUserId=" ""#);
+    assert_eq!(err.code, common::ErrorCode::InvalidInput);
+
+    let err = app.err("enqueueMessage", message("c1", "nobody", "x")).await;
+    assert_eq!(err.message, "Agent profile 'nobody' not found or disabled");
+
+    app.ok("enqueueMessage", message("c1", "agent-a", "x")).await;
+    let err = app.err("enqueueMessage", message("c1", "agent-b", "x")).await;
+    assert_eq!(
+        err.message,
+        "Conversation 'c1' is already bound to agent 'agent-a', cannot enqueue for 'agent-b'."
+    );
+
+    let mut bad = message("c2", "agent-a", "x");
+    bad["maxAttempts"] = json!(0);
+    assert_eq!(app.err("enqueueMessage", bad).await.code, common::ErrorCode::InvalidInput);
+    let mut bad = message("c2", "agent-a", "x");
+    bad["priority"] = json!("high");
+    assert_eq!(app.err("enqueueMessage", bad).await.code, common::ErrorCode::InvalidInput);
+    let err = app.err("enqueueMessage", message("c2", "agent-a", "   ")).await;
+    assert!(err.message.contains("messageText"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_gives_the_same_message_and_one_job() {
+    let stack = stack().await;
+    let mut m = message("c1", "agent-a", "once");
+    m["idempotencyKey"] = json!("update-42");
+    let a = stack.app().ok("enqueueMessage", m.clone()).await;
+    let b = stack.app().ok("enqueueMessage", m).await;
+    assert_eq!(a, b);
+    let stats = stack.admin().ok("getQueueStats", json!({})).await;
+    assert_eq!(stats["queuedTotal"], 1);
+}
+
+#[tokio::test]
+async fn idle_shutdown_time_is_set_from_the_last_claim_on_complete() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    advance(&stack, 5_000).await;
+    complete(&stack, "w1", &job).await;
+    let row = worker_row(&stack, "w1").await;
+    assert_eq!(row["scheduledShutdownAt"], T0 + 1_800_000);
+    assert_eq!(row["load"], 0);
+    assert_eq!(row["heartbeatAt"], T0 + 5_000);
+}
+
+#[tokio::test]
+async fn a_sticky_worker_cannot_claim_another_conversation_after_completing() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    complete(&stack, "w1", &job).await;
+    enqueue(&stack, "c2", "b").await;
+    assert_eq!(claim(&stack, "w1").await, Value::Null);
+    assert_eq!(claim(&stack, "w2").await["conversationId"], "c2");
+}
+
+#[tokio::test]
+async fn a_pre_assigned_worker_claims_only_its_conversation() {
+    let stack = stack().await;
+    stack
+        .admin()
+        .ok(
+            "upsertWorkerState",
+            json!({ "workerId": "afw-1", "provider": "fly", "status": "active", "load": 0,
+                    "assignment": { "conversationId": "c2", "agentKey": "agent-a", "leaseId": "spawn:afw-1" } }),
+        )
+        .await;
+    enqueue(&stack, "c1", "a").await;
+    enqueue(&stack, "c2", "b").await;
+    assert_eq!(claim(&stack, "afw-1").await["conversationId"], "c2");
+    let other = stack.worker("afw-1").ok("claimNextJob", json!({ "workerId": "afw-1", "conversationId": "c1" })).await;
+    assert_eq!(other, Value::Null, "a filter for another conversation yields nothing");
+    assert_eq!(claim(&stack, "w-free").await["conversationId"], "c1");
+}
+
+#[tokio::test]
+async fn an_exclusive_owner_blocks_another_worker_and_reclaims() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    complete(&stack, "w1", &job).await;
+    enqueue(&stack, "c1", "b").await;
+    assert_eq!(claim(&stack, "w2").await, Value::Null);
+    assert_eq!(claim(&stack, "w1").await["payload"]["messageText"], "b");
+}
+
+#[tokio::test]
+async fn a_stale_owner_is_taken_over() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    complete(&stack, "w1", &job).await;
+    enqueue(&stack, "c1", "b").await;
+    assert_eq!(claim(&stack, "w2").await, Value::Null);
+    advance(&stack, 420_001).await;
+    assert_eq!(claim(&stack, "w2").await["payload"]["messageText"], "b");
+    assert_eq!(claim(&stack, "w1").await, Value::Null, "the old owner no longer gets it");
+}
+
+#[tokio::test]
+async fn releasing_stuck_jobs_counts_an_attempt_and_clears_the_assignment() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    let before = worker_row(&stack, "w1").await;
+    let nothing = stack.admin().ok("releaseStuckJobs", json!({})).await;
+    assert_eq!(nothing, json!({ "requeued": 0, "unlocked": 0, "deadLettered": 0 }));
+    advance(&stack, 360_000).await;
+    let released = stack.admin().ok("releaseStuckJobs", json!({})).await;
+    assert_eq!(released, json!({ "requeued": 1, "unlocked": 1, "deadLettered": 0 }));
+    let row = worker_row(&stack, "w1").await;
+    assert_eq!(row["assignment"], Value::Null);
+    assert_eq!(row["load"], 0);
+    assert_eq!(row["heartbeatAt"], before["heartbeatAt"], "recovery must not refresh the dead worker (Q3)");
+    assert_eq!(complete(&stack, "w1", &job).await, false, "the old lease is gone");
+    let again = claim(&stack, "w2").await;
+    assert_eq!(again["messageId"], job["messageId"]);
+    assert_eq!(again["attempts"], 1, "the expiry counted as an attempt (Q2)");
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_crashing_its_worker_is_dead_lettered() {
+    let stack = stack().await;
+    let mut m = message("c1", "agent-a", "poison");
+    m["maxAttempts"] = json!(2);
+    stack.app().ok("enqueueMessage", m).await;
+    enqueue(&stack, "c1", "after").await;
+    for (round, worker) in ["w1", "w2"].iter().enumerate() {
+        let job = claim(&stack, worker).await;
+        assert_eq!(job["payload"]["messageText"], "poison", "round {round}");
+        advance(&stack, 360_000).await;
+        stack.admin().ok("releaseStuckJobs", json!({})).await;
+    }
+    let dead = stack.admin().ok("listJobsByStatus", json!({ "status": "dead_letter" })).await;
+    assert_eq!(dead.as_array().unwrap().len(), 1);
+    assert_eq!(dead[0]["lastError"], "Lease expired while processing");
+    assert_eq!(claim(&stack, "w3").await["payload"]["messageText"], "after");
+}
+
+#[tokio::test]
+async fn failures_retry_with_the_spec_backoff_then_dead_letter() {
+    let stack = stack().await;
+    let id = enqueue(&stack, "c1", "flaky").await;
+    let expected = [1053, 2183, 4000, 8096];
+    for (i, delay) in expected.iter().enumerate() {
+        let job = claim(&stack, "w1").await;
+        assert_eq!(job["messageId"], id.as_str());
+        // The vector is for failures at exactly T0, so fail there (time may go back).
+        stack.admin().ok("setTestClock", json!({ "nowMs": T0 })).await;
+        let outcome = stack
+            .worker("w1")
+            .ok("failJob", json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }))
+            .await;
+        assert_eq!(outcome, json!({ "requeued": true, "deadLettered": false, "nextScheduledFor": T0 + delay }), "attempt {}", i + 1);
+        assert_eq!(claim(&stack, "w1").await, Value::Null, "not before the retry time");
+        stack.admin().ok("setTestClock", json!({ "nowMs": T0 + delay })).await;
+    }
+    let job = claim(&stack, "w1").await;
+    let outcome = stack
+        .worker("w1")
+        .ok("failJob", json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }))
+        .await;
+    assert_eq!(outcome, json!({ "requeued": false, "deadLettered": true, "nextScheduledFor": null }));
+    let stats = stack.admin().ok("getQueueStats", json!({})).await;
+    assert_eq!(stats["deadLetter"], 1);
+
+    let requeued = stack.admin().ok("requeueDeadLetter", json!({ "messageId": id })).await;
+    assert_eq!(requeued, id.as_str());
+    let job = claim(&stack, "w1").await;
+    assert_eq!(job["attempts"], 0);
+    assert_eq!(stack.admin().ok("getQueueStats", json!({})).await["deadLetter"], 0);
+    assert_eq!(stack.admin().ok("purgeDeadLetter", json!({ "messageId": id })).await, false);
+}
+
+#[tokio::test]
+async fn a_message_waiting_for_its_retry_holds_back_the_rest_of_its_conversation() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "first").await;
+    enqueue(&stack, "c1", "second").await;
+    let job = claim(&stack, "w1").await;
+    stack
+        .worker("w1")
+        .ok("failJob", json!({ "workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "errorMessage": "x" }))
+        .await;
+    assert_eq!(claim(&stack, "w1").await, Value::Null, "second must not overtake first (Q4)");
+    advance(&stack, 2_000).await;
+    assert_eq!(claim(&stack, "w1").await["payload"]["messageText"], "first");
+}
+
+#[tokio::test]
+async fn a_free_worker_finds_a_ready_conversation_behind_many_locked_ones() {
+    let stack = stack().await;
+    for i in 0..40 {
+        enqueue(&stack, &format!("busy-{i}"), "a").await;
+        enqueue(&stack, &format!("busy-{i}"), "b").await;
+        claim(&stack, &format!("owner-{i}")).await;
+    }
+    enqueue(&stack, "free", "z").await;
+    assert_eq!(claim(&stack, "newcomer").await["conversationId"], "free", "no head-of-line blocking (Q1)");
+}
+
+#[tokio::test]
+async fn higher_priority_conversations_go_first_and_future_jobs_wait() {
+    let stack = stack().await;
+    let mut low = message("low", "agent-a", "l");
+    low["priority"] = json!(10);
+    let mut high = message("high", "agent-a", "h");
+    high["priority"] = json!(500);
+    let mut later = message("later", "agent-a", "t");
+    later["scheduledFor"] = json!(T0 + 60_000);
+    later["priority"] = json!(100);
+    for m in [low, high, later] {
+        stack.app().ok("enqueueMessage", m).await;
+    }
+    assert_eq!(claim(&stack, "w1").await["conversationId"], "high");
+    assert_eq!(claim(&stack, "w2").await["conversationId"], "low");
+    assert_eq!(claim(&stack, "w3").await, Value::Null);
+    advance(&stack, 60_000).await;
+    assert_eq!(claim(&stack, "w3").await["conversationId"], "later");
+}
+
+#[tokio::test]
+async fn a_long_poll_claim_returns_when_a_message_arrives() {
+    let stack = stack().await;
+    let worker = stack.worker("w1");
+    let waiting = tokio::spawn(async move { worker.ok("claimNextJob", json!({ "workerId": "w1", "waitMs": 20_000 })).await });
+    // The claim is parked once the leader lists the worker as waiting; enqueue after that.
+    tests::wait_until("the claim is parked", std::time::Duration::from_secs(5), || async {
+        let id = enqueue(&stack, "c1", "ping").await;
+        Some(id)
+    })
+    .await;
+    let job = waiting.await.unwrap();
+    assert_eq!(job["payload"]["messageText"], "ping");
+    let empty = stack.worker("w2").ok("claimNextJob", json!({ "workerId": "w2", "waitMs": 50 })).await;
+    assert_eq!(empty, Value::Null, "a long poll with nothing to do ends empty");
+}
+
+#[tokio::test]
+async fn heartbeats_extend_the_lease_and_foreign_leases_are_refused() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    advance(&stack, 300_000).await;
+    let beat = json!({ "workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"] });
+    assert_eq!(stack.worker("w1").ok("heartbeatJob", beat.clone()).await, true);
+    advance(&stack, 300_000).await;
+    let released = stack.admin().ok("releaseStuckJobs", json!({})).await;
+    assert_eq!(released["requeued"], 0, "the heartbeat moved the expiry");
+    let wrong = json!({ "workerId": "w1", "messageId": job["messageId"], "leaseId": "0-nope" });
+    assert_eq!(stack.worker("w1").ok("heartbeatJob", wrong.clone()).await, false);
+    assert_eq!(stack.worker("w1").ok("completeJob", wrong).await, false);
+    let err = stack.worker("w2").err("completeJob", beat.clone()).await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden, "a worker token only acts for its own worker");
+    let err = stack.worker("w2").err("claimNextJob", json!({ "workerId": "w1" })).await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden);
+    let err = stack.app().err("claimNextJob", json!({ "workerId": "w1" })).await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden);
+    assert_eq!(stack.worker("w1").ok("completeJob", beat).await, true);
+}
+
+#[tokio::test]
+async fn worker_control_state_stops_stopped_unknown_and_overdue_workers() {
+    let stack = stack().await;
+    let state = |w: &'static str| {
+        let api = stack.worker(w);
+        async move { api.ok("getWorkerControlState", json!({ "workerId": w })).await }
+    };
+    assert_eq!(state("ghost").await, json!({ "shouldStop": true, "reason": "missing_worker" }));
+    enqueue(&stack, "c1", "a").await;
+    let job = claim(&stack, "w1").await;
+    assert_eq!(state("w1").await, json!({ "shouldStop": false }));
+    complete(&stack, "w1", &job).await;
+    advance(&stack, 420_000).await;
+    assert_eq!(state("w1").await["reason"], "stale_heartbeat");
+    let admin = stack.admin();
+    admin.ok("upsertWorkerState", json!({ "workerId": "w2", "provider": "fly", "status": "active", "load": 0, "scheduledShutdownAt": T0 + 420_000 })).await;
+    assert_eq!(state("w2").await["reason"], "scheduled_shutdown_due");
+    admin.ok("upsertWorkerState", json!({ "workerId": "w3", "provider": "fly", "status": "active", "load": 0 })).await;
+    admin.ok("upsertWorkerState", json!({ "workerId": "w3", "provider": "fly", "status": "draining", "load": 0 })).await;
+    assert_eq!(state("w3").await["reason"], "status_draining");
+}
+
+#[tokio::test]
+async fn worker_status_only_moves_forward_and_stopping_keeps_the_heartbeat() {
+    let stack = stack().await;
+    let admin = stack.admin();
+    let upsert = |status: &str| json!({ "workerId": "w1", "provider": "fly", "status": status, "load": 0 });
+    admin.ok("upsertWorkerState", upsert("active")).await;
+    admin.ok("upsertWorkerState", upsert("draining")).await;
+    let err = admin.err("upsertWorkerState", upsert("active")).await;
+    assert_eq!(err.message, "Worker 'w1' cannot transition from 'draining' to 'active'.");
+    admin.ok("upsertWorkerState", upsert("stopping")).await;
+    let stopping = worker_row(&stack, "w1").await;
+    advance(&stack, 10_000).await;
+    let stopped = admin.ok("upsertWorkerState", upsert("stopped")).await;
+    assert_eq!(stopped["heartbeatAt"], stopping["heartbeatAt"], "heartbeat preserved when stopped");
+    assert_eq!(stopped["stoppedAt"], T0);
+    let err = admin.err("upsertWorkerState", upsert("active")).await;
+    assert_eq!(err.message, "Worker 'w1' cannot transition from 'stopped' to 'active'.");
+    enqueue(&stack, "c1", "a").await;
+    assert_eq!(claim(&stack, "w1").await, Value::Null, "a stopped worker gets nothing");
+}
+
+#[tokio::test]
+async fn read_operations_show_the_queue() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "one").await;
+    enqueue(&stack, "c1", "two").await;
+    let job = claim(&stack, "w1").await;
+    let items = stack.app().ok("listQueueItemsForConversation", json!({ "conversationId": "c1" })).await;
+    let texts: Vec<&str> = items.as_array().unwrap().iter().map(|i| i["payload"]["messageText"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["two", "one"], "newest first");
+    assert_eq!(items[1]["status"], "processing");
+    let has = stack.app().ok("hasQueuedJobsForConversation", json!({ "conversationId": "c1" })).await;
+    assert_eq!(has, true);
+    complete(&stack, "w1", &job).await;
+    let done = stack.admin().ok("listJobsByStatus", json!({ "status": "done" })).await;
+    assert_eq!(done[0]["_id"], job["messageId"]);
+    let items = stack.app().ok("listQueueItemsForConversation", json!({ "conversationId": "c1" })).await;
+    assert_eq!(items[1]["status"], "done");
+    let stats = stack.admin().ok("getWorkerStats", json!({})).await;
+    assert_eq!(stats["idleCount"], 1);
+    let err = stack.worker("w9").err("hasQueuedJobsForConversation", json!({ "conversationId": "c1" })).await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden);
+}
+
+#[tokio::test]
+async fn the_test_clock_is_refused_on_the_system_clock() {
+    let stack = TestStack::start().await;
+    let err = stack.admin().err("advanceTestClock", json!({ "ms": 1 })).await;
+    assert_eq!(err.code, common::ErrorCode::Conflict);
+    let view = stack.admin().ok("getTestClock", json!({})).await;
+    assert_eq!(view["mode"], "system");
+}
+
+#[tokio::test]
+async fn the_test_clock_can_go_back_in_time() {
+    let stack = stack().await;
+    let view = stack.admin().ok("setTestClock", json!({ "nowMs": 1_000 })).await;
+    assert_eq!(view, json!({ "mode": "manual", "nowMs": 1_000 }));
+    assert_eq!(stack.ctx.clock.now_ms(), 1_000);
+}
