@@ -70,13 +70,8 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(
-        admin: Option<&SecretString>,
-        app: Option<&SecretString>,
-        worker_key: Option<&SecretString>,
-    ) -> Self {
-        let digest =
-            |s: &SecretString| -> [u8; 32] { Sha256::digest(s.expose_secret().as_bytes()).into() };
+    pub fn new(admin: Option<&SecretString>, app: Option<&SecretString>, worker_key: Option<&SecretString>) -> Self {
+        let digest = |s: &SecretString| -> [u8; 32] { Sha256::digest(s.expose_secret().as_bytes()).into() };
         Self {
             admin: admin.map(digest),
             app: app.map(digest),
@@ -104,14 +99,8 @@ impl Authenticator {
         }
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Both comparisons always run so timing does not reveal which role matched.
-        let is_admin = self
-            .admin
-            .map(|d| d.ct_eq(&presented).into())
-            .unwrap_or(false);
-        let is_app = self
-            .app
-            .map(|d| d.ct_eq(&presented).into())
-            .unwrap_or(false);
+        let is_admin = self.admin.map(|d| d.ct_eq(&presented).into()).unwrap_or(false);
+        let is_app = self.app.map(|d| d.ct_eq(&presented).into()).unwrap_or(false);
         match (is_admin, is_app) {
             (true, _) => Ok(Caller::admin()),
             (false, true) => Ok(Caller {
@@ -125,9 +114,7 @@ impl Authenticator {
     /// Mints the token a spawned worker uses to act as `worker_id`.
     pub fn mint_worker_token(&self, worker_id: &str) -> Result<String, OpError> {
         let key = self.worker_key.as_ref().ok_or_else(|| {
-            OpError::unavailable(
-                "auth.worker_token_key is not configured; worker tokens cannot be issued",
-            )
+            OpError::unavailable("auth.worker_token_key is not configured; worker tokens cannot be issued")
         })?;
         let id = URL_SAFE_NO_PAD.encode(worker_id.as_bytes());
         let sig = URL_SAFE_NO_PAD.encode(sign(key, worker_id)?);
@@ -144,8 +131,7 @@ impl Authenticator {
         };
         let worker_id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
         let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
-        let mut mac =
-            <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).ok()?;
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).ok()?;
         mac.update(worker_id.as_bytes());
         mac.verify_slice(&sig).ok()?;
         Some(worker_id)
@@ -153,8 +139,8 @@ impl Authenticator {
 }
 
 fn sign(key: &SecretString, worker_id: &str) -> Result<Vec<u8>, OpError> {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes())
-        .map_err(OpError::internal)?;
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).map_err(OpError::internal)?;
     mac.update(worker_id.as_bytes());
     Ok(mac.finalize().into_bytes().to_vec())
 }
@@ -174,10 +160,7 @@ mod tests {
     #[test]
     fn static_tokens_map_to_roles() {
         let a = auth();
-        assert_eq!(
-            a.authenticate(Some("Bearer admin-secret")).unwrap().role,
-            Role::Admin
-        );
+        assert_eq!(a.authenticate(Some("Bearer admin-secret")).unwrap().role, Role::Admin);
         assert_eq!(a.authenticate(Some("app-secret")).unwrap().role, Role::App);
         assert!(a.authenticate(Some("Bearer nope")).is_err());
         assert!(a.authenticate(None).is_err());
@@ -199,12 +182,7 @@ mod tests {
         let forged = other.mint_worker_token("afw-1767258000000-0").unwrap();
         assert!(a.authenticate(Some(&forged)).is_err());
         let parts: Vec<&str> = token.split('.').collect();
-        let swapped = format!(
-            "{}.{}.{}",
-            parts[0],
-            URL_SAFE_NO_PAD.encode("afw-x"),
-            parts[2]
-        );
+        let swapped = format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode("afw-x"), parts[2]);
         assert!(a.authenticate(Some(&swapped)).is_err());
     }
 

@@ -202,13 +202,6 @@ mod tests {
     #[test]
     fn system_clock_refuses_manual_moves() {
         let clock = Clock::system();
-        assert!(
-            clock
-                .apply_manual(ManualTime {
-                    now_ms: 1,
-                    revision: 1
-                })
-                .is_err()
-        );
+        assert!(clock.apply_manual(ManualTime { now_ms: 1, revision: 1 }).is_err());
     }
 }

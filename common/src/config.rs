@@ -137,6 +137,14 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: Option<String>,
 }
 
+/// Configuration variables are `AF_DATA_DIR` and `AF_<SECTION>__<KEY>`. Other `AF_` variables
+/// (`AF_CONFIG`, `AF_NATS_SERVER_BIN`, the CLI's `AF_URL`/`AF_TOKEN`, test knobs) belong to
+/// tools and are not configuration keys.
+fn is_config_variable(name: &str) -> bool {
+    name.strip_prefix("AF_")
+        .is_some_and(|rest| rest == "DATA_DIR" || rest.contains("__"))
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
@@ -144,10 +152,8 @@ pub struct ConfigError(pub String);
 impl Settings {
     /// Loads defaults, then `file` (if any), then the `AF_*` entries of `env`, and validates.
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS_TOML, config::FileFormat::Toml));
         if let Some(path) = file {
             if !path.is_file() {
                 return Err(ConfigError(format!(
@@ -159,7 +165,7 @@ impl Settings {
         }
         let env: HashMap<String, String> = env
             .iter()
-            .filter(|(k, _)| k.starts_with("AF_") && k.as_str() != "AF_CONFIG")
+            .filter(|(k, _)| is_config_variable(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
@@ -181,12 +187,7 @@ impl Settings {
     pub fn from_overrides(overrides: &[(&str, &str)]) -> Result<Self, ConfigError> {
         let env: HashMap<String, String> = overrides
             .iter()
-            .map(|(k, v)| {
-                (
-                    format!("AF_{}", k.replace('.', "__").to_uppercase()),
-                    v.to_string(),
-                )
-            })
+            .map(|(k, v)| (format!("AF_{}", k.replace('.', "__").to_uppercase()), v.to_string()))
             .collect();
         Self::load(None, &env)
     }
@@ -197,10 +198,8 @@ impl Settings {
         if !(1..=5).contains(&self.nats.replicas) {
             return fail("nats.replicas", "must be between 1 and 5");
         }
-        if let Some(url) = &self.nats.url {
-            if url.trim().is_empty() {
-                return fail("nats.url", "must not be empty when set");
-            }
+        if self.nats.url.as_ref().is_some_and(|url| url.trim().is_empty()) {
+            return fail("nats.url", "must not be empty when set");
         }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
             return fail("http.bind", "must be an address like 127.0.0.1:8080");
@@ -221,18 +220,13 @@ impl Settings {
             return fail("queue.max_attempts", "must be between 1 and 1000");
         }
         if !(0..=q.max_priority).contains(&q.default_priority) {
-            return fail(
-                "queue.default_priority",
-                "must be between 0 and queue.max_priority",
-            );
+            return fail("queue.default_priority", "must be between 0 and queue.max_priority");
         }
         if q.retry.base_delay_ms < 0 || q.retry.max_delay_ms < q.retry.base_delay_ms {
-            return fail(
-                "queue.retry.max_delay_ms",
-                "must be at least queue.retry.base_delay_ms",
-            );
+            return fail("queue.retry.max_delay_ms", "must be at least queue.retry.base_delay_ms");
         }
-        if !(q.retry.backoff_factor >= 1.0) {
+        // Written so that NaN fails too.
+        if q.retry.backoff_factor.is_nan() || q.retry.backoff_factor < 1.0 {
             return fail("queue.retry.backoff_factor", "must be at least 1.0");
         }
         if !(0.0..=1.0).contains(&q.retry.jitter_ratio) {
@@ -242,18 +236,13 @@ impl Settings {
             return fail("queue.claim_wait_max_ms", "must be at most 300000");
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
-            return fail(
-                "queue.max_message_bytes",
-                "must be between 1024 and 1000000",
-            );
+            return fail("queue.max_message_bytes", "must be between 1024 and 1000000");
         }
         if self.loops.lease_recovery_interval_ms < 10 {
             return fail("loops.lease_recovery_interval_ms", "must be at least 10");
         }
-        if let Some(start) = self.clock.start_ms {
-            if start < 0 {
-                return fail("clock.start_ms", "must not be negative");
-            }
+        if self.clock.start_ms.is_some_and(|start| start < 0) {
+            return fail("clock.start_ms", "must not be negative");
         }
         if self.limits.max_string_bytes < 256 {
             return fail("limits.max_string_bytes", "must be at least 256");
@@ -287,12 +276,11 @@ mod tests {
         let env = HashMap::from([
             ("AF_QUEUE__LEASE_MS".to_string(), "5000".to_string()),
             ("AF_QUEUE__STALE_AFTER_MS".to_string(), "6000".to_string()),
-            (
-                "AF_NATS__URL".to_string(),
-                "nats://127.0.0.1:4999".to_string(),
-            ),
+            ("AF_NATS__URL".to_string(), "nats://127.0.0.1:4999".to_string()),
             ("AF_CLOCK__MODE".to_string(), "manual".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
+            ("AF_NATS_SERVER_BIN".to_string(), "/x/nats-server".to_string()),
+            ("AF_URL".to_string(), "http://x".to_string()),
         ]);
         let s = Settings::load(None, &env).unwrap();
         assert_eq!(s.queue.lease_ms, 5000);

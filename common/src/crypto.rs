@@ -35,13 +35,9 @@ impl SecretCipher {
             .decode(key.expose_secret().trim())
             .map_err(|_| "secrets.key: must be base64".to_string())?;
         if bytes.len() != 32 {
-            return Err(format!(
-                "secrets.key: must decode to 32 bytes, got {}",
-                bytes.len()
-            ));
+            return Err(format!("secrets.key: must decode to 32 bytes, got {}", bytes.len()));
         }
-        let key =
-            Key::try_from(bytes.as_slice()).map_err(|_| "secrets.key: bad length".to_string())?;
+        let key = Key::try_from(bytes.as_slice()).map_err(|_| "secrets.key: bad length".to_string())?;
         let key_id = hex::encode(&Sha256::digest(&bytes)[..4]);
         Ok(Self {
             cipher: XChaCha20Poly1305::new(&key),
@@ -100,9 +96,7 @@ impl SecretCipher {
                 },
             )
             .map_err(|_| invalid())?;
-        String::from_utf8(plain)
-            .map(SecretString::from)
-            .map_err(|_| invalid())
+        String::from_utf8(plain).map(SecretString::from).map_err(|_| invalid())
     }
 }
 
@@ -170,10 +164,7 @@ mod tests {
         let mut t = a.clone();
         t.ciphertext = STANDARD.encode(vec![0u8; 20]);
         assert!(c.open(&t, "r#1").is_err());
-        assert!(
-            cipher().open(&a, "r#1").is_err(),
-            "another key must not open it"
-        );
+        assert!(cipher().open(&a, "r#1").is_err(), "another key must not open it");
     }
 
     #[test]
@@ -192,10 +183,7 @@ mod tests {
     fn random_base36_has_the_requested_shape() {
         let s = random_base36(8);
         assert_eq!(s.len(), 8);
-        assert!(
-            s.bytes()
-                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        );
+        assert!(s.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
         assert_ne!(random_base36(16), random_base36(16));
     }
 }

@@ -73,10 +73,7 @@ impl OpError {
     /// Logs the real cause and returns an error whose text reveals nothing internal.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        Self::new(
-            ErrorCode::Internal,
-            "internal error; the request may be retried",
-        )
+        Self::new(ErrorCode::Internal, "internal error; the request may be retried")
     }
 
     pub fn http_status(&self) -> u16 {

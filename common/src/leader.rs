@@ -17,13 +17,8 @@ struct Lease {
 
 /// Runs `lead` each time this process wins the lease named `name`, with a token that is
 /// cancelled when the lease is lost. Returns when `shutdown` is cancelled (releasing the lease).
-pub async fn run_elected<F, Fut>(
-    store: JsonStore,
-    name: &str,
-    holder: &str,
-    shutdown: CancellationToken,
-    mut lead: F,
-) where
+pub async fn run_elected<F, Fut>(store: JsonStore, name: &str, holder: &str, shutdown: CancellationToken, mut lead: F)
+where
     F: FnMut(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -86,16 +81,7 @@ async fn renew(
             _ = leadership.cancelled() => return Some(revision),
             _ = tokio::time::sleep(every) => {}
         }
-        match store
-            .update(
-                &name,
-                &Lease {
-                    holder: holder.clone(),
-                },
-                revision,
-            )
-            .await
-        {
+        match store.update(&name, &Lease { holder: holder.clone() }, revision).await {
             Ok(rev) => {
                 revision = rev;
                 last_ok = tokio::time::Instant::now();

@@ -56,8 +56,7 @@ impl NatsServer {
     pub async fn start(options: &NatsServerOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.store_dir)
             .with_context(|| format!("creating {}", options.store_dir.display()))?;
-        std::fs::create_dir_all(&options.run_dir)
-            .with_context(|| format!("creating {}", options.run_dir.display()))?;
+        std::fs::create_dir_all(&options.run_dir).with_context(|| format!("creating {}", options.run_dir.display()))?;
         // A ports file left by a previous (killed) server would be read as ours.
         for entry in std::fs::read_dir(&options.run_dir)?.flatten() {
             if entry.path().extension().is_some_and(|e| e == "ports") {
@@ -146,11 +145,7 @@ fn read_ports_file(dir: &Path) -> Option<String> {
         .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
     let text = std::fs::read_to_string(entry.path()).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json.get("nats")?
-        .as_array()?
-        .first()?
-        .as_str()
-        .map(str::to_string)
+    json.get("nats")?.as_array()?.first()?.as_str().map(str::to_string)
 }
 
 fn log_tail(path: &Path) -> String {

@@ -61,12 +61,7 @@ pub struct OpSpec {
 use Role::{Admin, App, Worker};
 use Service::{Hydration, QueueManager};
 
-const fn op(
-    name: &'static str,
-    service: Service,
-    roles: &'static [Role],
-    summary: &'static str,
-) -> OpSpec {
+const fn op(name: &'static str, service: Service, roles: &'static [Role], summary: &'static str) -> OpSpec {
     OpSpec {
         name,
         service,
@@ -96,12 +91,7 @@ pub const CATALOGUE: &[OpSpec] = &[
         &[Admin, Worker],
         "extend the lease of a processing job",
     ),
-    op(
-        "completeJob",
-        QueueManager,
-        &[Admin, Worker],
-        "mark a leased job done",
-    ),
+    op("completeJob", QueueManager, &[Admin, Worker], "mark a leased job done"),
     op(
         "failJob",
         QueueManager,
@@ -120,12 +110,7 @@ pub const CATALOGUE: &[OpSpec] = &[
         &[Admin, App],
         "counts of ready, processing and dead-lettered jobs",
     ),
-    op(
-        "listJobsByStatus",
-        QueueManager,
-        &[Admin],
-        "jobs in one status",
-    ),
+    op("listJobsByStatus", QueueManager, &[Admin], "jobs in one status"),
     op(
         "listQueueItemsForConversation",
         QueueManager,
@@ -144,12 +129,7 @@ pub const CATALOGUE: &[OpSpec] = &[
         &[Admin],
         "put a dead-lettered job back at the end of its conversation",
     ),
-    op(
-        "purgeDeadLetter",
-        QueueManager,
-        &[Admin],
-        "delete a dead-lettered job",
-    ),
+    op("purgeDeadLetter", QueueManager, &[Admin], "delete a dead-lettered job"),
     // Workers.
     op(
         "getWorkerControlState",
@@ -169,12 +149,7 @@ pub const CATALOGUE: &[OpSpec] = &[
         &[Admin],
         "create or move a worker row through its lifecycle",
     ),
-    op(
-        "listWorkersForScheduler",
-        QueueManager,
-        &[Admin],
-        "every worker row",
-    ),
+    op("listWorkersForScheduler", QueueManager, &[Admin], "every worker row"),
     op(
         "issueWorkerToken",
         QueueManager,
@@ -207,18 +182,8 @@ pub const CATALOGUE: &[OpSpec] = &[
         &[Admin],
         "create or update an agent profile",
     ),
-    op(
-        "getAgentProfile",
-        Hydration,
-        &[Admin, App],
-        "one agent profile",
-    ),
-    op(
-        "listAgentProfiles",
-        Hydration,
-        &[Admin],
-        "every agent profile",
-    ),
+    op("getAgentProfile", Hydration, &[Admin, App], "one agent profile"),
+    op("listAgentProfiles", Hydration, &[Admin], "every agent profile"),
     op(
         "importPlaintextSecret",
         Hydration,
@@ -265,11 +230,8 @@ pub fn subject(name: &str) -> String {
     format!("{SUBJECT_PREFIX}.{name}")
 }
 
-type Handler = Arc<
-    dyn Fn(Caller, serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, OpError>>
-        + Send
-        + Sync,
->;
+type Handler =
+    Arc<dyn Fn(Caller, serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, OpError>> + Send + Sync>;
 
 /// The handlers a service process serves.
 #[derive(Default, Clone)]
@@ -290,19 +252,15 @@ impl OpRegistry {
         F: Fn(Caller, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, OpError>> + Send + 'static,
     {
-        assert!(
-            find(name).is_some(),
-            "operation '{name}' is not in the catalogue"
-        );
+        assert!(find(name).is_some(), "operation '{name}' is not in the catalogue");
         let handler = Arc::new(handler);
         self.handlers.insert(
             name,
             Arc::new(move |caller, value| {
                 let handler = handler.clone();
                 Box::pin(async move {
-                    let args: A = serde_json::from_value(value).map_err(|e| {
-                        OpError::invalid(format!("invalid arguments for {name}: {e}"))
-                    })?;
+                    let args: A = serde_json::from_value(value)
+                        .map_err(|e| OpError::invalid(format!("invalid arguments for {name}: {e}")))?;
                     let result = handler(caller, args).await?;
                     serde_json::to_value(result).map_err(OpError::internal)
                 })
@@ -319,11 +277,7 @@ impl OpRegistry {
 
     /// Serves every registered operation until `shutdown` is cancelled. Each operation is a
     /// queue-group subscription, so replicas of a service share the load.
-    pub async fn serve(
-        self,
-        ctx: ServiceContext,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    pub async fn serve(self, ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut streams = Vec::new();
         for (name, handler) in self.handlers {
             let spec = find(name).ok_or_else(|| anyhow::anyhow!("unknown operation {name}"))?;
@@ -351,12 +305,7 @@ impl OpRegistry {
     }
 }
 
-async fn handle(
-    ctx: ServiceContext,
-    spec: &'static OpSpec,
-    handler: Handler,
-    msg: async_nats::Message,
-) {
+async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else {
         tracing::debug!(op = spec.name, "request without reply subject ignored");
         return;
@@ -376,9 +325,7 @@ async fn handle(
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_string())
         };
-        let caller = ctx
-            .auth
-            .authenticate(header(HEADER_AUTHORIZATION).as_deref())?;
+        let caller = ctx.auth.authenticate(header(HEADER_AUTHORIZATION).as_deref())?;
         tracing::Span::current().record("role", caller.role.as_str());
         if !spec.roles.contains(&caller.role) {
             return Err(OpError::forbidden(format!(
@@ -388,9 +335,7 @@ async fn handle(
             )));
         }
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
-            ctx.clock
-                .wait_for_revision(rev, Duration::from_secs(2))
-                .await;
+            ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
         }
         let args = parse_args(&msg.payload, &ctx.settings.limits)?;
         handler(caller, args).await
@@ -398,10 +343,7 @@ async fn handle(
     .instrument(span.clone())
     .await;
     let (status, body) = match result {
-        Ok(value) => (
-            200u16,
-            serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec()),
-        ),
+        Ok(value) => (200u16, serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec())),
         Err(err) => {
             if err.code == ErrorCode::Internal {
                 span.in_scope(|| tracing::warn!(op = spec.name, "operation failed internally"));
@@ -416,20 +358,13 @@ async fn handle(
         .record(started.elapsed().as_secs_f64());
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_STATUS, status.to_string().as_str());
-    if let Err(e) = ctx
-        .nats
-        .publish_with_headers(reply, headers, Bytes::from(body))
-        .await
-    {
+    if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
         tracing::warn!(op = spec.name, error = %e, "could not send reply");
     }
 }
 
 /// Parses a request body into JSON, enforcing the string and list limits. An empty body is `{}`.
-pub fn parse_args(
-    payload: &[u8],
-    limits: &crate::config::LimitSettings,
-) -> Result<serde_json::Value, OpError> {
+pub fn parse_args(payload: &[u8], limits: &crate::config::LimitSettings) -> Result<serde_json::Value, OpError> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Value::Object(Default::default()));
     }
@@ -442,19 +377,13 @@ pub fn parse_args(
     Ok(value)
 }
 
-fn check_limits(
-    value: &serde_json::Value,
-    path: &str,
-    limits: &crate::config::LimitSettings,
-) -> Result<(), OpError> {
+fn check_limits(value: &serde_json::Value, path: &str, limits: &crate::config::LimitSettings) -> Result<(), OpError> {
     match value {
-        serde_json::Value::String(s) if s.len() > limits.max_string_bytes => {
-            Err(OpError::invalid(format!(
-                "{path}: string of {} bytes exceeds the limit of {} bytes",
-                s.len(),
-                limits.max_string_bytes
-            )))
-        }
+        serde_json::Value::String(s) if s.len() > limits.max_string_bytes => Err(OpError::invalid(format!(
+            "{path}: string of {} bytes exceeds the limit of {} bytes",
+            s.len(),
+            limits.max_string_bytes
+        ))),
         serde_json::Value::Array(items) => {
             if items.len() > limits.max_list_items {
                 return Err(OpError::invalid(format!(
@@ -543,12 +472,12 @@ impl OpClient {
             }
             Err(e) => {
                 let err = match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => OpError::unavailable(format!(
-                        "no service is serving '{name}' right now; retry shortly"
-                    )),
-                    async_nats::RequestErrorKind::TimedOut => OpError::unavailable(format!(
-                        "'{name}' timed out; it may or may not have been applied"
-                    )),
+                    async_nats::RequestErrorKind::NoResponders => {
+                        OpError::unavailable(format!("no service is serving '{name}' right now; retry shortly"))
+                    }
+                    async_nats::RequestErrorKind::TimedOut => {
+                        OpError::unavailable(format!("'{name}' timed out; it may or may not have been applied"))
+                    }
                     async_nats::RequestErrorKind::MaxPayloadExceeded => OpError::new(
                         ErrorCode::PayloadTooLarge,
                         format!("the request for '{name}' exceeds the NATS maximum payload"),
@@ -556,9 +485,7 @@ impl OpClient {
                     async_nats::RequestErrorKind::InvalidSubject => {
                         OpError::invalid(format!("'{name}' is not a valid operation name"))
                     }
-                    async_nats::RequestErrorKind::Other => {
-                        OpError::unavailable(format!("'{name}' failed: {e}"))
-                    }
+                    async_nats::RequestErrorKind::Other => OpError::unavailable(format!("'{name}' failed: {e}")),
                 };
                 (
                     err.http_status(),
@@ -599,14 +526,11 @@ fn claim_wait<A: Serialize>(name: &str, args: &A) -> Duration {
 /// Turns a reply into the result or the error it carries.
 pub fn decode_reply<R: DeserializeOwned>(status: u16, reply: &[u8]) -> Result<R, OpError> {
     if status == 200 {
-        serde_json::from_slice(reply)
-            .map_err(|e| OpError::internal(format!("undecodable reply: {e}")))
+        serde_json::from_slice(reply).map_err(|e| OpError::internal(format!("undecodable reply: {e}")))
     } else {
         match serde_json::from_slice::<crate::error::ErrorBody>(reply) {
             Ok(body) => Err(body.error),
-            Err(_) => Err(OpError::internal(format!(
-                "status {status} with an undecodable body"
-            ))),
+            Err(_) => Err(OpError::internal(format!("status {status} with an undecodable body"))),
         }
     }
 }
@@ -620,11 +544,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for spec in CATALOGUE {
             assert!(seen.insert(spec.name), "duplicate {}", spec.name);
-            assert!(
-                !spec.roles.is_empty(),
-                "{} is reachable by nobody",
-                spec.name
-            );
+            assert!(!spec.roles.is_empty(), "{} is reachable by nobody", spec.name);
         }
     }
 
@@ -640,21 +560,11 @@ mod tests {
             &limits,
         )
         .unwrap_err();
-        assert!(
-            err.message.contains("$.payload.messageText"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("$.payload.messageText"), "{}", err.message);
         let err = parse_args(br#"{"a":[1,2,3,4]}"#, &limits).unwrap_err();
         assert!(err.message.contains("$.a"));
         assert_eq!(parse_args(b"", &limits).unwrap(), serde_json::json!({}));
-        assert_eq!(
-            parse_args(b"[1]", &limits).unwrap_err().code,
-            ErrorCode::InvalidInput
-        );
-        assert_eq!(
-            parse_args(b"{nope", &limits).unwrap_err().code,
-            ErrorCode::InvalidInput
-        );
+        assert_eq!(parse_args(b"[1]", &limits).unwrap_err().code, ErrorCode::InvalidInput);
+        assert_eq!(parse_args(b"{nope", &limits).unwrap_err().code, ErrorCode::InvalidInput);
     }
 }

@@ -41,9 +41,7 @@ where
     let settings = load_settings_or_exit();
     let _telemetry = crate::telemetry::init(name, &settings.telemetry)?;
     let Some(url) = settings.nats.url.clone() else {
-        eprintln!(
-            "invalid configuration: nats.url: required when running {name} on its own (AF_NATS__URL)"
-        );
+        eprintln!("invalid configuration: nats.url: required when running {name} on its own (AF_NATS__URL)");
         std::process::exit(EXIT_CONFIG);
     };
     let shutdown = crate::service::shutdown_on_signals();

@@ -42,12 +42,7 @@ impl ServiceContext {
     /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology, and
     /// sets up the clock.
     pub async fn connect(settings: Arc<Settings>, url: &str, name: &str) -> anyhow::Result<Self> {
-        let nats = connect_nats(
-            url,
-            name,
-            Duration::from_millis(settings.nats.connect_timeout_ms),
-        )
-        .await?;
+        let nats = connect_nats(url, name, Duration::from_millis(settings.nats.connect_timeout_ms)).await?;
         let js = jetstream::new(nats.clone());
         topology::provision(&js, &settings).await?;
         let buckets = Buckets::open(&js).await?;
@@ -60,11 +55,8 @@ impl ServiceContext {
             settings.auth.app_token.as_ref(),
             settings.auth.worker_token_key.as_ref(),
         ));
-        let ops = OpClient::new(
-            nats.clone(),
-            Duration::from_millis(settings.nats.request_timeout_ms),
-        )
-        .with_clock(clock.clone());
+        let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
+            .with_clock(clock.clone());
         Ok(Self {
             nats,
             js,
@@ -77,11 +69,7 @@ impl ServiceContext {
     }
 }
 
-pub async fn connect_nats(
-    url: &str,
-    name: &str,
-    patience: Duration,
-) -> anyhow::Result<async_nats::Client> {
+pub async fn connect_nats(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         let attempt = async_nats::ConnectOptions::new()
@@ -96,9 +84,7 @@ pub async fn connect_nats(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
-                return Err(anyhow::anyhow!(
-                    "cannot connect to NATS at {url} (nats.url): {e}"
-                ));
+                return Err(anyhow::anyhow!("cannot connect to NATS at {url} (nats.url): {e}"));
             }
         }
     }
@@ -111,14 +97,8 @@ async fn start_manual_clock(buckets: &Buckets, settings: &Settings) -> anyhow::R
     let current = match store.get::<TestClockRecord>(TEST_CLOCK_KEY).await? {
         Some(v) => v,
         None => {
-            let start = settings
-                .clock
-                .start_ms
-                .unwrap_or_else(|| Clock::system().now_ms());
-            match store
-                .create(TEST_CLOCK_KEY, &TestClockRecord { now_ms: start })
-                .await
-            {
+            let start = settings.clock.start_ms.unwrap_or_else(|| Clock::system().now_ms());
+            match store.create(TEST_CLOCK_KEY, &TestClockRecord { now_ms: start }).await {
                 Ok(revision) => crate::store::Versioned {
                     value: TestClockRecord { now_ms: start },
                     revision,
@@ -146,9 +126,7 @@ async fn start_manual_clock(buckets: &Buckets, settings: &Settings) -> anyhow::R
     let follower = clock.clone();
     tokio::spawn(async move {
         while let Some(Ok(entry)) = watch.next().await {
-            if let Ok(record) =
-                crate::store::decode::<TestClockRecord>(TEST_CLOCK_KEY, &entry.value)
-            {
+            if let Ok(record) = crate::store::decode::<TestClockRecord>(TEST_CLOCK_KEY, &entry.value) {
                 let _ = follower.apply_manual(ManualTime {
                     now_ms: record.now_ms,
                     revision: entry.revision,
@@ -181,10 +159,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {

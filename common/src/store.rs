@@ -49,15 +49,8 @@ impl JsonStore {
         &self.kv
     }
 
-    pub async fn get<T: DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<Versioned<T>>, StoreError> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| nats_err("get", key, e))?;
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
+        let entry = self.kv.entry(key).await.map_err(|e| nats_err("get", key, e))?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
                 value: decode(key, &e.value)?,
@@ -70,58 +63,29 @@ impl JsonStore {
     /// Writes `value` only if the key does not exist (or was deleted). Returns the new revision.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, StoreError> {
         let bytes = encode(key, value)?;
-        self.kv
-            .create(key, bytes)
-            .await
-            .map_err(|e| match e.kind() {
-                kv::CreateErrorKind::AlreadyExists => StoreError::Conflict {
-                    key: key.to_string(),
-                },
-                _ if is_wrong_last_sequence(&e) => StoreError::Conflict {
-                    key: key.to_string(),
-                },
-                _ => nats_err("create", key, e),
-            })
+        self.kv.create(key, bytes).await.map_err(|e| match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => StoreError::Conflict { key: key.to_string() },
+            _ if is_wrong_last_sequence(&e) => StoreError::Conflict { key: key.to_string() },
+            _ => nats_err("create", key, e),
+        })
     }
 
     /// Writes `value` only if the key is still at `revision`. Returns the new revision.
-    pub async fn update<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-        revision: u64,
-    ) -> Result<u64, StoreError> {
+    pub async fn update<T: Serialize>(&self, key: &str, value: &T, revision: u64) -> Result<u64, StoreError> {
         let bytes = encode(key, value)?;
         self.update_bytes(key, bytes, revision).await
     }
 
-    pub async fn update_bytes(
-        &self,
-        key: &str,
-        bytes: Bytes,
-        revision: u64,
-    ) -> Result<u64, StoreError> {
-        self.kv
-            .update(key, bytes, revision)
-            .await
-            .map_err(|e| match e.kind() {
-                kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict {
-                    key: key.to_string(),
-                },
-                _ if is_wrong_last_sequence(&e) => StoreError::Conflict {
-                    key: key.to_string(),
-                },
-                _ => nats_err("update", key, e),
-            })
+    pub async fn update_bytes(&self, key: &str, bytes: Bytes, revision: u64) -> Result<u64, StoreError> {
+        self.kv.update(key, bytes, revision).await.map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict { key: key.to_string() },
+            _ if is_wrong_last_sequence(&e) => StoreError::Conflict { key: key.to_string() },
+            _ => nats_err("update", key, e),
+        })
     }
 
     /// Create when `revision` is `None`, update otherwise.
-    pub async fn write<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-        revision: Option<u64>,
-    ) -> Result<u64, StoreError> {
+    pub async fn write<T: Serialize>(&self, key: &str, value: &T, revision: Option<u64>) -> Result<u64, StoreError> {
         match revision {
             None => self.create(key, value).await,
             Some(rev) => self.update(key, value, rev).await,
@@ -130,18 +94,13 @@ impl JsonStore {
 
     /// Deletes only if the key is still at `revision`.
     pub async fn delete(&self, key: &str, revision: u64) -> Result<(), StoreError> {
-        self.kv
-            .delete_expect_revision(key, Some(revision))
-            .await
-            .map_err(|e| {
-                if e.to_string().contains("wrong last sequence") {
-                    StoreError::Conflict {
-                        key: key.to_string(),
-                    }
-                } else {
-                    nats_err("delete", key, e)
-                }
-            })
+        self.kv.delete_expect_revision(key, Some(revision)).await.map_err(|e| {
+            if e.to_string().contains("wrong last sequence") {
+                StoreError::Conflict { key: key.to_string() }
+            } else {
+                nats_err("delete", key, e)
+            }
+        })
     }
 
     /// Read-modify-write with retries on conflict. `f` gets the current value (or `None`) and
@@ -161,34 +120,24 @@ impl JsonStore {
             };
             match self.write(key, &next, revision).await {
                 Ok(revision) => {
-                    return Ok(Some(Versioned {
-                        value: next,
-                        revision,
-                    }));
+                    return Ok(Some(Versioned { value: next, revision }));
                 }
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Conflict {
-            key: key.to_string(),
-        }
-        .into())
+        Err(StoreError::Conflict { key: key.to_string() }.into())
     }
 
     /// Every live key of the bucket.
     pub async fn keys(&self) -> Result<Vec<String>, StoreError> {
         use futures::TryStreamExt;
         let keys = self.kv.keys().await.map_err(|e| nats_err("keys", "*", e))?;
-        keys.try_collect()
-            .await
-            .map_err(|e| nats_err("keys", "*", e))
+        keys.try_collect().await.map_err(|e| nats_err("keys", "*", e))
     }
 
     /// Every live entry, decoded. Entries that fail to decode are reported, not hidden.
-    pub async fn all<T: DeserializeOwned>(
-        &self,
-    ) -> Result<Vec<(String, Versioned<T>)>, StoreError> {
+    pub async fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, Versioned<T>)>, StoreError> {
         let mut out = Vec::new();
         for key in self.keys().await? {
             if let Some(v) = self.get(&key).await? {
@@ -205,8 +154,7 @@ fn is_wrong_last_sequence(e: &dyn std::error::Error) -> bool {
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = cur {
         let text = err.to_string();
-        if text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence")
-        {
+        if text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence") {
             return true;
         }
         cur = err.source();
@@ -230,11 +178,7 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreEr
     })
 }
 
-fn nats_err(
-    op: &'static str,
-    key: &str,
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> StoreError {
+fn nats_err(op: &'static str, key: &str, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Nats {
         op,
         key: key.to_string(),

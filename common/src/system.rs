@@ -27,20 +27,13 @@ pub struct AdvanceTestClockArgs {
 
 pub fn get_test_clock(ctx: &ServiceContext) -> ClockView {
     ClockView {
-        mode: if ctx.clock.is_manual() {
-            "manual"
-        } else {
-            "system"
-        },
+        mode: if ctx.clock.is_manual() { "manual" } else { "system" },
         now_ms: ctx.clock.now_ms(),
     }
 }
 
 /// Sets the manual clock of the whole stack; earlier instants are allowed.
-pub async fn set_test_clock(
-    ctx: &ServiceContext,
-    args: SetTestClockArgs,
-) -> Result<ClockView, OpError> {
+pub async fn set_test_clock(ctx: &ServiceContext, args: SetTestClockArgs) -> Result<ClockView, OpError> {
     if args.now_ms < 0 {
         return Err(OpError::invalid("nowMs must not be negative"));
     }
@@ -48,10 +41,7 @@ pub async fn set_test_clock(
 }
 
 /// Moves the manual clock of the whole stack forward by `ms`.
-pub async fn advance_test_clock(
-    ctx: &ServiceContext,
-    args: AdvanceTestClockArgs,
-) -> Result<ClockView, OpError> {
+pub async fn advance_test_clock(ctx: &ServiceContext, args: AdvanceTestClockArgs) -> Result<ClockView, OpError> {
     if args.ms < 0 {
         return Err(OpError::invalid(
             "ms must not be negative; use setTestClock to go back in time",
@@ -68,9 +58,7 @@ async fn move_clock(ctx: &ServiceContext, next: impl Fn(i64) -> i64) -> Result<C
         .buckets
         .system
         .modify::<TestClockRecord, OpError, _>(TEST_CLOCK_KEY, |current| {
-            let now = current
-                .map(|c| c.now_ms)
-                .unwrap_or_else(|| ctx.clock.now_ms());
+            let now = current.map(|c| c.now_ms).unwrap_or_else(|| ctx.clock.now_ms());
             Ok(Some(TestClockRecord { now_ms: next(now) }))
         })
         .await?

@@ -55,14 +55,10 @@ pub fn init(service_name: &str, settings: &TelemetrySettings) -> anyhow::Result<
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     metrics_handle();
 
-    let filter = EnvFilter::try_new(&settings.log_filter)
-        .map_err(|e| anyhow::anyhow!("telemetry.log_filter: {e}"))?;
+    let filter = EnvFilter::try_new(&settings.log_filter).map_err(|e| anyhow::anyhow!("telemetry.log_filter: {e}"))?;
     let fmt_layer = match settings.log_format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
     };
 
     let mut provider = None;
@@ -108,8 +104,7 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(OP_DURATION.to_string()),
                 &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    1.0, 5.0, 30.0,
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
                 ],
             )
             .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
@@ -118,16 +113,9 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
         // Another recorder may already be installed (tests); then this handle renders nothing,
         // which only affects that process's /metrics output.
         let _ = metrics::set_global_recorder(recorder);
-        metrics::describe_histogram!(
-            OP_DURATION,
-            metrics::Unit::Seconds,
-            "operation handling time"
-        );
+        metrics::describe_histogram!(OP_DURATION, metrics::Unit::Seconds, "operation handling time");
         metrics::describe_gauge!(QUEUE_DEPTH, "messages not yet done or dead-lettered");
-        metrics::describe_gauge!(
-            READY_CONVERSATIONS,
-            "conversations with a claimable message"
-        );
+        metrics::describe_gauge!(READY_CONVERSATIONS, "conversations with a claimable message");
         metrics::describe_counter!(CLAIMS, "jobs handed to workers");
         metrics::describe_counter!(LEASE_EXPIRIES, "expired leases recovered");
         metrics::describe_counter!(DEAD_LETTERS, "jobs moved to the dead letter");

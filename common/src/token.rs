@@ -74,9 +74,7 @@ mod tests {
             let token = escape(id);
             assert!(!token.is_empty());
             assert!(
-                token
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-=".contains(&b)),
+                token.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-=".contains(&b)),
                 "{token}"
             );
             assert_eq!(unescape(&token).as_deref(), Some(id), "{id:?} -> {token}");

@@ -62,12 +62,7 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
             settings,
         ),
         bucket(CONVERSATIONS, "conversation to agent bindings", 1, settings),
-        bucket(
-            QUEUE_STATE,
-            "per-conversation queue cursor and lease",
-            1,
-            settings,
-        ),
+        bucket(QUEUE_STATE, "per-conversation queue cursor and lease", 1, settings),
         bucket(WORKERS, "worker rows", 1, settings),
         bucket(DEAD_LETTERS, "dead-lettered jobs", 1, settings),
         kv::Config {

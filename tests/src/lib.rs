@@ -15,6 +15,8 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+pub mod workload;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const APP_TOKEN: &str = "test-app-token";
 pub const WORKER_TOKEN_KEY: &str = "test-worker-token-key";
@@ -41,10 +43,7 @@ impl TestNats {
 
     pub async fn start_with(extra_config: Option<String>) -> Self {
         common::telemetry::install_crypto_provider();
-        let dir = tempfile::Builder::new()
-            .prefix("af-test-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("af-test-").tempdir().expect("temp dir");
         let explicit = std::env::var_os("AF_NATS_SERVER_BIN").map(PathBuf::from);
         let binary = common::nats_server::find_binary(explicit.as_deref(), &project_root())
             .expect("nats-server binary (run ops/scripts/install-nats.sh)");
@@ -54,9 +53,7 @@ impl TestNats {
             run_dir: dir.path().join("run"),
             extra_config,
         };
-        let server = NatsServer::start(&options)
-            .await
-            .expect("nats-server starts");
+        let server = NatsServer::start(&options).await.expect("nats-server starts");
         if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {
             eprintln!("keeping test directory {}", dir.path().display());
         }
@@ -86,9 +83,7 @@ pub fn test_settings(data_dir: &Path, overrides: &[(&str, &str)]) -> Settings {
     settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));
     settings.auth.app_token = Some(SecretString::from(APP_TOKEN));
     settings.auth.worker_token_key = Some(SecretString::from(WORKER_TOKEN_KEY));
-    settings.secrets.key = Some(SecretString::from(
-        common::crypto::generate_key_base64().expect("key"),
-    ));
+    settings.secrets.key = Some(SecretString::from(common::crypto::generate_key_base64().expect("key")));
     settings
 }
 
@@ -123,9 +118,7 @@ impl TestStack {
         let ctx = ServiceContext::connect(settings, nats.url(), "test-stack")
             .await
             .expect("connect");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let http_addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
@@ -142,25 +135,12 @@ impl TestStack {
 
     /// Waits until every service answers its health ping.
     async fn wait_ready(&self) {
-        for service in [
-            "queue-manager",
-            "hydration",
-            "scheduler",
-            "push-dispatcher",
-            "cleanup",
-        ] {
+        for service in ["queue-manager", "hydration", "scheduler", "push-dispatcher", "cleanup"] {
             let subject = common::service::health_subject(service);
             wait_until(
                 &format!("{service} answers health pings"),
                 Duration::from_secs(10),
-                || async {
-                    self.ctx
-                        .nats
-                        .request(subject.clone(), "".into())
-                        .await
-                        .ok()
-                        .map(|_| ())
-                },
+                || async { self.ctx.nats.request(subject.clone(), "".into()).await.ok().map(|_| ()) },
             )
             .await;
         }
@@ -170,7 +150,10 @@ impl TestStack {
     /// Waits until the queue has an elected leader serving its operations.
     pub async fn wait_queue_ready(&self) {
         wait_until("the queue has a leader", Duration::from_secs(10), || async {
-            self.admin().call("getQueueStats", Value::Object(Default::default())).await.ok()
+            self.admin()
+                .call("getQueueStats", Value::Object(Default::default()))
+                .await
+                .ok()
         })
         .await;
     }
@@ -192,11 +175,7 @@ impl TestStack {
 
     /// A client authenticated as worker `worker_id`.
     pub fn worker(&self, worker_id: &str) -> Api {
-        let token = self
-            .ctx
-            .auth
-            .mint_worker_token(worker_id)
-            .expect("worker token");
+        let token = self.ctx.auth.mint_worker_token(worker_id).expect("worker token");
         self.client(&token)
     }
 
@@ -284,7 +263,11 @@ pub async fn seed_profile(ctx: &ServiceContext, agent_key: &str) {
     };
     let key = common::token::escape(agent_key);
     let store = &ctx.buckets.profiles;
-    let revision = store.get::<Value>(&key).await.expect("read profile").map(|v| v.revision);
+    let revision = store
+        .get::<Value>(&key)
+        .await
+        .expect("read profile")
+        .map(|v| v.revision);
     store.write(&key, &profile, revision).await.expect("seed profile");
 }
 

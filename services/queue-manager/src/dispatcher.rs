@@ -43,45 +43,138 @@ pub type Reply = oneshot::Sender<Result<Value, OpError>>;
 
 /// An operation routed to the leader.
 pub enum Command {
-    Claim { args: ClaimArgs, reply: Reply },
-    Heartbeat { args: LeaseArgs, reply: Reply },
-    Complete { args: LeaseArgs, reply: Reply },
-    Fail { args: FailArgs, reply: Reply },
-    Release { limit: usize, reply: Option<Reply> },
-    Stats { reply: Reply },
-    ListJobs { args: ListJobsArgs, reply: Reply },
-    ListConversation { args: ConversationArgs, reply: Reply },
-    HasQueued { conversation_id: String, reply: Reply },
-    ControlState { worker_id: String, reply: Reply },
-    WorkerStats { reply: Reply },
-    ListWorkers { reply: Reply },
-    UpsertWorker { args: Box<UpsertWorkerArgs>, reply: Reply },
-    RequeueDeadLetter { message_id: String, reply: Reply },
-    PurgeDeadLetter { message_id: String, reply: Reply },
-    WorkerOf { worker_id: String, reply: oneshot::Sender<Option<WorkerRow>> },
+    Claim {
+        args: ClaimArgs,
+        reply: Reply,
+    },
+    Heartbeat {
+        args: LeaseArgs,
+        reply: Reply,
+    },
+    Complete {
+        args: LeaseArgs,
+        reply: Reply,
+    },
+    Fail {
+        args: FailArgs,
+        reply: Reply,
+    },
+    Release {
+        limit: usize,
+        reply: Option<Reply>,
+    },
+    Stats {
+        reply: Reply,
+    },
+    ListJobs {
+        args: ListJobsArgs,
+        reply: Reply,
+    },
+    ListConversation {
+        args: ConversationArgs,
+        reply: Reply,
+    },
+    HasQueued {
+        conversation_id: String,
+        reply: Reply,
+    },
+    ControlState {
+        worker_id: String,
+        reply: Reply,
+    },
+    WorkerStats {
+        reply: Reply,
+    },
+    ListWorkers {
+        reply: Reply,
+    },
+    UpsertWorker {
+        args: Box<UpsertWorkerArgs>,
+        reply: Reply,
+    },
+    RequeueDeadLetter {
+        message_id: String,
+        reply: Reply,
+    },
+    PurgeDeadLetter {
+        message_id: String,
+        reply: Reply,
+    },
+    WorkerOf {
+        worker_id: String,
+        reply: oneshot::Sender<Option<WorkerRow>>,
+    },
     /// Answers once every inbox message up to `seq` has been indexed.
-    Barrier { seq: u64, reply: oneshot::Sender<()> },
+    Barrier {
+        seq: u64,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 enum Event {
     Command(Command),
-    Inbox { seq: u64, token: String, job: Arc<Job> },
-    ConvWritten { token: String, result: Result<u64, StoreError>, state: QueueState, after: After },
-    ConvReloaded { token: String, result: Result<Option<Versioned<QueueState>>, StoreError> },
-    WorkerWritten { worker_id: String, result: Result<u64, StoreError> },
-    WorkerReloaded { worker_id: String, revision: Option<u64> },
-    ParkExpired { worker_id: String, park_id: u64 },
-    DeadLetterRemoved { message_id: String },
-    WatermarkWritten { watermark: u64, revision: Option<u64>, ok: bool },
+    Inbox {
+        seq: u64,
+        token: String,
+        job: Arc<Job>,
+    },
+    ConvWritten {
+        token: String,
+        result: Result<u64, StoreError>,
+        state: QueueState,
+        after: After,
+    },
+    ConvReloaded {
+        token: String,
+        result: Result<Option<Versioned<QueueState>>, StoreError>,
+    },
+    WorkerWritten {
+        worker_id: String,
+        result: Result<u64, StoreError>,
+    },
+    WorkerReloaded {
+        worker_id: String,
+        revision: Option<u64>,
+    },
+    ParkExpired {
+        worker_id: String,
+        park_id: u64,
+    },
+    DeadLetterRemoved {
+        message_id: String,
+    },
+    WatermarkWritten {
+        watermark: u64,
+        revision: Option<u64>,
+        ok: bool,
+    },
 }
 
 /// What to do once a conversation write is acknowledged.
 enum After {
-    Claim { worker_id: String, reply: Reply, args: ClaimArgs },
-    Heartbeat { worker_id: String, reply: Reply },
-    Complete { worker_id: String, reply: Reply },
-    Fail { worker_id: String, reply: Reply, outcome: FailOutcome },
-    Recover { worker_id: String, dead: bool, batch: Option<u64> },
+    Claim {
+        worker_id: String,
+        reply: Reply,
+        args: ClaimArgs,
+    },
+    Heartbeat {
+        worker_id: String,
+        reply: Reply,
+    },
+    Complete {
+        worker_id: String,
+        reply: Reply,
+    },
+    Fail {
+        worker_id: String,
+        reply: Reply,
+        outcome: FailOutcome,
+    },
+    Recover {
+        worker_id: String,
+        dead: bool,
+        batch: Option<u64>,
+    },
 }
 
 /// A cheap handle to the running dispatcher.
@@ -102,7 +195,8 @@ impl Dispatcher {
     pub async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Value, OpError> {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx)).await?;
-        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?
+        rx.await
+            .map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?
     }
 
     /// Read-your-writes: waits until the index has seen every message the inbox held when
@@ -111,7 +205,8 @@ impl Dispatcher {
         let seq = crate::enqueue::inbox(js).await?.cached_info().state.last_sequence;
         let (tx, rx) = oneshot::channel();
         self.send(Command::Barrier { seq, reply: tx }).await?;
-        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
+        rx.await
+            .map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
     }
 
     /// Rebuilds the index from JetStream and runs the loop until `leadership` is cancelled.
@@ -124,7 +219,9 @@ impl Dispatcher {
         let (tx, rx) = mpsc::channel(65_536);
         let mut state = Box::new(Box::pin(State::load(ctx.clone())).await?);
         let start_seq = state.watermark.max(1);
-        let stream = crate::enqueue::inbox(&ctx.js).await.map_err(|e| anyhow::anyhow!(e.message))?;
+        let stream = crate::enqueue::inbox(&ctx.js)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         let last_seq = stream.cached_info().state.last_sequence;
         state.caught_up_at = last_seq;
         tracing::info!(
@@ -162,7 +259,15 @@ impl Dispatcher {
                 let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
                 match serde_json::from_slice::<Job>(&msg.payload) {
                     Ok(job) => {
-                        if tail_tx.send(Event::Inbox { seq, token, job: Arc::new(job) }).await.is_err() {
+                        if tail_tx
+                            .send(Event::Inbox {
+                                seq,
+                                token,
+                                job: Arc::new(job),
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -216,7 +321,12 @@ impl Conv {
         if head.is_some_and(|h| h.lease.is_some()) {
             return None;
         }
-        Some(first.job.scheduled_for.max(head.and_then(|h| h.not_before).unwrap_or(Millis::MIN)))
+        Some(
+            first
+                .job
+                .scheduled_for
+                .max(head.and_then(|h| h.not_before).unwrap_or(Millis::MIN)),
+        )
     }
 }
 
@@ -283,7 +393,13 @@ impl State {
             let row = v.value;
             workers.insert(
                 row.worker_id.clone(),
-                WorkerEntry { row, revision: Some(v.revision), writing: false, dirty: false, waiters: Vec::new() },
+                WorkerEntry {
+                    row,
+                    revision: Some(v.revision),
+                    writing: false,
+                    dirty: false,
+                    waiters: Vec::new(),
+                },
             );
         }
         let mut convs = HashMap::new();
@@ -374,7 +490,10 @@ impl State {
         let mut flush = tokio::time::interval(Duration::from_secs(1));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_timer = [self.timers.first().map(|(t, _)| *t), self.next_sweep].into_iter().flatten().min();
+            let next_timer = [self.timers.first().map(|(t, _)| *t), self.next_sweep]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 biased;
                 _ = leadership.cancelled() => break,
@@ -400,6 +519,13 @@ impl State {
         }
         self.serving = true;
         let tokens: Vec<String> = self.convs.keys().cloned().collect();
+        // Load is derived from the leases: the persisted value may predate the last change.
+        for w in self.workers.values_mut() {
+            if w.row.load != 0 {
+                w.row.load = 0;
+                w.dirty = true;
+            }
+        }
         for token in &tokens {
             self.reconcile_loaded(token);
         }
@@ -415,7 +541,9 @@ impl State {
     /// After replay: drop a head that points at a message that no longer exists, and index
     /// the lease.
     fn reconcile_loaded(&mut self, token: &str) {
-        let Some(conv) = self.convs.get_mut(token) else { return };
+        let Some(conv) = self.convs.get_mut(token) else {
+            return;
+        };
         let first = conv.pending.front().map(|p| p.seq);
         if conv.state.head.as_ref().is_some_and(|h| Some(h.seq) != first) {
             tracing::warn!(conversation = %conv.conversation_id, "queue head refers to a missing message; dropped");
@@ -423,13 +551,27 @@ impl State {
         }
         if let Some(lease) = conv.lease() {
             self.leased.insert((lease.expires_at, token.to_string()));
-            let (worker, conversation_id, agent_key, lease_id) =
-                (lease.worker_id.clone(), conv.conversation_id.clone(), conv.agent_key.clone(), lease.lease_id.clone());
+            let (worker, conversation_id, agent_key, lease_id) = (
+                lease.worker_id.clone(),
+                conv.conversation_id.clone(),
+                conv.agent_key.clone(),
+                lease.lease_id.clone(),
+            );
             self.owner_of.insert(token.to_string(), worker.clone());
             if let Some(w) = self.workers.get_mut(&worker) {
-                w.row.load = w.row.load.max(1);
-                if w.row.assignment.as_ref().is_none_or(|a| a.conversation_id != conversation_id) {
-                    w.row.assignment = Some(Assignment { conversation_id, agent_key, lease_id, assigned_at: w.row.heartbeat_at });
+                w.row.load += 1;
+                w.dirty = true;
+                if w.row
+                    .assignment
+                    .as_ref()
+                    .is_none_or(|a| a.conversation_id != conversation_id)
+                {
+                    w.row.assignment = Some(Assignment {
+                        conversation_id,
+                        agent_key,
+                        lease_id,
+                        assigned_at: w.row.heartbeat_at,
+                    });
                     w.dirty = true;
                 }
             }
@@ -440,7 +582,12 @@ impl State {
         match event {
             Event::Command(command) => self.command(command),
             Event::Inbox { seq, token, job } => self.on_inbox(seq, token, job),
-            Event::ConvWritten { token, result, state, after } => self.on_conv_written(token, result, state, after),
+            Event::ConvWritten {
+                token,
+                result,
+                state,
+                after,
+            } => self.on_conv_written(token, result, state, after),
             Event::ConvReloaded { token, result } => self.on_conv_reloaded(token, result),
             Event::WorkerWritten { worker_id, result } => self.on_worker_written(worker_id, result),
             Event::WorkerReloaded { worker_id, revision } => {
@@ -452,16 +599,20 @@ impl State {
                 self.flush_worker(&worker_id);
             }
             Event::ParkExpired { worker_id, park_id } => {
-                if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id) {
-                    if let Some(p) = self.parked.remove(&worker_id) {
-                        let _ = p.reply.send(Ok(Value::Null));
-                    }
+                if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
+                    && let Some(p) = self.parked.remove(&worker_id)
+                {
+                    let _ = p.reply.send(Ok(Value::Null));
                 }
             }
             Event::DeadLetterRemoved { message_id } => {
                 self.dead_letters.remove(&message_id);
             }
-            Event::WatermarkWritten { watermark, revision, ok } => {
+            Event::WatermarkWritten {
+                watermark,
+                revision,
+                ok,
+            } => {
                 self.watermark_writing = false;
                 self.watermark_revision = revision;
                 if ok {
@@ -487,6 +638,7 @@ impl State {
                 agent_key: job.agent_key.clone(),
                 done_seq: 0,
                 head: None,
+                last_completed: None,
             },
             revision: None,
             pending: VecDeque::new(),
@@ -537,7 +689,9 @@ impl State {
         if !self.serving {
             return;
         }
-        let Some(conv) = self.convs.get(token) else { return };
+        let Some(conv) = self.convs.get(token) else {
+            return;
+        };
         let Some(at) = conv.eligible_at() else { return };
         let now = self.now();
         if at > now {
@@ -575,8 +729,12 @@ impl State {
                 return;
             }
         }
-        let Some(conv) = self.convs.get(token) else { return };
-        let Some(first) = conv.pending.front() else { return };
+        let Some(conv) = self.convs.get(token) else {
+            return;
+        };
+        let Some(first) = conv.pending.front() else {
+            return;
+        };
         let key = (Reverse(first.job.priority), at, first.seq, token.to_string());
         self.ready_key.insert(token.to_string(), key.clone());
         self.ready_set.insert(key);
@@ -600,7 +758,10 @@ impl State {
         }
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.next_sweep = Some(now + self.ctx.settings.loops.lease_recovery_interval_ms as i64);
-            self.command(Command::Release { limit: 500, reply: None });
+            self.command(Command::Release {
+                limit: 500,
+                reply: None,
+            });
         }
     }
 
@@ -620,14 +781,19 @@ impl State {
             Command::ListConversation { args, reply } => self.list_conversation(args, reply),
             Command::HasQueued { conversation_id, reply } => {
                 let token = common::token::escape(&conversation_id);
-                let queued = self.convs.get(&token).is_some_and(|c| {
-                    c.pending.len() > usize::from(c.lease().is_some())
-                });
+                let queued = self
+                    .convs
+                    .get(&token)
+                    .is_some_and(|c| c.pending.len() > usize::from(c.lease().is_some()));
                 let _ = reply.send(Ok(Value::Bool(queued)));
             }
             Command::ControlState { worker_id, reply } => {
                 let row = self.workers.get(&worker_id).map(|w| &w.row);
-                let _ = reply.send(to_value(workers::control_state(row, self.now(), self.q().stale_after_ms)));
+                let _ = reply.send(to_value(workers::control_state(
+                    row,
+                    self.now(),
+                    self.q().stale_after_ms,
+                )));
             }
             Command::WorkerStats { reply } => {
                 let _ = reply.send(to_value(self.worker_stats()));
@@ -661,13 +827,16 @@ impl State {
             return;
         }
         let assignment = worker.as_ref().and_then(|w| w.assignment.clone());
-        if let (Some(a), Some(filter)) = (&assignment, &args.conversation_id) {
-            if &a.conversation_id != filter {
-                let _ = reply.send(Ok(Value::Null));
-                return;
-            }
+        if let (Some(a), Some(filter)) = (&assignment, &args.conversation_id)
+            && &a.conversation_id != filter
+        {
+            let _ = reply.send(Ok(Value::Null));
+            return;
         }
-        let target = assignment.as_ref().map(|a| a.conversation_id.clone()).or_else(|| args.conversation_id.clone());
+        let target = assignment
+            .as_ref()
+            .map(|a| a.conversation_id.clone())
+            .or_else(|| args.conversation_id.clone());
         let chosen = match &target {
             Some(conversation_id) => {
                 let token = common::token::escape(conversation_id);
@@ -675,7 +844,8 @@ impl State {
                 // reply was lost (e.g. the previous leader died before answering).
                 let own_lease = self.convs.get(&token).and_then(|c| {
                     let lease = c.lease()?;
-                    (lease.worker_id == args.worker_id && !c.writing).then(|| (lease.clone(), c.pending.front().cloned()))
+                    (lease.worker_id == args.worker_id && !c.writing)
+                        .then(|| (lease.clone(), c.pending.front().cloned()))
                 });
                 if let Some((lease, Some(job))) = own_lease {
                     let conv = &self.convs[&token];
@@ -719,8 +889,8 @@ impl State {
         self.next_park_id += 1;
         let park_id = self.next_park_id;
         let worker_id = args.worker_id.clone();
-        let free = args.conversation_id.is_none()
-            && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
+        let free =
+            args.conversation_id.is_none() && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
         if let Some(old) = self.parked.insert(worker_id.clone(), Parked { park_id, args, reply }) {
             let _ = old.reply.send(Ok(Value::Null));
         }
@@ -772,12 +942,19 @@ impl State {
         let Some((token, seq)) = self.by_message.get(message_id).cloned() else {
             return LeaseCheck::Mismatch;
         };
-        let Some(conv) = self.convs.get(&token) else { return LeaseCheck::Mismatch };
+        let Some(conv) = self.convs.get(&token) else {
+            return LeaseCheck::Mismatch;
+        };
         if conv.writing {
             return LeaseCheck::Busy(token);
         }
         match conv.head() {
-            Some(h) if h.seq == seq && h.lease.as_ref().is_some_and(|l| l.lease_id == lease_id && l.worker_id == worker_id) => {
+            Some(h)
+                if h.seq == seq
+                    && h.lease
+                        .as_ref()
+                        .is_some_and(|l| l.lease_id == lease_id && l.worker_id == worker_id) =>
+            {
                 LeaseCheck::Held(token)
             }
             _ => LeaseCheck::Mismatch,
@@ -792,12 +969,21 @@ impl State {
             LeaseCheck::Busy(token) => self.defer(&token, Command::Heartbeat { args, reply }),
             LeaseCheck::Held(token) => {
                 let expires = self.now() + self.q().lease_ms;
-                let Some(conv) = self.convs.get(&token) else { return };
+                let Some(conv) = self.convs.get(&token) else {
+                    return;
+                };
                 let mut state = conv.state.clone();
                 if let Some(lease) = state.head.as_mut().and_then(|h| h.lease.as_mut()) {
                     lease.expires_at = expires;
                 }
-                self.write_conv(&token, state, After::Heartbeat { worker_id: args.worker_id, reply });
+                self.write_conv(
+                    &token,
+                    state,
+                    After::Heartbeat {
+                        worker_id: args.worker_id,
+                        reply,
+                    },
+                );
             }
         }
     }
@@ -805,15 +991,34 @@ impl State {
     fn complete(&mut self, args: LeaseArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
             LeaseCheck::Mismatch => {
-                let _ = reply.send(Ok(Value::Bool(false)));
+                let repeated = self.convs.values().any(|c| {
+                    c.state.last_completed.as_ref().is_some_and(|l| {
+                        l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
+                    })
+                });
+                let _ = reply.send(Ok(Value::Bool(repeated)));
             }
             LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
             LeaseCheck::Held(token) => {
-                let Some(conv) = self.convs.get(&token) else { return };
+                let Some(conv) = self.convs.get(&token) else {
+                    return;
+                };
                 let mut state = conv.state.clone();
                 state.done_seq = conv.pending.front().map(|p| p.seq).unwrap_or(state.done_seq);
                 state.head = None;
-                self.write_conv(&token, state, After::Complete { worker_id: args.worker_id, reply });
+                state.last_completed = Some(CompletedLease {
+                    message_id: args.message_id.clone(),
+                    lease_id: args.lease_id.clone(),
+                    worker_id: args.worker_id.clone(),
+                });
+                self.write_conv(
+                    &token,
+                    state,
+                    After::Complete {
+                        worker_id: args.worker_id,
+                        reply,
+                    },
+                );
             }
         }
     }
@@ -828,7 +1033,15 @@ impl State {
                 let now = self.now();
                 let error = truncate(&args.error_message);
                 let (state, outcome) = self.after_failure(&token, error, now, true);
-                self.write_conv(&token, state, After::Fail { worker_id: args.worker_id, reply, outcome });
+                self.write_conv(
+                    &token,
+                    state,
+                    After::Fail {
+                        worker_id: args.worker_id,
+                        reply,
+                        outcome,
+                    },
+                );
             }
         }
     }
@@ -837,9 +1050,13 @@ impl State {
     /// with backoff, or dead-lettered once it has used its attempts.
     fn after_failure(&mut self, token: &str, error: String, now: Millis, backoff: bool) -> (QueueState, FailOutcome) {
         let retry = self.q().retry.clone();
-        let Some(conv) = self.convs.get(token) else { return (QueueState::default(), FailOutcome::default()) };
+        let Some(conv) = self.convs.get(token) else {
+            return (QueueState::default(), FailOutcome::default());
+        };
         let mut state = conv.state.clone();
-        let Some(first) = conv.pending.front() else { return (state, FailOutcome::default()) };
+        let Some(first) = conv.pending.front() else {
+            return (state, FailOutcome::default());
+        };
         let mut head = conv.head().cloned().unwrap_or(HeadState {
             seq: first.seq,
             message_id: first.job.message_id.clone(),
@@ -854,12 +1071,30 @@ impl State {
         if head.attempts >= first.job.max_attempts {
             state.done_seq = first.seq;
             state.head = None;
-            (state, FailOutcome { requeued: false, dead_lettered: true, next_scheduled_for: None })
+            (
+                state,
+                FailOutcome {
+                    requeued: false,
+                    dead_lettered: true,
+                    next_scheduled_for: None,
+                },
+            )
         } else {
-            let next = if backoff { now + crate::retry::retry_delay_ms(&retry, head.attempts, now) } else { now };
+            let next = if backoff {
+                now + crate::retry::retry_delay_ms(&retry, head.attempts, now)
+            } else {
+                now
+            };
             head.not_before = Some(next);
             state.head = Some(head);
-            (state, FailOutcome { requeued: true, dead_lettered: false, next_scheduled_for: Some(next) })
+            (
+                state,
+                FailOutcome {
+                    requeued: true,
+                    dead_lettered: false,
+                    next_scheduled_for: Some(next),
+                },
+            )
         }
     }
 
@@ -876,14 +1111,22 @@ impl State {
         let batch_id = self.next_batch;
         let mut started = 0;
         for token in expired {
-            let Some(conv) = self.convs.get(&token) else { continue };
-            let Some(lease) = conv.lease().cloned() else { continue };
+            let Some(conv) = self.convs.get(&token) else {
+                continue;
+            };
+            let Some(lease) = conv.lease().cloned() else {
+                continue;
+            };
             if conv.writing || lease.expires_at > now {
                 continue;
             }
             let (state, outcome) = self.after_failure(&token, LEASE_EXPIRED_ERROR.to_string(), now, false);
             started += 1;
-            let after = After::Recover { worker_id: lease.worker_id, dead: outcome.dead_lettered, batch: Some(batch_id) };
+            let after = After::Recover {
+                worker_id: lease.worker_id,
+                dead: outcome.dead_lettered,
+                batch: Some(batch_id),
+            };
             self.write_conv(&token, state, after);
         }
         if started == 0 {
@@ -891,7 +1134,14 @@ impl State {
                 let _ = reply.send(to_value(ReleaseOutcome::default()));
             }
         } else {
-            self.batches.insert(batch_id, ReleaseBatch { outcome: ReleaseOutcome::default(), remaining: started, reply });
+            self.batches.insert(
+                batch_id,
+                ReleaseBatch {
+                    outcome: ReleaseOutcome::default(),
+                    remaining: started,
+                    reply,
+                },
+            );
         }
     }
 
@@ -904,7 +1154,9 @@ impl State {
     // ----- writes ---------------------------------------------------------------------------
 
     fn write_conv(&mut self, token: &str, state: QueueState, after: After) {
-        let Some(conv) = self.convs.get_mut(token) else { return };
+        let Some(conv) = self.convs.get_mut(token) else {
+            return;
+        };
         conv.writing = true;
         let revision = conv.revision;
         let store = self.ctx.buckets.queue_state.clone();
@@ -935,13 +1187,27 @@ impl State {
                     Ok(_) => {}
                     Err(e) if e.is_conflict() => {}
                     Err(e) => {
-                        let _ = tx.send(Event::ConvWritten { token, result: Err(e), state, after }).await;
+                        let _ = tx
+                            .send(Event::ConvWritten {
+                                token,
+                                result: Err(e),
+                                state,
+                                after,
+                            })
+                            .await;
                         return;
                     }
                 }
             }
             let result = store.write(&token, &state, revision).await;
-            let _ = tx.send(Event::ConvWritten { token, result, state, after }).await;
+            let _ = tx
+                .send(Event::ConvWritten {
+                    token,
+                    result,
+                    state,
+                    after,
+                })
+                .await;
         });
     }
 
@@ -951,7 +1217,9 @@ impl State {
             Err(e) => return self.on_conv_write_failed(token, e, after),
         };
         let now = self.now();
-        let Some(conv) = self.convs.get_mut(&token) else { return };
+        let Some(conv) = self.convs.get_mut(&token) else {
+            return;
+        };
         conv.writing = false;
         conv.revision = Some(revision);
         if let Some(old) = conv.lease() {
@@ -977,11 +1245,18 @@ impl State {
         }
         match after {
             After::Claim { worker_id, reply, .. } => {
-                let (Some(lease), Some(job)) = (new_lease, head_job) else { return };
+                let (Some(lease), Some(job)) = (new_lease, head_job) else {
+                    return;
+                };
                 self.owner_of.insert(token.clone(), worker_id.clone());
                 self.worker_claimed(&worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
                 metrics::counter!(common::telemetry::CLAIMS).increment(1);
-                let attempts = self.convs.get(&token).and_then(|c| c.head()).map(|h| h.attempts).unwrap_or(0);
+                let attempts = self
+                    .convs
+                    .get(&token)
+                    .and_then(|c| c.head())
+                    .map(|h| h.attempts)
+                    .unwrap_or(0);
                 let claim = Claim {
                     message_id: job.job.message_id.clone(),
                     conversation_id,
@@ -997,11 +1272,11 @@ impl State {
                 }
             }
             After::Heartbeat { worker_id, reply } => {
-                if let Some(w) = self.workers.get_mut(&worker_id) {
-                    if w.row.status.is_running() {
-                        w.row.heartbeat_at = now;
-                        w.dirty = true;
-                    }
+                if let Some(w) = self.workers.get_mut(&worker_id)
+                    && w.row.status.is_running()
+                {
+                    w.row.heartbeat_at = now;
+                    w.dirty = true;
                 }
                 let _ = reply.send(Ok(Value::Bool(true)));
             }
@@ -1009,7 +1284,11 @@ impl State {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let _ = reply.send(Ok(Value::Bool(true)));
             }
-            After::Fail { worker_id, reply, outcome } => {
+            After::Fail {
+                worker_id,
+                reply,
+                outcome,
+            } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 if outcome.dead_lettered {
                     self.count_dead_letter(&finished);
@@ -1066,7 +1345,10 @@ impl State {
         tracing::error!(error = %error, "queue state write failed");
         let unavailable = || Err(OpError::unavailable("the queue store is unavailable; retry"));
         match after {
-            After::Claim { reply, .. } | After::Heartbeat { reply, .. } | After::Complete { reply, .. } | After::Fail { reply, .. } => {
+            After::Claim { reply, .. }
+            | After::Heartbeat { reply, .. }
+            | After::Complete { reply, .. }
+            | After::Fail { reply, .. } => {
                 let _ = reply.send(unavailable());
             }
             After::Recover { batch, .. } => {
@@ -1075,7 +1357,11 @@ impl State {
                 }
             }
         }
-        let deferred: Vec<Command> = self.convs.get_mut(&token).map(|c| c.deferred.drain(..).collect()).unwrap_or_default();
+        let deferred: Vec<Command> = self
+            .convs
+            .get_mut(&token)
+            .map(|c| c.deferred.drain(..).collect())
+            .unwrap_or_default();
         self.evaluate(&token);
         for command in deferred {
             self.command(command);
@@ -1083,7 +1369,9 @@ impl State {
     }
 
     fn on_conv_reloaded(&mut self, token: String, result: Result<Option<Versioned<QueueState>>, StoreError>) {
-        let Some(conv) = self.convs.get_mut(&token) else { return };
+        let Some(conv) = self.convs.get_mut(&token) else {
+            return;
+        };
         match result {
             Ok(Some(v)) => {
                 if let Some(old) = conv.lease() {
@@ -1137,12 +1425,11 @@ impl State {
             b.remaining -= 1;
             b.remaining == 0
         });
-        if finished {
-            if let Some(b) = self.batches.remove(&id) {
-                if let Some(reply) = b.reply {
-                    let _ = reply.send(to_value(b.outcome));
-                }
-            }
+        if finished
+            && let Some(b) = self.batches.remove(&id)
+            && let Some(reply) = b.reply
+        {
+            let _ = reply.send(to_value(b.outcome));
         }
     }
 
@@ -1156,27 +1443,30 @@ impl State {
     // ----- worker rows ----------------------------------------------------------------------
 
     fn worker_claimed(&mut self, worker_id: &str, conversation_id: &str, agent_key: &str, lease_id: &str, now: Millis) {
-        let entry = self.workers.entry(worker_id.to_string()).or_insert_with(|| WorkerEntry {
-            row: WorkerRow {
-                worker_id: worker_id.to_string(),
-                provider: "fly".to_string(),
-                volume_id: None,
-                machine_ref: None,
-                status: WorkerStatus::Active,
-                load: 0,
-                heartbeat_at: now,
-                last_claim_at: None,
-                scheduled_shutdown_at: None,
-                stopped_at: None,
-                last_snapshot_id: None,
-                assignment: None,
-                capabilities: Vec::new(),
-            },
-            revision: None,
-            writing: false,
-            dirty: true,
-            waiters: Vec::new(),
-        });
+        let entry = self
+            .workers
+            .entry(worker_id.to_string())
+            .or_insert_with(|| WorkerEntry {
+                row: WorkerRow {
+                    worker_id: worker_id.to_string(),
+                    provider: "fly".to_string(),
+                    volume_id: None,
+                    machine_ref: None,
+                    status: WorkerStatus::Active,
+                    load: 0,
+                    heartbeat_at: now,
+                    last_claim_at: None,
+                    scheduled_shutdown_at: None,
+                    stopped_at: None,
+                    last_snapshot_id: None,
+                    assignment: None,
+                    capabilities: Vec::new(),
+                },
+                revision: None,
+                writing: false,
+                dirty: true,
+                waiters: Vec::new(),
+            });
         let row = &mut entry.row;
         let same = row.assignment.as_ref().filter(|a| a.conversation_id == conversation_id);
         let urgent = same.is_none() || entry.revision.is_none();
@@ -1203,7 +1493,9 @@ impl State {
     /// recovery (`recovered`: the heartbeat is NOT refreshed, and the assignment is released).
     fn worker_released(&mut self, worker_id: &str, conversation_id: &str, now: Millis, refresh: bool, recovered: bool) {
         let idle = self.q().idle_timeout_ms;
-        let Some(entry) = self.workers.get_mut(worker_id) else { return };
+        let Some(entry) = self.workers.get_mut(worker_id) else {
+            return;
+        };
         if recovered && entry.row.status == WorkerStatus::Stopped {
             return;
         }
@@ -1214,7 +1506,12 @@ impl State {
         }
         row.scheduled_shutdown_at = workers::idle_deadline(row, now, idle);
         entry.dirty = true;
-        let release = recovered && row.load == 0 && row.assignment.as_ref().is_some_and(|a| a.conversation_id == conversation_id);
+        let release = recovered
+            && row.load == 0
+            && row
+                .assignment
+                .as_ref()
+                .is_some_and(|a| a.conversation_id == conversation_id);
         if release {
             row.assignment = None;
             let token = common::token::escape(conversation_id);
@@ -1250,12 +1547,13 @@ impl State {
         entry.dirty = true;
         entry.waiters.push(reply);
         if let Some(a) = &new_assignment {
-            self.owner_of.insert(common::token::escape(&a.conversation_id), worker_id.clone());
+            self.owner_of
+                .insert(common::token::escape(&a.conversation_id), worker_id.clone());
         }
-        if status != WorkerStatus::Active {
-            if let Some(p) = self.parked.remove(&worker_id) {
-                let _ = p.reply.send(Ok(Value::Null));
-            }
+        if status != WorkerStatus::Active
+            && let Some(p) = self.parked.remove(&worker_id)
+        {
+            let _ = p.reply.send(Ok(Value::Null));
         }
         self.flush_worker(&worker_id);
         // Ownership may have changed: re-file the conversations involved.
@@ -1265,7 +1563,9 @@ impl State {
     }
 
     fn flush_worker(&mut self, worker_id: &str) {
-        let Some(entry) = self.workers.get_mut(worker_id) else { return };
+        let Some(entry) = self.workers.get_mut(worker_id) else {
+            return;
+        };
         if entry.writing || !entry.dirty {
             return;
         }
@@ -1283,7 +1583,9 @@ impl State {
     }
 
     fn on_worker_written(&mut self, worker_id: String, result: Result<u64, StoreError>) {
-        let Some(entry) = self.workers.get_mut(&worker_id) else { return };
+        let Some(entry) = self.workers.get_mut(&worker_id) else {
+            return;
+        };
         match result {
             Ok(revision) => {
                 entry.revision = Some(revision);
@@ -1317,7 +1619,12 @@ impl State {
 
     /// Writes rows whose changes may wait (heartbeat times, load) and the replay watermark.
     fn flush_lazy(&mut self) {
-        let dirty: Vec<String> = self.workers.iter().filter(|(_, w)| w.dirty && !w.writing).map(|(k, _)| k.clone()).collect();
+        let dirty: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.dirty && !w.writing)
+            .map(|(k, _)| k.clone())
+            .collect();
         for worker_id in dirty {
             self.flush_worker(&worker_id);
         }
@@ -1340,9 +1647,18 @@ impl State {
                 let revision = match result {
                     Ok(rev) => Some(rev),
                     // Another writer moved it; re-read the revision and try again next tick.
-                    Err(_) => store.get::<Value>(WATERMARK_KEY).await.ok().flatten().map(|v| v.revision),
+                    Err(_) => store
+                        .get::<Value>(WATERMARK_KEY)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|v| v.revision),
                 };
-                Event::WatermarkWritten { watermark, revision, ok }
+                Event::WatermarkWritten {
+                    watermark,
+                    revision,
+                    ok,
+                }
             });
         }
     }
@@ -1351,14 +1667,21 @@ impl State {
 
     fn stats(&self) -> QueueStats {
         let now = self.now();
-        let mut stats = QueueStats { dead_letter: self.dead_letters.len() as u64, ..Default::default() };
+        let mut stats = QueueStats {
+            dead_letter: self.dead_letters.len() as u64,
+            ..Default::default()
+        };
         for conv in self.convs.values() {
             let leased = usize::from(conv.lease().is_some());
             stats.processing += leased as u64;
             let queued = conv.pending.len() - leased;
             stats.queued_total += queued as u64;
             for (i, p) in conv.pending.iter().enumerate().skip(leased) {
-                let not_before = if i == 0 { conv.head().and_then(|h| h.not_before) } else { None };
+                let not_before = if i == 0 {
+                    conv.head().and_then(|h| h.not_before)
+                } else {
+                    None
+                };
                 if p.job.scheduled_for.max(not_before.unwrap_or(0)) <= now {
                     stats.queued_ready += 1;
                 }
@@ -1374,7 +1697,11 @@ impl State {
 
     fn view(&self, conv: &Conv, index: usize, p: &Pending, with_payload: bool) -> JobView {
         let head = if index == 0 { conv.head() } else { None };
-        let status = if head.is_some_and(|h| h.lease.is_some()) { JobStatus::Processing } else { JobStatus::Queued };
+        let status = if head.is_some_and(|h| h.lease.is_some()) {
+            JobStatus::Processing
+        } else {
+            JobStatus::Queued
+        };
         JobView {
             id: p.job.message_id.clone(),
             creation_time: p.job.enqueued_at,
@@ -1446,8 +1773,14 @@ impl State {
             let _ = reply.send(Ok(Value::Array(Vec::new())));
             return;
         };
-        let mut rows: Vec<JobView> =
-            conv.pending.iter().enumerate().rev().map(|(i, p)| self.view(conv, i, p, true)).take(limit).collect();
+        let mut rows: Vec<JobView> = conv
+            .pending
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, p)| self.view(conv, i, p, true))
+            .take(limit)
+            .collect();
         let remaining = limit - rows.len();
         let done_seq = conv.state.done_seq;
         let dead = self.dead_letters.clone();
@@ -1504,7 +1837,10 @@ impl State {
                 let body = serde_json::to_vec(&job).map_err(OpError::internal)?;
                 let mut headers = async_nats::HeaderMap::new();
                 // Dedup on the record's revision: a retried requeue does not enqueue twice.
-                headers.insert("Nats-Msg-Id", format!("requeue:{message_id}:{}", record.revision).as_str());
+                headers.insert(
+                    "Nats-Msg-Id",
+                    format!("requeue:{message_id}:{}", record.revision).as_str(),
+                );
                 let subject = common::topology::inbox_subject(&common::token::escape(&job.conversation_id));
                 ctx.js
                     .publish_with_headers(subject, headers, body.into())
@@ -1513,7 +1849,11 @@ impl State {
                     .await
                     .map_err(OpError::internal)?;
                 store.delete(&message_id, record.revision).await?;
-                let _ = tx.send(Event::DeadLetterRemoved { message_id: message_id.clone() }).await;
+                let _ = tx
+                    .send(Event::DeadLetterRemoved {
+                        message_id: message_id.clone(),
+                    })
+                    .await;
                 Ok(Value::String(job.message_id))
             }
             .await;
@@ -1617,12 +1957,11 @@ async fn recent_done(
         scanned += 1;
         if let Ok(msg) = stream.direct_get(seq).await {
             let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
-            if done.get(&token).is_some_and(|d| seq <= *d) {
-                if let Ok(job) = serde_json::from_slice::<Job>(&msg.payload) {
-                    if !dead.contains(&job.message_id) {
-                        rows.push(done_view(&job, false));
-                    }
-                }
+            if done.get(&token).is_some_and(|d| seq <= *d)
+                && let Ok(job) = serde_json::from_slice::<Job>(&msg.payload)
+                && !dead.contains(&job.message_id)
+            {
+                rows.push(done_view(&job, false));
             }
         }
         seq -= 1;
@@ -1645,7 +1984,9 @@ async fn finished_of_conversation(
     loop {
         let msg = match stream.direct_get_next_for_subject(&subject, Some(seq)).await {
             Ok(msg) => msg,
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => break,
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                break;
+            }
             Err(e) => return Err(OpError::internal(e)),
         };
         let msg_seq = msg.sequence;

@@ -86,7 +86,9 @@ impl Enqueuer {
         let agent_key = required_id("agentKey", &args.agent_key)?;
         let profile = self.profiles.get(&common::token::escape(&agent_key)).await?;
         if !profile.is_some_and(|p| p.enabled) {
-            return Err(OpError::not_found(format!("Agent profile '{agent_key}' not found or disabled")));
+            return Err(OpError::not_found(format!(
+                "Agent profile '{agent_key}' not found or disabled"
+            )));
         }
         let mut payload = args.payload;
         let provider_user_id = match payload.get("providerUserId") {
@@ -98,7 +100,10 @@ impl Enqueuer {
                 )));
             }
         };
-        if !payload.get("provider").is_some_and(|p| p.as_str().is_some_and(|s| !s.trim().is_empty())) {
+        if payload
+            .get("provider")
+            .is_none_or(|p| p.as_str().is_none_or(|s| s.trim().is_empty()))
+        {
             return Err(OpError::invalid("payload.provider must be a non-empty string"));
         }
         let text = match payload.get("messageText") {
@@ -106,24 +111,37 @@ impl Enqueuer {
             None => String::new(),
             Some(_) => return Err(OpError::invalid("payload.messageText must be a string")),
         };
-        let has_attachments = payload.get("attachments").and_then(|a| a.as_array()).is_some_and(|a| !a.is_empty());
+        let has_attachments = payload
+            .get("attachments")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| !a.is_empty());
         if text.trim().is_empty() && !has_attachments {
-            return Err(OpError::invalid("payload.messageText must not be empty when there are no attachments"));
+            return Err(OpError::invalid(
+                "payload.messageText must not be empty when there are no attachments",
+            ));
         }
         let max_attempts = match args.max_attempts {
             None => q.max_attempts,
             Some(n) if (1..=100).contains(&n) => n as u32,
-            Some(n) => return Err(OpError::invalid(format!("maxAttempts must be between 1 and 100, got {n}"))),
-        };
-        if let Some(s) = args.scheduled_for {
-            if s < 0 {
-                return Err(OpError::invalid("scheduledFor must not be negative"));
+            Some(n) => {
+                return Err(OpError::invalid(format!(
+                    "maxAttempts must be between 1 and 100, got {n}"
+                )));
             }
+        };
+        if let Some(s) = args.scheduled_for
+            && s < 0
+        {
+            return Err(OpError::invalid("scheduledFor must not be negative"));
         }
         let idempotency_key = match args.idempotency_key.as_deref().map(str::trim) {
-            Some("") => return Err(OpError::invalid("idempotencyKey must not be empty when given")),
+            Some("") => {
+                return Err(OpError::invalid("idempotencyKey must not be empty when given"));
+            }
             Some(k) if k.len() > MAX_ID_BYTES => {
-                return Err(OpError::invalid(format!("idempotencyKey is longer than {MAX_ID_BYTES} bytes")));
+                return Err(OpError::invalid(format!(
+                    "idempotencyKey is longer than {MAX_ID_BYTES} bytes"
+                )));
             }
             other => other.map(str::to_string),
         };
@@ -137,14 +155,20 @@ impl Enqueuer {
             .filter(|p| !p.trim().is_empty());
         if let Some(prompt) = prompt {
             let trimmed = text.trim_end();
-            let rewritten = if trimmed.is_empty() { prompt } else { format!("{trimmed}\n\n{prompt}") };
+            let rewritten = if trimmed.is_empty() {
+                prompt
+            } else {
+                format!("{trimmed}\n\n{prompt}")
+            };
             payload.insert("messageText".into(), rewritten.into());
         }
         payload.insert("providerUserId".into(), provider_user_id.clone().into());
         let mut metadata = match payload.remove("metadata") {
             Some(serde_json::Value::Object(m)) => m,
             None | Some(serde_json::Value::Null) => Default::default(),
-            Some(_) => return Err(OpError::invalid("payload.metadata must be an object of strings")),
+            Some(_) => {
+                return Err(OpError::invalid("payload.metadata must be an object of strings"));
+            }
         };
         metadata.insert("providerUserId".into(), provider_user_id.into());
         payload.insert("metadata".into(), metadata.into());
@@ -166,14 +190,21 @@ impl Enqueuer {
         if body.len() > q.max_message_bytes {
             return Err(OpError::new(
                 common::ErrorCode::PayloadTooLarge,
-                format!("the message is {} bytes; the limit is {} (queue.max_message_bytes)", body.len(), q.max_message_bytes),
+                format!(
+                    "the message is {} bytes; the limit is {} (queue.max_message_bytes)",
+                    body.len(),
+                    q.max_message_bytes
+                ),
             ));
         }
         let subject = common::topology::inbox_subject(&common::token::escape(&conversation_id));
         let mut headers = async_nats::HeaderMap::new();
         if let Some(key) = &idempotency_key {
             // Scoped per conversation so two conversations may reuse a key.
-            headers.insert("Nats-Msg-Id", format!("{}:{key}", common::token::escape(&conversation_id)).as_str());
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}:{key}", common::token::escape(&conversation_id)).as_str(),
+            );
         }
         common::telemetry::inject_current_context(&mut headers);
         let ack = self
@@ -183,7 +214,11 @@ impl Enqueuer {
             .await
             .map_err(|e| OpError::unavailable(format!("could not store the message: {e}")))?
             .await
-            .map_err(|e| OpError::unavailable(format!("the message may not have been stored: {e}; retry with the same idempotencyKey")))?;
+            .map_err(|e| {
+                OpError::unavailable(format!(
+                    "the message may not have been stored: {e}; retry with the same idempotencyKey"
+                ))
+            })?;
         if ack.duplicate {
             return self.message_id_at(ack.sequence).await;
         }
@@ -231,7 +266,12 @@ impl Enqueuer {
     }
 
     async fn message_id_at(&self, seq: u64) -> Result<String, OpError> {
-        let stream = self.ctx.js.get_stream(common::topology::INBOX_STREAM).await.map_err(OpError::internal)?;
+        let stream = self
+            .ctx
+            .js
+            .get_stream(common::topology::INBOX_STREAM)
+            .await
+            .map_err(OpError::internal)?;
         let msg = stream.direct_get(seq).await.map_err(OpError::internal)?;
         let job: Job = serde_json::from_slice(&msg.payload).map_err(OpError::internal)?;
         Ok(job.message_id)
@@ -244,7 +284,9 @@ fn required_id(field: &str, value: &str) -> Result<String, OpError> {
         return Err(OpError::invalid(format!("{field} is required")));
     }
     if v.len() > MAX_ID_BYTES || v.chars().any(char::is_control) {
-        return Err(OpError::invalid(format!("{field} must be at most {MAX_ID_BYTES} bytes without control characters")));
+        return Err(OpError::invalid(format!(
+            "{field} must be at most {MAX_ID_BYTES} bytes without control characters"
+        )));
     }
     Ok(v.to_string())
 }
@@ -259,7 +301,9 @@ pub fn clamp_priority(priority: Option<f64>, default: i64, max: i64) -> i64 {
 
 /// The inbox stream, for readers that need stream-level access.
 pub async fn inbox(js: &jetstream::Context) -> Result<jetstream::stream::Stream, OpError> {
-    js.get_stream(common::topology::INBOX_STREAM).await.map_err(OpError::internal)
+    js.get_stream(common::topology::INBOX_STREAM)
+        .await
+        .map_err(OpError::internal)
 }
 
 #[cfg(test)]

@@ -31,6 +31,18 @@ pub struct QueueState {
     pub done_seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<HeadState>,
+    /// The lease that completed the last finished job, so a worker whose `completeJob` reply
+    /// was lost (e.g. in a leader failover) gets `true` when it retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_completed: Option<CompletedLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletedLease {
+    pub message_id: String,
+    pub lease_id: String,
+    pub worker_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
