@@ -1,0 +1,225 @@
+//! Runtime configuration (spec §3.3): the provider row (`providerRuntimeConfig`,
+//! `setProviderRuntimeConfig`) and the message row (`messageRuntimeConfig`,
+//! `setMessageRuntimeConfig`) in `af_runtime_config`, each stored as a
+//! [`RuntimeConfigRow`] under [`PROVIDER_CONFIG_KEY`] / [`MESSAGE_CONFIG_KEY`]. The queue-manager
+//! reads the message row at enqueue (system prompt), so its format is shared through
+//! `common::model`. This module owns the message-config normalisation rule.
+
+use common::OpError;
+use common::auth::Caller;
+use common::clock::Millis;
+use common::model::{MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow};
+use common::ops::OpRegistry;
+use common::service::ServiceContext;
+use common::store::JsonStore;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// The largest retention accepted, in ms (JavaScript's `Number.MAX_SAFE_INTEGER`, so every
+/// accepted value is an exact integer on both sides of the JSON API).
+pub const MAX_RETENTION_MS: f64 = 9_007_199_254_740_991.0;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetProviderArgs {
+    provider_config: ProviderConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetMessageArgs {
+    message_config: MessageConfigInput,
+}
+
+/// The message configuration as given, before normalisation. Retention is a JSON number that
+/// may carry a fraction; it is floored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessageConfigInput {
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub telegram_attachment_retention_ms: Option<f64>,
+}
+
+pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
+    let c = ctx.clone();
+    ops.register("providerRuntimeConfig", move |_: Caller, _: NoArgs| {
+        let ctx = c.clone();
+        async move { read::<ProviderConfig>(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await }
+    });
+    let c = ctx.clone();
+    ops.register("setProviderRuntimeConfig", move |_: Caller, args: SetProviderArgs| {
+        let ctx = c.clone();
+        async move {
+            let now = ctx.clock.now_ms();
+            write(
+                &ctx.buckets.runtime_config,
+                PROVIDER_CONFIG_KEY,
+                args.provider_config,
+                now,
+            )
+            .await?;
+            tracing::info!("provider runtime config stored");
+            Ok(())
+        }
+    });
+    let c = ctx.clone();
+    ops.register("messageRuntimeConfig", move |_: Caller, _: NoArgs| {
+        let ctx = c.clone();
+        async move { read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await }
+    });
+    let c = ctx.clone();
+    ops.register("setMessageRuntimeConfig", move |_: Caller, args: SetMessageArgs| {
+        let ctx = c.clone();
+        async move { set_message_config(&ctx, args.message_config).await }
+    });
+}
+
+/// The stored message configuration, or `None` when no row exists.
+pub async fn message_config(ctx: &ServiceContext) -> Result<Option<MessageConfig>, OpError> {
+    read(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
+}
+
+/// The stored provider configuration, or `None` when no row exists.
+pub async fn provider_config(ctx: &ServiceContext) -> Result<Option<ProviderConfig>, OpError> {
+    read(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
+}
+
+async fn set_message_config(ctx: &ServiceContext, input: MessageConfigInput) -> Result<(), OpError> {
+    let store = &ctx.buckets.runtime_config;
+    match normalise_message_config(&input)? {
+        Some(config) => {
+            write(store, MESSAGE_CONFIG_KEY, config, ctx.clock.now_ms()).await?;
+            tracing::info!("message runtime config stored");
+        }
+        None => {
+            delete(store, MESSAGE_CONFIG_KEY).await?;
+            tracing::info!("message runtime config cleared");
+        }
+    }
+    Ok(())
+}
+
+/// Spec §3.3: `systemPrompt` is trimmed and dropped when blank; the retention is floored and
+/// dropped when not finite or not positive after flooring. `None` means both were dropped, so
+/// the row must be deleted. A retention above [`MAX_RETENTION_MS`] is refused.
+pub fn normalise_message_config(input: &MessageConfigInput) -> Result<Option<MessageConfig>, OpError> {
+    let system_prompt = input
+        .system_prompt
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
+    let retention = match input.telegram_attachment_retention_ms.map(f64::floor) {
+        Some(ms) if ms.is_finite() && ms > MAX_RETENTION_MS => {
+            return Err(OpError::invalid(format!(
+                "messageConfig.telegramAttachmentRetentionMs: must be at most \
+                 {MAX_RETENTION_MS} ms"
+            )));
+        }
+        // In range of i64 by the check above, and integral after floor.
+        Some(ms) if ms.is_finite() && ms > 0.0 => Some(ms as i64),
+        _ => None,
+    };
+    if system_prompt.is_none() && retention.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(MessageConfig {
+        system_prompt,
+        telegram_attachment_retention_ms: retention,
+    }))
+}
+
+async fn read<T: DeserializeOwned>(store: &JsonStore, key: &str) -> Result<Option<T>, OpError> {
+    let row = store.get::<RuntimeConfigRow<T>>(key).await?;
+    Ok(row.map(|r| r.value.config))
+}
+
+/// Replaces the row at `key` by compare-and-set (create when absent).
+async fn write<T>(store: &JsonStore, key: &str, config: T, now: Millis) -> Result<(), OpError>
+where
+    T: serde::Serialize + DeserializeOwned + Clone,
+{
+    store
+        .modify::<RuntimeConfigRow<T>, OpError, _>(key, |_| {
+            Ok(Some(RuntimeConfigRow {
+                config: config.clone(),
+                updated_at: now,
+            }))
+        })
+        .await?;
+    Ok(())
+}
+
+/// Deletes the row at `key` at the revision just read, retrying when a concurrent write wins.
+async fn delete(store: &JsonStore, key: &str) -> Result<(), OpError> {
+    const ATTEMPTS: usize = 64;
+    for _ in 0..ATTEMPTS {
+        let Some(current) = store.get::<serde_json::Value>(key).await? else {
+            return Ok(());
+        };
+        match store.delete(key, current.revision).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(OpError::conflict(format!(
+        "concurrent update of '{key}'; retry the request"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(prompt: Option<&str>, retention: Option<f64>) -> MessageConfigInput {
+        MessageConfigInput {
+            system_prompt: prompt.map(str::to_string),
+            telegram_attachment_retention_ms: retention,
+        }
+    }
+
+    #[test]
+    fn prompt_is_trimmed_and_retention_floored() {
+        let out = normalise_message_config(&input(Some("  Be brief.\n"), Some(1500.9)))
+            .expect("valid")
+            .expect("kept");
+        assert_eq!(out.system_prompt.as_deref(), Some("Be brief."));
+        assert_eq!(out.telegram_attachment_retention_ms, Some(1500));
+    }
+
+    #[test]
+    fn blank_prompt_and_bad_retention_are_dropped() {
+        let out = normalise_message_config(&input(Some("   "), Some(60_000.0)))
+            .expect("valid")
+            .expect("kept");
+        assert_eq!(out.system_prompt, None);
+        assert_eq!(out.telegram_attachment_retention_ms, Some(60_000));
+        for bad in [0.0, -5.0, 0.5, f64::NAN, f64::INFINITY] {
+            let out = normalise_message_config(&input(Some("p"), Some(bad)))
+                .expect("valid")
+                .expect("kept");
+            assert_eq!(out.telegram_attachment_retention_ms, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn nothing_left_means_delete() {
+        assert_eq!(normalise_message_config(&input(Some(" \t "), None)), Ok(None));
+        assert_eq!(normalise_message_config(&input(None, Some(-1.0))), Ok(None));
+        assert_eq!(normalise_message_config(&input(None, None)), Ok(None));
+    }
+
+    #[test]
+    fn absurd_retention_is_refused() {
+        let err = normalise_message_config(&input(None, Some(1e300))).expect_err("must fail");
+        assert!(err.message.contains("telegramAttachmentRetentionMs"));
+        assert!(normalise_message_config(&input(None, Some(MAX_RETENTION_MS))).is_ok());
+    }
+}
