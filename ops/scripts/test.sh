@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs it through .ci/run):
+#   1. installs nats-server 2.15.x into .tools/ (the integration tests start real servers),
+#   2. makes sure cargo-nextest is available,
+#   3. checks formatting, runs clippy with warnings as errors,
+#   4. runs the whole test suite with nextest's `ci` profile (.config/nextest.toml).
+# Exits non-zero as soon as a step fails.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+started=$SECONDS
+
+step "installing nats-server (ops/scripts/install-nats.sh)"
+AF_NATS_SERVER_BIN="$(./ops/scripts/install-nats.sh)"
+export AF_NATS_SERVER_BIN
+echo "nats-server: $AF_NATS_SERVER_BIN" >&2
+
+step "checking cargo-nextest"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "cargo-nextest not found; installing it" >&2
+  cargo install cargo-nextest --locked
+fi
+cargo nextest --version >&2
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo nextest run --workspace --profile ci"
+cargo nextest run --workspace --profile ci
+
+step "all checks passed in $((SECONDS - started)) s"
