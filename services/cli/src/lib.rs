@@ -1,0 +1,606 @@
+//! `afctl`, the operator CLI. It speaks HTTP to ingress (`POST /v1/ops/<name>`), so it needs
+//! nothing but the API URL and a token. `op` reaches every operation of the catalogue; the other
+//! commands are shortcuts with flags and readable tables.
+//!
+//! The logic lives here, not in `main.rs`, so tests drive it in-process with [`run_with_input`].
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use comfy_table::{ContentArrangement, Table, presets};
+use common::OpError;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+/// What went wrong; `main` maps it to an exit code ([`CliError::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad command line or local setup (exit 2). The text is complete, clap's included.
+    #[error("{0}")]
+    Usage(String),
+    /// The operation returned an error (exit 1).
+    #[error("error ({}): {}", code_str(.0), .0.message)]
+    Op(OpError),
+    /// Transport or unexpected failures (exit 1).
+    #[error("error: {0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Op(_) | Self::Other(_) => 1,
+        }
+    }
+}
+
+fn code_str(err: &OpError) -> String {
+    serde_json::to_value(err.code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", err.code))
+}
+
+#[derive(Parser)]
+#[command(
+    name = "afctl",
+    version,
+    about = "Operate agent-factory through its HTTP API",
+    after_help = "Every operation is reachable with `afctl op <name> '<json>'`; `afctl ops` lists them."
+)]
+struct Cli {
+    /// Base URL of the ingress HTTP API.
+    #[arg(long, env = "AF_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// Bearer token [default: the contents of <data-dir>/admin.token].
+    #[arg(long, env = "AF_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// The launcher's data directory, where the local admin token lives.
+    #[arg(long, default_value = "data", global = true)]
+    data_dir: PathBuf,
+    /// Print the raw JSON results instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Call any operation. JSON arguments from the argument, or from stdin with `-`.
+    Op {
+        /// Operation name, e.g. getQueueStats.
+        name: String,
+        /// JSON object of arguments, or `-` to read it from stdin.
+        #[arg(default_value = "{}")]
+        args: String,
+    },
+    /// List the operation catalogue.
+    Ops,
+    /// Agent profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Encrypted secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Queue a message for a conversation; prints the message id.
+    Enqueue {
+        #[arg(long)]
+        conversation: String,
+        #[arg(long)]
+        agent: String,
+        /// The provider user id (the sender).
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        text: String,
+        #[arg(long)]
+        priority: Option<i64>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Queue counts: ready, processing, dead letter.
+    Stats,
+    /// Jobs in one status.
+    Jobs {
+        /// queued, processing, done, failed or dead_letter.
+        #[arg(long)]
+        status: String,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Every worker row.
+    Workers,
+    /// Lease the next job as a worker (admin tool for debugging).
+    Claim {
+        #[arg(long)]
+        worker: String,
+        /// Wait up to this long for a job.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        #[arg(long)]
+        conversation: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Create or update a profile.
+    Upsert {
+        #[arg(long)]
+        agent_key: String,
+        #[arg(long)]
+        version: String,
+        /// A secret ref the agent may use; repeat for several.
+        #[arg(long = "secret-ref")]
+        secret_refs: Vec<String>,
+        /// Store the profile disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long)]
+        bot_identity: Option<String>,
+    },
+    /// Every profile.
+    List,
+    /// One profile.
+    Get { agent_key: String },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Store a new version of a secret; the value is read from stdin, never from arguments.
+    Import {
+        #[arg(long = "ref")]
+        secret_ref: String,
+    },
+    /// Which refs have an active version.
+    Status {
+        #[arg(required = true)]
+        refs: Vec<String>,
+    },
+}
+
+/// Runs the CLI with `args` (without the program name), reading stdin when a command needs it.
+pub async fn run(args: Vec<String>, out: &mut impl Write) -> Result<(), CliError> {
+    run_with_input(args, &mut std::io::stdin(), out).await
+}
+
+/// Runs the CLI with `args` (without the program name) and the given stdin.
+pub async fn run_with_input(args: Vec<String>, input: &mut impl Read, out: &mut impl Write) -> Result<(), CliError> {
+    let argv = std::iter::once("afctl".to_string()).chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => write!(out, "{}", e.render()).map_err(io_error),
+                _ => Err(CliError::Usage(e.render().to_string())),
+            };
+        }
+    };
+    let api = Api::new(&cli)?;
+    execute(&api, cli.command, cli.json, input, out).await
+}
+
+async fn execute(
+    api: &Api,
+    command: Command,
+    raw: bool,
+    input: &mut impl Read,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    match command {
+        Command::Op { name, args } => {
+            let body = if args == "-" { read_all(input)? } else { args };
+            let result = api.call_raw(&name, body.into_bytes()).await?;
+            print_json(out, &result)
+        }
+        Command::Ops => {
+            let ops = api.catalogue().await?;
+            render(out, raw, &ops, &["name", "service", "roles", "summary"])
+        }
+        Command::Profile(cmd) => profile(api, cmd, raw, out).await,
+        Command::Secret(cmd) => secret(api, cmd, raw, input, out).await,
+        Command::Enqueue {
+            conversation,
+            agent,
+            user,
+            text,
+            priority,
+            idempotency_key,
+        } => {
+            let mut args = json!({
+                "conversationId": conversation,
+                "agentKey": agent,
+                "payload": { "provider": "cli", "providerUserId": user, "messageText": text },
+            });
+            insert_opt(&mut args, "priority", priority.map(Value::from));
+            insert_opt(&mut args, "idempotencyKey", idempotency_key.map(Value::from));
+            let result = api.call("enqueueMessage", &args).await?;
+            let id = result
+                .as_str()
+                .or_else(|| result.get("messageId").and_then(Value::as_str));
+            match id {
+                Some(id) if !raw => writeln!(out, "{id}").map_err(io_error),
+                _ => print_json(out, &result),
+            }
+        }
+        Command::Stats => {
+            let stats = api.call("getQueueStats", &json!({})).await?;
+            render_object(out, raw, &stats)
+        }
+        Command::Jobs { status, limit } => {
+            let mut args = json!({ "status": status });
+            insert_opt(&mut args, "limit", limit.map(Value::from));
+            let jobs = api.call("listJobsByStatus", &args).await?;
+            let columns = [
+                "_id",
+                "conversationId",
+                "agentKey",
+                "status",
+                "priority",
+                "scheduledFor",
+                "attempts",
+                "maxAttempts",
+                "lastError",
+            ];
+            render(out, raw, &jobs, &columns)
+        }
+        Command::Workers => {
+            let workers = api.call("listWorkersForScheduler", &json!({})).await?;
+            let columns = ["workerId", "status", "load", "heartbeatAt", "assignment.conversationId"];
+            render(out, raw, &workers, &columns)
+        }
+        Command::Claim {
+            worker,
+            wait_ms,
+            conversation,
+        } => {
+            let mut args = json!({ "workerId": worker });
+            insert_opt(&mut args, "waitMs", wait_ms.map(Value::from));
+            insert_opt(&mut args, "conversationId", conversation.map(Value::from));
+            let job = api.call("claimNextJob", &args).await?;
+            if job.is_null() && !raw {
+                writeln!(out, "no job").map_err(io_error)
+            } else {
+                print_json(out, &job)
+            }
+        }
+    }
+}
+
+async fn profile(api: &Api, cmd: ProfileCommand, raw: bool, out: &mut impl Write) -> Result<(), CliError> {
+    match cmd {
+        ProfileCommand::Upsert {
+            agent_key,
+            version,
+            secret_refs,
+            disabled,
+            bot_identity,
+        } => {
+            let mut args = json!({
+                "agentKey": agent_key,
+                "version": version,
+                "secretsRef": secret_refs,
+                "enabled": !disabled,
+            });
+            insert_opt(&mut args, "botIdentity", bot_identity.map(Value::from));
+            let result = api.call("upsertAgentProfile", &args).await?;
+            print_json(out, &result)
+        }
+        ProfileCommand::List => {
+            let profiles = api.call("listAgentProfiles", &json!({})).await?;
+            let columns = ["agentKey", "version", "enabled", "botIdentity", "secretsRef"];
+            render(out, raw, &profiles, &columns)
+        }
+        ProfileCommand::Get { agent_key } => {
+            let profile = api.call("getAgentProfile", &json!({ "agentKey": agent_key })).await?;
+            print_json(out, &profile)
+        }
+    }
+}
+
+async fn secret(
+    api: &Api,
+    cmd: SecretCommand,
+    raw: bool,
+    input: &mut impl Read,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    match cmd {
+        SecretCommand::Import { secret_ref } => {
+            let value = read_all(input)?;
+            // One trailing newline is what `echo` and editors add; anything else is kept.
+            let value = value
+                .strip_suffix('\n')
+                .map(|v| v.strip_suffix('\r').unwrap_or(v))
+                .unwrap_or(&value);
+            if value.is_empty() {
+                return Err(CliError::Usage(
+                    "error: the secret value is read from stdin, which was empty\n".to_string(),
+                ));
+            }
+            let args = json!({ "secretRef": secret_ref, "plaintextValue": value });
+            let result = api.call("importPlaintextSecret", &args).await?;
+            match result.get("version") {
+                Some(version) if !raw => writeln!(out, "stored {secret_ref} version {version}").map_err(io_error),
+                _ => print_json(out, &result),
+            }
+        }
+        SecretCommand::Status { refs } => {
+            let status = api.call("getSecretsStatus", &json!({ "secretRefs": refs })).await?;
+            render(out, raw, &status, &["secretRef", "hasActive", "version"])
+        }
+    }
+}
+
+/// The HTTP client of the operations API.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<SecretString>,
+    token_file: PathBuf,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> Result<Self, CliError> {
+        common::telemetry::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Long enough for the longest claim wait the server allows.
+            .timeout(Duration::from_secs(330))
+            .build()
+            .map_err(|e| CliError::Other(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: cli.url.trim_end_matches('/').to_string(),
+            token: cli.token.clone().map(SecretString::from),
+            token_file: cli.data_dir.join("admin.token"),
+        })
+    }
+
+    fn token(&self) -> Result<SecretString, CliError> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        read_token_file(&self.token_file)
+    }
+
+    async fn call(&self, name: &str, args: &Value) -> Result<Value, CliError> {
+        let body = serde_json::to_vec(args).map_err(|e| CliError::Other(e.to_string()))?;
+        self.call_raw(name, body).await
+    }
+
+    async fn call_raw(&self, name: &str, body: Vec<u8>) -> Result<Value, CliError> {
+        let token = self.token()?;
+        let url = format!("{}/v1/ops/{name}", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .bearer_auth(token.expose_secret())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| CliError::Other(format!("cannot reach {}: {e}", self.base)))?;
+        decode(response).await
+    }
+
+    async fn catalogue(&self) -> Result<Value, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/ops", self.base))
+            .send()
+            .await
+            .map_err(|e| CliError::Other(format!("cannot reach {}: {e}", self.base)))?;
+        decode(response).await
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<SecretString, CliError> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Ok(SecretString::from(token.trim().to_string())),
+        _ => Err(CliError::Usage(format!(
+            "error: no token: pass --token or set AF_TOKEN, or point --data-dir at the \
+             launcher's data directory (no token in {})\n",
+            path.display()
+        ))),
+    }
+}
+
+/// A reply's JSON, or the operation error it carries.
+async fn decode(response: reqwest::Response) -> Result<Value, CliError> {
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| CliError::Other(format!("reading the reply: {e}")))?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes)
+            .map_err(|e| CliError::Other(format!("undecodable reply ({status}): {e}")));
+    }
+    match serde_json::from_slice::<common::error::ErrorBody>(&bytes) {
+        Ok(body) => Err(CliError::Op(body.error)),
+        Err(_) => Err(CliError::Other(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes).trim()
+        ))),
+    }
+}
+
+fn read_all(input: &mut impl Read) -> Result<String, CliError> {
+    let mut text = String::new();
+    input
+        .read_to_string(&mut text)
+        .map_err(|e| CliError::Other(format!("reading stdin: {e}")))?;
+    Ok(text)
+}
+
+fn io_error(e: std::io::Error) -> CliError {
+    CliError::Other(format!("writing output: {e}"))
+}
+
+fn insert_opt(args: &mut Value, key: &str, value: Option<Value>) {
+    if let (Some(map), Some(value)) = (args.as_object_mut(), value) {
+        map.insert(key.to_string(), value);
+    }
+}
+
+fn print_json(out: &mut impl Write, value: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
+    writeln!(out, "{text}").map_err(io_error)
+}
+
+/// A list of objects as a table with `columns` (dotted paths reach into nested objects), or the
+/// JSON itself with `--json` or when the result is not a list.
+fn render(out: &mut impl Write, raw: bool, value: &Value, columns: &[&str]) -> Result<(), CliError> {
+    let Some(rows) = value.as_array().filter(|_| !raw) else {
+        return print_json(out, value);
+    };
+    let mut table = new_table();
+    // A nested path is headed by its last segment: `assignment.conversationId` → conversationId.
+    table.set_header(
+        columns
+            .iter()
+            .map(|c| c.rsplit('.').next().unwrap_or(c))
+            .collect::<Vec<_>>(),
+    );
+    for row in rows {
+        table.add_row(columns.iter().map(|c| cell(c, lookup(row, c))).collect::<Vec<_>>());
+    }
+    writeln!(out, "{table}").map_err(io_error)
+}
+
+/// An object as a two-column key/value table.
+fn render_object(out: &mut impl Write, raw: bool, value: &Value) -> Result<(), CliError> {
+    let Some(map) = value.as_object().filter(|_| !raw) else {
+        return print_json(out, value);
+    };
+    let mut table = new_table();
+    table.set_header(vec!["key", "value"]);
+    for (key, v) in map {
+        table.add_row(vec![key.clone(), cell(key, Some(v))]);
+    }
+    writeln!(out, "{table}").map_err(io_error)
+}
+
+fn new_table() -> Table {
+    let mut table = Table::new();
+    table
+        .load_style(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    table
+}
+
+fn lookup<'a>(row: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(row, |v, key| v.get(key))
+}
+
+/// One table cell. Fields ending in `At`/`For` holding milliseconds are shown as UTC time.
+fn cell(column: &str, value: Option<&Value>) -> String {
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if column.ends_with("At") || column.ends_with("For") => {
+            n.as_i64().map(iso_utc).unwrap_or_else(|| n.to_string())
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Milliseconds since the epoch as ISO-8601 UTC (`2026-01-01T09:00:00.000Z`).
+pub fn iso_utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_utc_formats_known_instants() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_utc(1_767_258_000_000), "2026-01-01T09:00:00.000Z");
+        assert_eq!(iso_utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso_utc(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn cells_render_times_lists_and_nested_paths() {
+        let row = json!({"heartbeatAt": 0, "refs": ["a", "b"], "assignment": {"conversationId": "c1"}});
+        assert_eq!(
+            cell("heartbeatAt", lookup(&row, "heartbeatAt")),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(cell("refs", lookup(&row, "refs")), "a, b");
+        assert_eq!(cell("x", lookup(&row, "assignment.conversationId")), "c1");
+        assert_eq!(cell("missing", lookup(&row, "missing")), "");
+    }
+
+    #[tokio::test]
+    async fn usage_errors_exit_2_and_help_is_not_an_error() {
+        let mut out = Vec::new();
+        let err = run_with_input(vec!["nope".into()], &mut &b""[..], &mut out)
+            .await
+            .expect_err("unknown command");
+        assert_eq!(err.exit_code(), 2);
+        run_with_input(vec!["--help".into()], &mut &b""[..], &mut out)
+            .await
+            .expect("help is printed");
+        assert!(String::from_utf8_lossy(&out).contains("enqueue"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_token_file_is_a_usage_error() {
+        let dir = std::env::temp_dir().join(format!("afctl-test-{}", std::process::id()));
+        let mut out = Vec::new();
+        let err = run_with_input(
+            vec![
+                "--url".into(),
+                "http://127.0.0.1:9".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "stats".into(),
+            ],
+            &mut &b""[..],
+            &mut out,
+        )
+        .await;
+        // AF_TOKEN in the environment would supply a token; then the call fails to connect.
+        let err = err.expect_err("no token, no server");
+        if std::env::var_os("AF_TOKEN").is_none() {
+            assert_eq!(err.exit_code(), 2, "{err}");
+            assert!(err.to_string().contains("no token"), "{err}");
+        }
+    }
+}
