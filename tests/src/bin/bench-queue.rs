@@ -1,0 +1,366 @@
+//! Queue benchmark: starts its own nats-server and stack (all services in this process, clients
+//! over NATS), then measures, in the same run, the agent-factory queue and a raw JetStream
+//! work queue with the same concurrency.
+//!
+//! - Throughput (T): C conversations x M messages, one worker per conversation (as in
+//!   production, where each worker serves one conversation), at most `in_flight` enqueues in
+//!   flight. e2e = messages / (last completion - first enqueue).
+//! - Dispatch latency (L): idle long-polling workers; one message every `interval_ms`, each on
+//!   a new conversation; dispatch = worker has the job - enqueue call returned.
+//!
+//! Run: `cargo run --release -p tests --bin bench-queue -- --help`
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tests::{Api, TestStack, seed_profile};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Conversations in the throughput run.
+    #[arg(long, default_value_t = 1000)]
+    conversations: usize,
+    /// Messages per conversation in the throughput run.
+    #[arg(long, default_value_t = 10)]
+    messages: usize,
+    /// Enqueues in flight at once.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// Messages in the latency run.
+    #[arg(long, default_value_t = 2000)]
+    latency_messages: usize,
+    /// Idle workers in the latency run.
+    #[arg(long, default_value_t = 32)]
+    latency_workers: usize,
+    /// Milliseconds between messages in the latency run.
+    #[arg(long, default_value_t = 10)]
+    interval_ms: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    eprintln!("starting nats-server and the stack ...");
+    let stack = TestStack::start_with(&[("telemetry.log_filter", "error")]).await;
+    seed_profile(&stack.ctx, "bench").await;
+    let mut rows = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("run {run}/{}: throughput, agent-factory queue", args.runs);
+        let queue_t = queue_throughput(&stack, &args, run).await;
+        eprintln!("run {run}/{}: throughput, raw JetStream", args.runs);
+        let raw_t = raw_throughput(&stack, &args, run).await?;
+        eprintln!("run {run}/{}: dispatch latency, agent-factory queue", args.runs);
+        let queue_l = queue_latency(&stack, &args, run).await;
+        eprintln!("run {run}/{}: dispatch latency, raw JetStream", args.runs);
+        let raw_l = raw_latency(&stack, &args, run).await?;
+        rows.push((queue_t, raw_t, queue_l, raw_l));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let col = |f: &dyn Fn(&(f64, f64, Latency, Latency)) -> f64| median(rows.iter().map(f).collect());
+    let (qt, rt) = (col(&|r| r.0), col(&|r| r.1));
+    println!(
+        "\n## Queue benchmark ({} runs, medians)\n\nthroughput: {} conversations x {} messages, {} enqueues in flight; latency: {} messages, one every {} ms, {} idle workers\n",
+        args.runs,
+        args.conversations,
+        args.messages,
+        args.in_flight,
+        args.latency_messages,
+        args.interval_ms,
+        args.latency_workers
+    );
+    println!("| measurement | agent-factory queue | raw JetStream work queue | ratio |");
+    println!("|---|---|---|---|");
+    println!("| end-to-end throughput (msgs/s) | {qt:.0} | {rt:.0} | {:.2} |", qt / rt);
+    for (name, f) in [
+        ("dispatch p50 (ms)", (&|l: &Latency| l.p50) as &dyn Fn(&Latency) -> f64),
+        ("dispatch p90 (ms)", &|l: &Latency| l.p90),
+        ("dispatch p99 (ms)", &|l: &Latency| l.p99),
+        ("dispatch max (ms)", &|l: &Latency| l.max),
+    ] {
+        let q = col(&|r| f(&r.2));
+        let raw = col(&|r| f(&r.3));
+        println!("| {name} | {q:.3} | {raw:.3} | {:.2} |", q / raw.max(1e-9));
+    }
+    stack.stop().await;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn latency(mut samples: Vec<f64>) -> Latency {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) }
+}
+
+async fn retry(api: &Api, op: &str, args: Value) -> Value {
+    loop {
+        match api.call(op, args.clone()).await {
+            Ok(v) => return v,
+            Err(e) if e.code == common::ErrorCode::Unavailable => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => panic!("{op} failed: {e:?}"),
+        }
+    }
+}
+
+fn enqueue_args(conversation: &str, text: &str) -> Value {
+    json!({ "conversationId": conversation, "agentKey": "bench",
+            "payload": { "provider": "bench", "providerUserId": "u", "messageText": text } })
+}
+
+async fn queue_throughput(stack: &TestStack, args: &Args, run: usize) -> f64 {
+    let total = args.conversations * args.messages;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let finished = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for c in 0..args.conversations {
+        let id = format!("t{run}-w{c}");
+        let conversation = format!("t{run}-c{c}");
+        let api = stack.worker(&id);
+        let (done, finished, per) = (done.clone(), finished.clone(), args.messages);
+        workers.spawn(async move {
+            let mut mine = 0;
+            while mine < per {
+                let claim = json!({ "workerId": id, "conversationId": conversation, "waitMs": 5000 });
+                let job = retry(&api, "claimNextJob", claim).await;
+                if job.is_null() {
+                    continue;
+                }
+                let complete = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"] });
+                retry(&api, "completeJob", complete).await;
+                mine += 1;
+                if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == total {
+                    finished.cancel();
+                }
+            }
+        });
+    }
+    // Let every worker park before the clock starts, as the spike did.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let app = stack.app();
+    let started = Instant::now();
+    futures::stream::iter(0..total)
+        .map(|i| {
+            let app = app.clone();
+            let conversation = format!("t{run}-c{}", i % args.conversations);
+            async move { retry(&app, "enqueueMessage", enqueue_args(&conversation, "x")).await }
+        })
+        .buffered(args.in_flight)
+        .for_each(|_| async {})
+        .await;
+    finished.cancelled().await;
+    let elapsed = started.elapsed();
+    while workers.join_next().await.is_some() {}
+    total as f64 / elapsed.as_secs_f64()
+}
+
+async fn queue_latency(stack: &TestStack, args: &Args, run: usize) -> Latency {
+    let returned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..args.latency_workers {
+        let (received, stop, ctx) = (received.clone(), stop.clone(), stack.ctx.clone());
+        workers.spawn(async move {
+            // Each job goes to a fresh worker id, as each conversation gets its own worker.
+            let mut generation = 0;
+            while !stop.is_cancelled() {
+                generation += 1;
+                let id = format!("l{run}-w{w}-{generation}");
+                let api = Api { ops: ctx.ops.clone(), token: ctx.auth.mint_worker_token(&id).expect("token") };
+                let job = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    job = retry(&api, "claimNextJob", json!({ "workerId": id, "waitMs": 2000 })) => job,
+                };
+                if job.is_null() {
+                    continue;
+                }
+                let at = Instant::now();
+                if let Ok(mut m) = received.lock() {
+                    m.insert(job["conversationId"].as_str().unwrap_or_default().to_string(), at);
+                }
+                let complete = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"] });
+                retry(&api, "completeJob", complete).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let app = stack.app();
+    let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..args.latency_messages {
+        tick.tick().await;
+        let (app, returned) = (app.clone(), returned.clone());
+        let conversation = format!("l{run}-c{i}");
+        sends.spawn(async move {
+            retry(&app, "enqueueMessage", enqueue_args(&conversation, "x")).await;
+            let at = Instant::now();
+            if let Ok(mut m) = returned.lock() {
+                m.insert(conversation, at);
+            }
+        });
+    }
+    while sends.join_next().await.is_some() {}
+    let expected = args.latency_messages;
+    while received.lock().map(|m| m.len()).unwrap_or(0) < expected {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    while workers.join_next().await.is_some() {}
+    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    latency(
+        received
+            .iter()
+            .filter_map(|(c, got)| returned.get(c).map(|sent| signed_ms(*sent, *got)))
+            .collect(),
+    )
+}
+
+/// `b - a` in milliseconds, negative when the worker had the job before the enqueue returned.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if b >= a { (b - a).as_secs_f64() * 1000.0 } else { -((a - b).as_secs_f64() * 1000.0) }
+}
+
+async fn raw_stream(stack: &TestStack, name: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let js = &stack.ctx.js;
+    let _ = js.delete_stream(name).await;
+    Ok(js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![format!("{name}.>")],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?)
+}
+
+async fn raw_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+) -> anyhow::Result<async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>> {
+    Ok(stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("workers".to_string()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// The baseline: publish with ack -> pull one at a time -> ack, same concurrency, no
+/// per-conversation order or exclusivity.
+async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::Result<f64> {
+    let name = format!("BENCH_T{run}");
+    let stream = raw_stream(stack, &name).await?;
+    let consumer = raw_consumer(&stream).await?;
+    let total = args.conversations * args.messages;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let finished = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.in_flight {
+        let (consumer, done, finished) = (consumer.clone(), done.clone(), finished.clone());
+        workers.spawn(async move {
+            while !finished.is_cancelled() {
+                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
+                let Ok(mut batch) = batch else { continue };
+                while let Some(Ok(msg)) = batch.next().await {
+                    let _ = msg.ack().await;
+                    if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == total {
+                        finished.cancel();
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let js = stack.ctx.js.clone();
+    let started = Instant::now();
+    futures::stream::iter(0..total)
+        .map(|i| {
+            let js = js.clone();
+            let subject = format!("{name}.c{}", i % args.conversations);
+            async move { js.publish(subject, "x".into()).await.expect("publish").await.expect("ack") }
+        })
+        .buffered(args.in_flight)
+        .for_each(|_| async {})
+        .await;
+    finished.cancelled().await;
+    let elapsed = started.elapsed();
+    while workers.join_next().await.is_some() {}
+    let _ = stack.ctx.js.delete_stream(&name).await;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Result<Latency> {
+    let name = format!("BENCH_L{run}");
+    let stream = raw_stream(stack, &name).await?;
+    let consumer = raw_consumer(&stream).await?;
+    let returned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.latency_workers {
+        let (consumer, received, stop) = (consumer.clone(), received.clone(), stop.clone());
+        workers.spawn(async move {
+            while !stop.is_cancelled() {
+                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
+                let Ok(mut batch) = batch else { continue };
+                while let Some(Ok(msg)) = batch.next().await {
+                    let at = Instant::now();
+                    if let Ok(mut m) = received.lock() {
+                        m.insert(msg.subject.to_string(), at);
+                    }
+                    let _ = msg.ack().await;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let js = stack.ctx.js.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..args.latency_messages {
+        tick.tick().await;
+        let (js, returned) = (js.clone(), returned.clone());
+        let subject = format!("{name}.c{i}");
+        sends.spawn(async move {
+            js.publish(subject.clone(), "x".into()).await.expect("publish").await.expect("ack");
+            let at = Instant::now();
+            if let Ok(mut m) = returned.lock() {
+                m.insert(subject, at);
+            }
+        });
+    }
+    while sends.join_next().await.is_some() {}
+    while received.lock().map(|m| m.len()).unwrap_or(0) < args.latency_messages {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    while workers.join_next().await.is_some() {}
+    let _ = stack.ctx.js.delete_stream(&name).await;
+    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    Ok(latency(
+        received
+            .iter()
+            .filter_map(|(s, got)| returned.get(s).map(|sent| signed_ms(*sent, *got)))
+            .collect(),
+    ))
+}
