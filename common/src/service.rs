@@ -18,8 +18,18 @@ use crate::config::{ClockMode, Settings};
 use crate::ops::OpClient;
 use crate::topology::{self, Buckets};
 
+/// Shared by every task of a service; cloning is one reference count.
 #[derive(Clone)]
-pub struct ServiceContext {
+pub struct ServiceContext(Arc<ServiceContextInner>);
+
+impl std::ops::Deref for ServiceContext {
+    type Target = ServiceContextInner;
+    fn deref(&self) -> &ServiceContextInner {
+        &self.0
+    }
+}
+
+pub struct ServiceContextInner {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub clock: Clock,
@@ -57,7 +67,7 @@ impl ServiceContext {
         ));
         let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
             .with_clock(clock.clone());
-        Ok(Self {
+        Ok(Self(Arc::new(ServiceContextInner {
             nats,
             js,
             clock,
@@ -65,7 +75,7 @@ impl ServiceContext {
             auth,
             buckets,
             ops,
-        })
+        })))
     }
 }
 

@@ -34,15 +34,18 @@ pub struct Versioned<T> {
     pub revision: u64,
 }
 
-/// A KV bucket of JSON documents.
+/// A KV bucket of JSON documents. Cheap to clone (a `kv::Store` carries the stream's whole
+/// info, so it is shared rather than copied).
 #[derive(Clone)]
 pub struct JsonStore {
-    kv: kv::Store,
+    kv: std::sync::Arc<kv::Store>,
 }
 
 impl JsonStore {
     pub fn new(kv: kv::Store) -> Self {
-        Self { kv }
+        Self {
+            kv: std::sync::Arc::new(kv),
+        }
     }
 
     pub fn raw(&self) -> &kv::Store {

@@ -51,14 +51,18 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("starting nats-server and the stack ...");
     let stack = TestStack::start_with(&[("telemetry.log_filter", "error")]).await;
     seed_profile(&stack.ctx, "bench").await;
+    // Producers and workers get their own connections, as separate processes would have.
+    let clients = Clients::connect(&stack).await?;
+    eprintln!("run 0: operation round trip vs raw NATS request/reply");
+    let (op_rate, raw_rate) = op_overhead(&stack, &clients).await?;
     let mut rows = Vec::new();
     for run in 1..=args.runs {
         eprintln!("run {run}/{}: throughput, agent-factory queue", args.runs);
-        let queue_t = queue_throughput(&stack, &args, run).await;
+        let queue_t = queue_throughput(&stack, &clients, &args, run).await;
         eprintln!("run {run}/{}: throughput, raw JetStream", args.runs);
         let raw_t = raw_throughput(&stack, &args, run).await?;
         eprintln!("run {run}/{}: dispatch latency, agent-factory queue", args.runs);
-        let queue_l = queue_latency(&stack, &args, run).await;
+        let queue_l = queue_latency(&stack, &clients, &args, run).await;
         eprintln!("run {run}/{}: dispatch latency, raw JetStream", args.runs);
         let raw_l = raw_latency(&stack, &args, run).await?;
         rows.push((queue_t, raw_t, queue_l, raw_l));
@@ -79,9 +83,16 @@ async fn main() -> anyhow::Result<()> {
         args.interval_ms,
         args.latency_workers
     );
-    println!("| measurement | agent-factory queue | raw JetStream work queue | ratio |");
+    println!("| measurement | agent-factory | raw NATS/JetStream | ratio |");
     println!("|---|---|---|---|");
-    println!("| end-to-end throughput (msgs/s) | {qt:.0} | {rt:.0} | {:.2} |", qt / rt);
+    println!(
+        "| trivial operation round trips, 32 in flight (ops/s) | {op_rate:.0} | {raw_rate:.0} | {:.2} |",
+        op_rate / raw_rate
+    );
+    println!(
+        "| end-to-end throughput (msgs/s) | {qt:.0} | {rt:.0} | {:.2} |",
+        qt / rt
+    );
     for (name, f) in [
         ("dispatch p50 (ms)", (&|l: &Latency| l.p50) as &dyn Fn(&Latency) -> f64),
         ("dispatch p90 (ms)", &|l: &Latency| l.p90),
@@ -96,6 +107,38 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+struct Clients {
+    producer: common::ops::OpClient,
+    workers: common::ops::OpClient,
+}
+
+impl Clients {
+    async fn connect(stack: &TestStack) -> anyhow::Result<Self> {
+        let client = |name: &'static str| async move {
+            let nats = common::service::connect_nats(stack.nats.url(), name, Duration::from_secs(5)).await?;
+            anyhow::Ok(common::ops::OpClient::new(nats, Duration::from_secs(10)))
+        };
+        Ok(Self {
+            producer: client("bench-producer").await?,
+            workers: client("bench-workers").await?,
+        })
+    }
+
+    fn app(&self) -> Api {
+        Api {
+            ops: self.producer.clone(),
+            token: tests::APP_TOKEN.to_string(),
+        }
+    }
+
+    fn worker(&self, stack: &TestStack, id: &str) -> Api {
+        Api {
+            ops: self.workers.clone(),
+            token: stack.ctx.auth.mint_worker_token(id).expect("token"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Latency {
     p50: f64,
@@ -107,7 +150,12 @@ struct Latency {
 fn latency(mut samples: Vec<f64>) -> Latency {
     samples.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
-    Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) }
+    Latency {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: at(1.0),
+    }
 }
 
 async fn retry(api: &Api, op: &str, args: Value) -> Value {
@@ -125,7 +173,7 @@ fn enqueue_args(conversation: &str, text: &str) -> Value {
             "payload": { "provider": "bench", "providerUserId": "u", "messageText": text } })
 }
 
-async fn queue_throughput(stack: &TestStack, args: &Args, run: usize) -> f64 {
+async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run: usize) -> f64 {
     let total = args.conversations * args.messages;
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let finished = CancellationToken::new();
@@ -133,7 +181,7 @@ async fn queue_throughput(stack: &TestStack, args: &Args, run: usize) -> f64 {
     for c in 0..args.conversations {
         let id = format!("t{run}-w{c}");
         let conversation = format!("t{run}-c{c}");
-        let api = stack.worker(&id);
+        let api = clients.worker(stack, &id);
         let (done, finished, per) = (done.clone(), finished.clone(), args.messages);
         workers.spawn(async move {
             let mut mine = 0;
@@ -154,7 +202,7 @@ async fn queue_throughput(stack: &TestStack, args: &Args, run: usize) -> f64 {
     }
     // Let every worker park before the clock starts, as the spike did.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let app = stack.app();
+    let app = clients.app();
     let started = Instant::now();
     futures::stream::iter(0..total)
         .map(|i| {
@@ -165,26 +213,40 @@ async fn queue_throughput(stack: &TestStack, args: &Args, run: usize) -> f64 {
         .buffered(args.in_flight)
         .for_each(|_| async {})
         .await;
+    let enqueued = started.elapsed();
     finished.cancelled().await;
     let elapsed = started.elapsed();
+    eprintln!(
+        "  enqueue rate {:.0} msgs/s, e2e {:.0} msgs/s",
+        total as f64 / enqueued.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
     while workers.join_next().await.is_some() {}
     total as f64 / elapsed.as_secs_f64()
 }
 
-async fn queue_latency(stack: &TestStack, args: &Args, run: usize) -> Latency {
+async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: usize) -> Latency {
     let returned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..args.latency_workers {
-        let (received, stop, ctx) = (received.clone(), stop.clone(), stack.ctx.clone());
+        let (received, stop, ctx, ops) = (
+            received.clone(),
+            stop.clone(),
+            stack.ctx.clone(),
+            clients.workers.clone(),
+        );
         workers.spawn(async move {
             // Each job goes to a fresh worker id, as each conversation gets its own worker.
             let mut generation = 0;
             while !stop.is_cancelled() {
                 generation += 1;
                 let id = format!("l{run}-w{w}-{generation}");
-                let api = Api { ops: ctx.ops.clone(), token: ctx.auth.mint_worker_token(&id).expect("token") };
+                let api = Api {
+                    ops: ops.clone(),
+                    token: ctx.auth.mint_worker_token(&id).expect("token"),
+                };
                 let job = tokio::select! {
                     _ = stop.cancelled() => return,
                     job = retry(&api, "claimNextJob", json!({ "workerId": id, "waitMs": 2000 })) => job,
@@ -202,7 +264,7 @@ async fn queue_latency(stack: &TestStack, args: &Args, run: usize) -> Latency {
         });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let app = stack.app();
+    let app = clients.app();
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..args.latency_messages {
@@ -224,7 +286,10 @@ async fn queue_latency(stack: &TestStack, args: &Args, run: usize) -> Latency {
     }
     stop.cancel();
     while workers.join_next().await.is_some() {}
-    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    let (returned, received) = (
+        returned.lock().expect("map").clone(),
+        received.lock().expect("map").clone(),
+    );
     latency(
         received
             .iter()
@@ -235,7 +300,11 @@ async fn queue_latency(stack: &TestStack, args: &Args, run: usize) -> Latency {
 
 /// `b - a` in milliseconds, negative when the worker had the job before the enqueue returned.
 fn signed_ms(a: Instant, b: Instant) -> f64 {
-    if b >= a { (b - a).as_secs_f64() * 1000.0 } else { -((a - b).as_secs_f64() * 1000.0) }
+    if b >= a {
+        (b - a).as_secs_f64() * 1000.0
+    } else {
+        -((a - b).as_secs_f64() * 1000.0)
+    }
 }
 
 async fn raw_stream(stack: &TestStack, name: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
@@ -279,7 +348,12 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         let (consumer, done, finished) = (consumer.clone(), done.clone(), finished.clone());
         workers.spawn(async move {
             while !finished.is_cancelled() {
-                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
+                let batch = consumer
+                    .fetch()
+                    .max_messages(1)
+                    .expires(Duration::from_millis(500))
+                    .messages()
+                    .await;
                 let Ok(mut batch) = batch else { continue };
                 while let Some(Ok(msg)) = batch.next().await {
                     let _ = msg.ack().await;
@@ -297,7 +371,13 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         .map(|i| {
             let js = js.clone();
             let subject = format!("{name}.c{}", i % args.conversations);
-            async move { js.publish(subject, "x".into()).await.expect("publish").await.expect("ack") }
+            async move {
+                js.publish(subject, "x".into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("ack")
+            }
         })
         .buffered(args.in_flight)
         .for_each(|_| async {})
@@ -321,7 +401,12 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         let (consumer, received, stop) = (consumer.clone(), received.clone(), stop.clone());
         workers.spawn(async move {
             while !stop.is_cancelled() {
-                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
+                let batch = consumer
+                    .fetch()
+                    .max_messages(1)
+                    .expires(Duration::from_millis(500))
+                    .messages()
+                    .await;
                 let Ok(mut batch) = batch else { continue };
                 while let Some(Ok(msg)) = batch.next().await {
                     let at = Instant::now();
@@ -342,7 +427,11 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         let (js, returned) = (js.clone(), returned.clone());
         let subject = format!("{name}.c{i}");
         sends.spawn(async move {
-            js.publish(subject.clone(), "x".into()).await.expect("publish").await.expect("ack");
+            js.publish(subject.clone(), "x".into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
             let at = Instant::now();
             if let Ok(mut m) = returned.lock() {
                 m.insert(subject, at);
@@ -356,11 +445,57 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
     stop.cancel();
     while workers.join_next().await.is_some() {}
     let _ = stack.ctx.js.delete_stream(&name).await;
-    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    let (returned, received) = (
+        returned.lock().expect("map").clone(),
+        received.lock().expect("map").clone(),
+    );
     Ok(latency(
         received
             .iter()
             .filter_map(|(s, got)| returned.get(s).map(|sent| signed_ms(*sent, *got)))
             .collect(),
     ))
+}
+
+/// The cost of the operation layer itself: a trivial operation (`getTestClock`) against a
+/// plain NATS echo responder, both with 32 requests in flight.
+async fn op_overhead(stack: &TestStack, clients: &Clients) -> anyhow::Result<(f64, f64)> {
+    const N: usize = 20_000;
+    let api = Api {
+        ops: clients.producer.clone(),
+        token: tests::ADMIN_TOKEN.to_string(),
+    };
+    let started = Instant::now();
+    futures::stream::iter(0..N)
+        .map(|_| {
+            let api = api.clone();
+            async move { api.call("getTestClock", json!({})).await.expect("getTestClock") }
+        })
+        .buffer_unordered(32)
+        .for_each(|_| async {})
+        .await;
+    let op_rate = N as f64 / started.elapsed().as_secs_f64();
+    let server = common::service::connect_nats(stack.nats.url(), "bench-echo", Duration::from_secs(5)).await?;
+    let mut sub = server.subscribe("bench.echo").await?;
+    server.flush().await?;
+    let echo = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(reply) = m.reply {
+                let _ = server.publish(reply, m.payload).await;
+            }
+        }
+    });
+    let client = common::service::connect_nats(stack.nats.url(), "bench-echo-client", Duration::from_secs(5)).await?;
+    let started = Instant::now();
+    futures::stream::iter(0..N)
+        .map(|_| {
+            let client = client.clone();
+            async move { client.request("bench.echo", "{}".into()).await.expect("echo") }
+        })
+        .buffer_unordered(32)
+        .for_each(|_| async {})
+        .await;
+    let raw_rate = N as f64 / started.elapsed().as_secs_f64();
+    echo.abort();
+    Ok((op_rate, raw_rate))
 }
