@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let col = |f: &dyn Fn(&(f64, f64, Latency, Latency)) -> f64| median(rows.iter().map(f).collect());
+    let col = |f: &dyn Fn(&Run) -> f64| median(rows.iter().map(f).collect());
     let (qt, rt) = (col(&|r| r.0), col(&|r| r.1));
     println!(
         "\n## Queue benchmark ({} runs, medians)\n\nthroughput: {} conversations x {} messages, {} enqueues in flight; latency: {} messages, one every {} ms, {} idle workers\n",
@@ -138,6 +138,9 @@ impl Clients {
         }
     }
 }
+
+/// One repetition: queue and raw throughput, queue and raw dispatch latency.
+type Run = (f64, f64, Latency, Latency);
 
 #[derive(Clone, Copy, Debug)]
 struct Latency {
