@@ -41,19 +41,16 @@ pub struct Caller {
 
 impl Caller {
     pub fn admin() -> Self {
-        Self {
-            role: Role::Admin,
-            worker_id: None,
-        }
+        Self { role: Role::Admin, worker_id: None }
     }
 
     /// Refuses a worker caller acting for another workerId. Other roles pass.
     pub fn require_worker(&self, worker_id: &str) -> Result<(), OpError> {
         match (&self.role, &self.worker_id) {
             (Role::Worker, Some(own)) if own == worker_id => Ok(()),
-            (Role::Worker, _) => Err(OpError::forbidden(format!(
-                "this worker token may not act for worker '{worker_id}'"
-            ))),
+            (Role::Worker, _) => {
+                Err(OpError::forbidden(format!("this worker token may not act for worker '{worker_id}'")))
+            }
             _ => Ok(()),
         }
     }
@@ -72,30 +69,17 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(admin: Option<&SecretString>, app: Option<&SecretString>, worker_key: Option<&SecretString>) -> Self {
         let digest = |s: &SecretString| -> [u8; 32] { Sha256::digest(s.expose_secret().as_bytes()).into() };
-        Self {
-            admin: admin.map(digest),
-            app: app.map(digest),
-            worker_key: worker_key.cloned(),
-        }
+        Self { admin: admin.map(digest), app: app.map(digest), worker_key: worker_key.cloned() }
     }
 
     /// Authenticates the value of an `Authorization` header (`Bearer <token>`, or a bare token).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, OpError> {
         let Some(raw) = authorization.map(str::trim).filter(|s| !s.is_empty()) else {
-            return Err(OpError::unauthenticated(
-                "missing bearer token: send 'Authorization: Bearer <token>'",
-            ));
+            return Err(OpError::unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'"));
         };
-        let token = raw
-            .strip_prefix("Bearer ")
-            .or_else(|| raw.strip_prefix("bearer "))
-            .unwrap_or(raw)
-            .trim();
+        let token = raw.strip_prefix("Bearer ").or_else(|| raw.strip_prefix("bearer ")).unwrap_or(raw).trim();
         if let Some(worker_id) = self.verify_worker_token(token) {
-            return Ok(Caller {
-                role: Role::Worker,
-                worker_id: Some(worker_id),
-            });
+            return Ok(Caller { role: Role::Worker, worker_id: Some(worker_id) });
         }
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Both comparisons always run so timing does not reveal which role matched.
@@ -103,10 +87,7 @@ impl Authenticator {
         let is_app = self.app.map(|d| d.ct_eq(&presented).into()).unwrap_or(false);
         match (is_admin, is_app) {
             (true, _) => Ok(Caller::admin()),
-            (false, true) => Ok(Caller {
-                role: Role::App,
-                worker_id: None,
-            }),
+            (false, true) => Ok(Caller { role: Role::App, worker_id: None }),
             (false, false) => Err(OpError::unauthenticated("invalid bearer token")),
         }
     }

@@ -33,19 +33,12 @@ pub struct ManualTime {
 
 impl Clock {
     pub fn system() -> Self {
-        Self {
-            inner: Arc::new(Inner::System),
-        }
+        Self { inner: Arc::new(Inner::System) }
     }
 
     pub fn manual(start_ms: Millis) -> Self {
-        let (tx, _) = watch::channel(ManualTime {
-            now_ms: start_ms,
-            revision: 0,
-        });
-        Self {
-            inner: Arc::new(Inner::Manual(tx)),
-        }
+        let (tx, _) = watch::channel(ManualTime { now_ms: start_ms, revision: 0 });
+        Self { inner: Arc::new(Inner::Manual(tx)) }
     }
 
     pub fn is_manual(&self) -> bool {
@@ -140,10 +133,7 @@ pub fn test_clock_disabled() -> OpError {
 
 #[allow(clippy::disallowed_methods)] // The one sanctioned read of the wall clock.
 fn system_now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -157,19 +147,9 @@ mod tests {
             let clock = clock.clone();
             async move { clock.sleep_until(5_000).await }
         });
-        clock
-            .apply_manual(ManualTime {
-                now_ms: 4_999,
-                revision: 1,
-            })
-            .unwrap();
+        clock.apply_manual(ManualTime { now_ms: 4_999, revision: 1 }).unwrap();
         assert!(!sleeper.is_finished());
-        clock
-            .apply_manual(ManualTime {
-                now_ms: 5_000,
-                revision: 2,
-            })
-            .unwrap();
+        clock.apply_manual(ManualTime { now_ms: 5_000, revision: 2 }).unwrap();
         sleeper.await.unwrap();
         assert_eq!(clock.now_ms(), 5_000);
     }
@@ -177,25 +157,10 @@ mod tests {
     #[test]
     fn stale_revisions_are_ignored_and_time_may_go_back() {
         let clock = Clock::manual(1_000);
-        clock
-            .apply_manual(ManualTime {
-                now_ms: 9_000,
-                revision: 3,
-            })
-            .unwrap();
-        clock
-            .apply_manual(ManualTime {
-                now_ms: 2_000,
-                revision: 2,
-            })
-            .unwrap();
+        clock.apply_manual(ManualTime { now_ms: 9_000, revision: 3 }).unwrap();
+        clock.apply_manual(ManualTime { now_ms: 2_000, revision: 2 }).unwrap();
         assert_eq!(clock.now_ms(), 9_000);
-        clock
-            .apply_manual(ManualTime {
-                now_ms: 500,
-                revision: 4,
-            })
-            .unwrap();
+        clock.apply_manual(ManualTime { now_ms: 500, revision: 4 }).unwrap();
         assert_eq!(clock.now_ms(), 500);
     }
 

@@ -141,8 +141,7 @@ pub struct TelemetrySettings {
 /// (`AF_CONFIG`, `AF_NATS_SERVER_BIN`, the CLI's `AF_URL`/`AF_TOKEN`, test knobs) belong to
 /// tools and are not configuration keys.
 fn is_config_variable(name: &str) -> bool {
-    name.strip_prefix("AF_")
-        .is_some_and(|rest| rest == "DATA_DIR" || rest.contains("__"))
+    name.strip_prefix("AF_").is_some_and(|rest| rest == "DATA_DIR" || rest.contains("__"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,18 +155,12 @@ impl Settings {
             config::Config::builder().add_source(config::File::from_str(DEFAULTS_TOML, config::FileFormat::Toml));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(ConfigError(format!(
-                    "configuration file '{}' does not exist",
-                    path.display()
-                )));
+                return Err(ConfigError(format!("configuration file '{}' does not exist", path.display())));
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let env: HashMap<String, String> = env
-            .iter()
-            .filter(|(k, _)| is_config_variable(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let env: HashMap<String, String> =
+            env.iter().filter(|(k, _)| is_config_variable(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
@@ -175,10 +168,8 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(env)),
         );
-        let settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError(e.to_string()))?;
+        let settings: Settings =
+            builder.build().and_then(|c| c.try_deserialize()).map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
         Ok(settings)
     }

@@ -31,18 +31,14 @@ pub struct SecretCipher {
 impl SecretCipher {
     /// Builds the cipher from a base64-encoded 32-byte key (configuration key `secrets.key`).
     pub fn from_base64(key: &SecretString) -> Result<Self, String> {
-        let bytes = STANDARD
-            .decode(key.expose_secret().trim())
-            .map_err(|_| "secrets.key: must be base64".to_string())?;
+        let bytes =
+            STANDARD.decode(key.expose_secret().trim()).map_err(|_| "secrets.key: must be base64".to_string())?;
         if bytes.len() != 32 {
             return Err(format!("secrets.key: must decode to 32 bytes, got {}", bytes.len()));
         }
         let key = Key::try_from(bytes.as_slice()).map_err(|_| "secrets.key: bad length".to_string())?;
         let key_id = hex::encode(&Sha256::digest(&bytes)[..4]);
-        Ok(Self {
-            cipher: XChaCha20Poly1305::new(&key),
-            key_id,
-        })
+        Ok(Self { cipher: XChaCha20Poly1305::new(&key), key_id })
     }
 
     pub fn key_id(&self) -> &str {
@@ -53,13 +49,7 @@ impl SecretCipher {
         let nonce = XNonce::try_generate().map_err(OpError::internal)?;
         let ciphertext = self
             .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext.as_bytes(),
-                    aad: aad.as_bytes(),
-                },
-            )
+            .encrypt(&nonce, Payload { msg: plaintext.as_bytes(), aad: aad.as_bytes() })
             .map_err(|_| OpError::internal("secret encryption failed"))?;
         Ok(Sealed {
             key_id: self.key_id.clone(),
@@ -71,10 +61,7 @@ impl SecretCipher {
 
     pub fn open(&self, sealed: &Sealed, aad: &str) -> Result<SecretString, OpError> {
         if sealed.algorithm != SECRET_ALGORITHM {
-            return Err(OpError::internal(format!(
-                "Unsupported secret algorithm '{}'",
-                sealed.algorithm
-            )));
+            return Err(OpError::internal(format!("Unsupported secret algorithm '{}'", sealed.algorithm)));
         }
         if sealed.key_id != self.key_id {
             return Err(OpError::internal(format!(
@@ -86,16 +73,8 @@ impl SecretCipher {
         let nonce = STANDARD.decode(&sealed.nonce).map_err(|_| invalid())?;
         let nonce = XNonce::try_from(nonce.as_slice()).map_err(|_| invalid())?;
         let ciphertext = STANDARD.decode(&sealed.ciphertext).map_err(|_| invalid())?;
-        let plain = self
-            .cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &ciphertext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| invalid())?;
+        let plain =
+            self.cipher.decrypt(&nonce, Payload { msg: &ciphertext, aad: aad.as_bytes() }).map_err(|_| invalid())?;
         String::from_utf8(plain).map(SecretString::from).map_err(|_| invalid())
     }
 }
@@ -169,13 +148,9 @@ mod tests {
 
     #[test]
     fn bad_keys_are_rejected_with_the_key_name() {
-        let err = SecretCipher::from_base64(&SecretString::from("not base64!"))
-            .err()
-            .unwrap();
+        let err = SecretCipher::from_base64(&SecretString::from("not base64!")).err().unwrap();
         assert!(err.contains("secrets.key"));
-        let err = SecretCipher::from_base64(&SecretString::from(STANDARD.encode([1u8; 16])))
-            .err()
-            .unwrap();
+        let err = SecretCipher::from_base64(&SecretString::from(STANDARD.encode([1u8; 16]))).err().unwrap();
         assert!(err.contains("32 bytes"));
     }
 

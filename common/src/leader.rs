@@ -25,15 +25,7 @@ where
     let poll = Duration::from_millis(200);
     let renew_every = LEADER_TTL / 3;
     while !shutdown.is_cancelled() {
-        let revision = match store
-            .create(
-                name,
-                &Lease {
-                    holder: holder.to_string(),
-                },
-            )
-            .await
-        {
+        let revision = match store.create(name, &Lease { holder: holder.to_string() }).await {
             Ok(rev) => rev,
             Err(e) => {
                 if !e.is_conflict() {

@@ -77,14 +77,9 @@ impl NatsServer {
             std::fs::write(&conf, extra)?;
             cmd.arg("-c").arg(conf);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", options.binary.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", options.binary.display()))?;
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         let url = loop {
@@ -92,24 +87,14 @@ impl NatsServer {
                 break url;
             }
             if let Some(status) = child.try_wait()? {
-                bail!(
-                    "nats-server exited with {status} during start-up:\n{}",
-                    log_tail(&log_file)
-                );
+                bail!("nats-server exited with {status} during start-up:\n{}", log_tail(&log_file));
             }
             if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "nats-server did not report its ports within 15 s:\n{}",
-                    log_tail(&log_file)
-                );
+                bail!("nats-server did not report its ports within 15 s:\n{}", log_tail(&log_file));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Ok(Self {
-            child: Some(child),
-            url,
-            log_file,
-        })
+        Ok(Self { child: Some(child), url, log_file })
     }
 
     pub fn url(&self) -> &str {
@@ -139,10 +124,7 @@ impl NatsServer {
 }
 
 fn read_ports_file(dir: &Path) -> Option<String> {
-    let entry = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let entry = std::fs::read_dir(dir).ok()?.flatten().find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
     let text = std::fs::read_to_string(entry.path()).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json.get("nats")?.as_array()?.first()?.as_str().map(str::to_string)

@@ -62,164 +62,44 @@ use Role::{Admin, App, Worker};
 use Service::{Hydration, QueueManager};
 
 const fn op(name: &'static str, service: Service, roles: &'static [Role], summary: &'static str) -> OpSpec {
-    OpSpec {
-        name,
-        service,
-        roles,
-        summary,
-    }
+    OpSpec { name, service, roles, summary }
 }
 
 /// Every operation of the system. docs/api.md mirrors this table (a test keeps them in step).
 pub const CATALOGUE: &[OpSpec] = &[
     // Queue.
-    op(
-        "enqueueMessage",
-        QueueManager,
-        &[Admin, App],
-        "queue a message for a conversation",
-    ),
-    op(
-        "claimNextJob",
-        QueueManager,
-        &[Admin, Worker],
-        "lease the next job for a worker, optionally waiting",
-    ),
-    op(
-        "heartbeatJob",
-        QueueManager,
-        &[Admin, Worker],
-        "extend the lease of a processing job",
-    ),
+    op("enqueueMessage", QueueManager, &[Admin, App], "queue a message for a conversation"),
+    op("claimNextJob", QueueManager, &[Admin, Worker], "lease the next job for a worker, optionally waiting"),
+    op("heartbeatJob", QueueManager, &[Admin, Worker], "extend the lease of a processing job"),
     op("completeJob", QueueManager, &[Admin, Worker], "mark a leased job done"),
-    op(
-        "failJob",
-        QueueManager,
-        &[Admin, Worker],
-        "fail a leased job: retry with backoff or dead-letter",
-    ),
-    op(
-        "releaseStuckJobs",
-        QueueManager,
-        &[Admin],
-        "recover jobs whose lease expired",
-    ),
-    op(
-        "getQueueStats",
-        QueueManager,
-        &[Admin, App],
-        "counts of ready, processing and dead-lettered jobs",
-    ),
+    op("failJob", QueueManager, &[Admin, Worker], "fail a leased job: retry with backoff or dead-letter"),
+    op("releaseStuckJobs", QueueManager, &[Admin], "recover jobs whose lease expired"),
+    op("getQueueStats", QueueManager, &[Admin, App], "counts of ready, processing and dead-lettered jobs"),
     op("listJobsByStatus", QueueManager, &[Admin], "jobs in one status"),
-    op(
-        "listQueueItemsForConversation",
-        QueueManager,
-        &[Admin, App],
-        "a conversation's jobs, newest first",
-    ),
-    op(
-        "hasQueuedJobsForConversation",
-        QueueManager,
-        &[Admin, App, Worker],
-        "whether a conversation has queued jobs",
-    ),
-    op(
-        "requeueDeadLetter",
-        QueueManager,
-        &[Admin],
-        "put a dead-lettered job back at the end of its conversation",
-    ),
+    op("listQueueItemsForConversation", QueueManager, &[Admin, App], "a conversation's jobs, newest first"),
+    op("hasQueuedJobsForConversation", QueueManager, &[Admin, App, Worker], "whether a conversation has queued jobs"),
+    op("requeueDeadLetter", QueueManager, &[Admin], "put a dead-lettered job back at the end of its conversation"),
     op("purgeDeadLetter", QueueManager, &[Admin], "delete a dead-lettered job"),
     // Workers.
-    op(
-        "getWorkerControlState",
-        QueueManager,
-        &[Admin, Worker],
-        "whether a worker should stop",
-    ),
-    op(
-        "getWorkerStats",
-        QueueManager,
-        &[Admin, App],
-        "active workers and their load",
-    ),
-    op(
-        "upsertWorkerState",
-        QueueManager,
-        &[Admin],
-        "create or move a worker row through its lifecycle",
-    ),
+    op("getWorkerControlState", QueueManager, &[Admin, Worker], "whether a worker should stop"),
+    op("getWorkerStats", QueueManager, &[Admin, App], "active workers and their load"),
+    op("upsertWorkerState", QueueManager, &[Admin], "create or move a worker row through its lifecycle"),
     op("listWorkersForScheduler", QueueManager, &[Admin], "every worker row"),
-    op(
-        "issueWorkerToken",
-        QueueManager,
-        &[Admin],
-        "mint the bearer token a worker uses",
-    ),
+    op("issueWorkerToken", QueueManager, &[Admin], "mint the bearer token a worker uses"),
     // Test clock.
-    op(
-        "getTestClock",
-        QueueManager,
-        &[Admin],
-        "the clock mode and the time every service sees",
-    ),
-    op(
-        "setTestClock",
-        QueueManager,
-        &[Admin],
-        "manual clock only: set the time of the whole stack",
-    ),
-    op(
-        "advanceTestClock",
-        QueueManager,
-        &[Admin],
-        "manual clock only: move the time of the whole stack forward",
-    ),
+    op("getTestClock", QueueManager, &[Admin], "the clock mode and the time every service sees"),
+    op("setTestClock", QueueManager, &[Admin], "manual clock only: set the time of the whole stack"),
+    op("advanceTestClock", QueueManager, &[Admin], "manual clock only: move the time of the whole stack forward"),
     // Profiles, secrets, runtime configuration.
-    op(
-        "upsertAgentProfile",
-        Hydration,
-        &[Admin],
-        "create or update an agent profile",
-    ),
+    op("upsertAgentProfile", Hydration, &[Admin], "create or update an agent profile"),
     op("getAgentProfile", Hydration, &[Admin, App], "one agent profile"),
     op("listAgentProfiles", Hydration, &[Admin], "every agent profile"),
-    op(
-        "importPlaintextSecret",
-        Hydration,
-        &[Admin],
-        "store a new active version of a secret",
-    ),
-    op(
-        "getSecretsStatus",
-        Hydration,
-        &[Admin],
-        "which secret refs have an active version",
-    ),
-    op(
-        "providerRuntimeConfig",
-        Hydration,
-        &[Admin],
-        "the stored provider configuration",
-    ),
-    op(
-        "setProviderRuntimeConfig",
-        Hydration,
-        &[Admin],
-        "store the provider configuration",
-    ),
-    op(
-        "messageRuntimeConfig",
-        Hydration,
-        &[Admin],
-        "the stored message configuration",
-    ),
-    op(
-        "setMessageRuntimeConfig",
-        Hydration,
-        &[Admin],
-        "store the message configuration",
-    ),
+    op("importPlaintextSecret", Hydration, &[Admin], "store a new active version of a secret"),
+    op("getSecretsStatus", Hydration, &[Admin], "which secret refs have an active version"),
+    op("providerRuntimeConfig", Hydration, &[Admin], "the stored provider configuration"),
+    op("setProviderRuntimeConfig", Hydration, &[Admin], "store the provider configuration"),
+    op("messageRuntimeConfig", Hydration, &[Admin], "the stored message configuration"),
+    op("setMessageRuntimeConfig", Hydration, &[Admin], "store the message configuration"),
 ];
 
 pub fn find(name: &str) -> Option<&'static OpSpec> {
@@ -281,10 +161,7 @@ impl OpRegistry {
         let mut streams = Vec::new();
         for (name, handler) in self.handlers {
             let spec = find(name).ok_or_else(|| anyhow::anyhow!("unknown operation {name}"))?;
-            let sub = ctx
-                .nats
-                .queue_subscribe(subject(name), format!("af-{}", spec.service.as_str()))
-                .await?;
+            let sub = ctx.nats.queue_subscribe(subject(name), format!("af-{}", spec.service.as_str())).await?;
             streams.push(sub.map(move |msg| (spec, handler.clone(), msg)).boxed());
         }
         // The subscriptions are registered once the server has processed them; flush so a
@@ -311,28 +188,14 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
         return;
     };
     let started = Instant::now();
-    let span = tracing::info_span!(
-        "op",
-        otel.name = spec.name,
-        op = spec.name,
-        role = tracing::field::Empty
-    );
+    let span = tracing::info_span!("op", otel.name = spec.name, op = spec.name, role = tracing::field::Empty);
     crate::telemetry::set_parent_from_headers(&span, msg.headers.as_ref());
     let result = async {
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
+        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
         let caller = ctx.auth.authenticate(header(HEADER_AUTHORIZATION).as_deref())?;
         tracing::Span::current().record("role", caller.role.as_str());
         if !spec.roles.contains(&caller.role) {
-            return Err(OpError::forbidden(format!(
-                "role '{}' may not call '{}'",
-                caller.role.as_str(),
-                spec.name
-            )));
+            return Err(OpError::forbidden(format!("role '{}' may not call '{}'", caller.role.as_str(), spec.name)));
         }
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
             ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
@@ -348,10 +211,7 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
             if err.code == ErrorCode::Internal {
                 span.in_scope(|| tracing::warn!(op = spec.name, "operation failed internally"));
             }
-            (
-                err.http_status(),
-                serde_json::to_vec(&err.to_body()).unwrap_or_default(),
-            )
+            (err.http_status(), serde_json::to_vec(&err.to_body()).unwrap_or_default())
         }
     };
     metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status.to_string())
@@ -399,10 +259,7 @@ fn check_limits(value: &serde_json::Value, path: &str, limits: &crate::config::L
         }
         serde_json::Value::Object(map) => {
             if map.len() > limits.max_list_items {
-                return Err(OpError::invalid(format!(
-                    "{path}: object has more than {} keys",
-                    limits.max_list_items
-                )));
+                return Err(OpError::invalid(format!("{path}: object has more than {} keys", limits.max_list_items)));
             }
             for (k, v) in map {
                 check_limits(v, &format!("{path}.{k}"), limits)?;
@@ -423,11 +280,7 @@ pub struct OpClient {
 
 impl OpClient {
     pub fn new(nats: async_nats::Client, timeout: Duration) -> Self {
-        Self {
-            nats,
-            clock: None,
-            timeout,
-        }
+        Self { nats, clock: None, timeout }
     }
 
     /// Attaches this process's clock revision to every request, so a call made after a test
@@ -456,10 +309,8 @@ impl OpClient {
             }
         }
         crate::telemetry::inject_current_context(&mut headers);
-        let request = async_nats::Request::new()
-            .payload(body)
-            .headers(headers)
-            .timeout(Some(self.timeout + extra_timeout));
+        let request =
+            async_nats::Request::new().payload(body).headers(headers).timeout(Some(self.timeout + extra_timeout));
         match self.nats.send_request(subject(name), request).await {
             Ok(msg) => {
                 let status = msg
@@ -487,10 +338,7 @@ impl OpClient {
                     }
                     async_nats::RequestErrorKind::Other => OpError::unavailable(format!("'{name}' failed: {e}")),
                 };
-                (
-                    err.http_status(),
-                    Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()),
-                )
+                (err.http_status(), Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()))
             }
         }
     }
@@ -504,9 +352,7 @@ impl OpClient {
     ) -> Result<R, OpError> {
         let body = serde_json::to_vec(args).map_err(|e| OpError::invalid(e.to_string()))?;
         let auth = format!("Bearer {token}");
-        let (status, reply) = self
-            .call_raw(name, Some(&auth), Bytes::from(body), claim_wait(name, args))
-            .await;
+        let (status, reply) = self.call_raw(name, Some(&auth), Bytes::from(body), claim_wait(name, args)).await;
         decode_reply(status, &reply)
     }
 }
@@ -550,16 +396,9 @@ mod tests {
 
     #[test]
     fn args_limits_name_the_path() {
-        let limits = crate::config::LimitSettings {
-            max_string_bytes: 300,
-            max_list_items: 3,
-        };
+        let limits = crate::config::LimitSettings { max_string_bytes: 300, max_list_items: 3 };
         let long = "x".repeat(301);
-        let err = parse_args(
-            format!(r#"{{"payload":{{"messageText":"{long}"}}}}"#).as_bytes(),
-            &limits,
-        )
-        .unwrap_err();
+        let err = parse_args(format!(r#"{{"payload":{{"messageText":"{long}"}}}}"#).as_bytes(), &limits).unwrap_err();
         assert!(err.message.contains("$.payload.messageText"), "{}", err.message);
         let err = parse_args(br#"{"a":[1,2,3,4]}"#, &limits).unwrap_err();
         assert!(err.message.contains("$.a"));

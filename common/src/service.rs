@@ -67,26 +67,15 @@ impl ServiceContext {
         ));
         let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
             .with_clock(clock.clone());
-        Ok(Self(Arc::new(ServiceContextInner {
-            nats,
-            js,
-            clock,
-            settings,
-            auth,
-            buckets,
-            ops,
-        })))
+        Ok(Self(Arc::new(ServiceContextInner { nats, js, clock, settings, auth, buckets, ops })))
     }
 }
 
 pub async fn connect_nats(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let attempt = async_nats::ConnectOptions::new()
-            .name(name)
-            .connection_timeout(Duration::from_secs(2))
-            .connect(url)
-            .await;
+        let attempt =
+            async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(2)).connect(url).await;
         match attempt {
             Ok(client) => return Ok(client),
             Err(e) if tokio::time::Instant::now() < deadline => {
@@ -109,46 +98,29 @@ async fn start_manual_clock(buckets: &Buckets, settings: &Settings) -> anyhow::R
         None => {
             let start = settings.clock.start_ms.unwrap_or_else(|| Clock::system().now_ms());
             match store.create(TEST_CLOCK_KEY, &TestClockRecord { now_ms: start }).await {
-                Ok(revision) => crate::store::Versioned {
-                    value: TestClockRecord { now_ms: start },
-                    revision,
-                },
-                Err(e) if e.is_conflict() => store
-                    .get(TEST_CLOCK_KEY)
-                    .await?
-                    .context("test clock record vanished while being created")?,
+                Ok(revision) => crate::store::Versioned { value: TestClockRecord { now_ms: start }, revision },
+                Err(e) if e.is_conflict() => {
+                    store.get(TEST_CLOCK_KEY).await?.context("test clock record vanished while being created")?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
     };
     let clock = Clock::manual(current.value.now_ms);
     clock
-        .apply_manual(ManualTime {
-            now_ms: current.value.now_ms,
-            revision: current.revision,
-        })
+        .apply_manual(ManualTime { now_ms: current.value.now_ms, revision: current.revision })
         .map_err(|e| anyhow::anyhow!(e.message))?;
-    let mut watch = store
-        .raw()
-        .watch(TEST_CLOCK_KEY)
-        .await
-        .context("watching the test clock")?;
+    let mut watch = store.raw().watch(TEST_CLOCK_KEY).await.context("watching the test clock")?;
     let follower = clock.clone();
     tokio::spawn(async move {
         while let Some(Ok(entry)) = watch.next().await {
             if let Ok(record) = crate::store::decode::<TestClockRecord>(TEST_CLOCK_KEY, &entry.value) {
-                let _ = follower.apply_manual(ManualTime {
-                    now_ms: record.now_ms,
-                    revision: entry.revision,
-                });
+                let _ = follower.apply_manual(ManualTime { now_ms: record.now_ms, revision: entry.revision });
             }
         }
         tracing::warn!("test clock watch ended");
     });
-    tracing::warn!(
-        now_ms = current.value.now_ms,
-        "manual test clock enabled: time moves only when told to"
-    );
+    tracing::warn!(now_ms = current.value.now_ms, "manual test clock enabled: time moves only when told to");
     Ok(clock)
 }
 
@@ -192,11 +164,7 @@ pub fn local_secret_file(
     if path.is_file() {
         let mode = std::fs::metadata(&path)?.permissions().mode();
         if mode & 0o077 != 0 {
-            anyhow::bail!(
-                "{} is readable by others (mode {:o}); chmod 600 it",
-                path.display(),
-                mode & 0o777
-            );
+            anyhow::bail!("{} is readable by others (mode {:o}); chmod 600 it", path.display(), mode & 0o777);
         }
         let value = std::fs::read_to_string(&path)?.trim().to_string();
         return Ok(SecretString::from(value));

@@ -43,9 +43,7 @@ pub struct JsonStore {
 
 impl JsonStore {
     pub fn new(kv: kv::Store) -> Self {
-        Self {
-            kv: std::sync::Arc::new(kv),
-        }
+        Self { kv: std::sync::Arc::new(kv) }
     }
 
     pub fn raw(&self) -> &kv::Store {
@@ -55,10 +53,9 @@ impl JsonStore {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
         let entry = self.kv.entry(key).await.map_err(|e| nats_err("get", key, e))?;
         match entry {
-            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
-                value: decode(key, &e.value)?,
-                revision: e.revision,
-            })),
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some(Versioned { value: decode(key, &e.value)?, revision: e.revision }))
+            }
             _ => Ok(None),
         }
     }
@@ -168,23 +165,13 @@ fn is_wrong_last_sequence(e: &dyn std::error::Error) -> bool {
 fn encode<T: Serialize>(key: &str, value: &T) -> Result<Bytes, StoreError> {
     serde_json::to_vec(value)
         .map(Bytes::from)
-        .map_err(|e| StoreError::Corrupt {
-            key: key.to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
 }
 
 pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
 }
 
 fn nats_err(op: &'static str, key: &str, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::Nats {
-        op,
-        key: key.to_string(),
-        source: Box::new(e),
-    }
+    StoreError::Nats { op, key: key.to_string(), source: Box::new(e) }
 }

@@ -26,10 +26,7 @@ pub struct AdvanceTestClockArgs {
 }
 
 pub fn get_test_clock(ctx: &ServiceContext) -> ClockView {
-    ClockView {
-        mode: if ctx.clock.is_manual() { "manual" } else { "system" },
-        now_ms: ctx.clock.now_ms(),
-    }
+    ClockView { mode: if ctx.clock.is_manual() { "manual" } else { "system" }, now_ms: ctx.clock.now_ms() }
 }
 
 /// Sets the manual clock of the whole stack; earlier instants are allowed.
@@ -43,9 +40,7 @@ pub async fn set_test_clock(ctx: &ServiceContext, args: SetTestClockArgs) -> Res
 /// Moves the manual clock of the whole stack forward by `ms`.
 pub async fn advance_test_clock(ctx: &ServiceContext, args: AdvanceTestClockArgs) -> Result<ClockView, OpError> {
     if args.ms < 0 {
-        return Err(OpError::invalid(
-            "ms must not be negative; use setTestClock to go back in time",
-        ));
+        return Err(OpError::invalid("ms must not be negative; use setTestClock to go back in time"));
     }
     move_clock(ctx, |now| now.saturating_add(args.ms)).await
 }
@@ -64,9 +59,6 @@ async fn move_clock(ctx: &ServiceContext, next: impl Fn(i64) -> i64) -> Result<C
         .await?
         .ok_or_else(|| OpError::internal("test clock write returned nothing"))?;
     // Apply locally at once; the watch delivers the same revision later and is ignored.
-    ctx.clock.apply_manual(ManualTime {
-        now_ms: written.value.now_ms,
-        revision: written.revision,
-    })?;
+    ctx.clock.apply_manual(ManualTime { now_ms: written.value.now_ms, revision: written.revision })?;
     Ok(get_test_clock(ctx))
 }

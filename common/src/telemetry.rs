@@ -70,9 +70,7 @@ pub fn init(service_name: &str, settings: &TelemetrySettings) -> anyhow::Result<
                 .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
                 .build()
                 .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
-            let resource = opentelemetry_sdk::Resource::builder()
-                .with_service_name(service_name.to_string())
-                .build();
+            let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_string()).build();
             let p = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(resource)
@@ -84,11 +82,7 @@ pub fn init(service_name: &str, settings: &TelemetrySettings) -> anyhow::Result<
         None => None,
     };
 
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(otel_layer)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
     Ok(TelemetryGuard { provider })
 }
 
@@ -103,9 +97,7 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
         let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(OP_DURATION.to_string()),
-                &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
-                ],
+                &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0],
             )
             .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
         let recorder = builder.build_recorder();

@@ -15,16 +15,8 @@ pub fn escape(id: &str) -> String {
             out.push(b as char);
         } else {
             out.push('=');
-            out.push(
-                char::from_digit((b >> 4) as u32, 16)
-                    .unwrap_or('0')
-                    .to_ascii_uppercase(),
-            );
-            out.push(
-                char::from_digit((b & 0xf) as u32, 16)
-                    .unwrap_or('0')
-                    .to_ascii_uppercase(),
-            );
+            out.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0').to_ascii_uppercase());
+            out.push(char::from_digit((b & 0xf) as u32, 16).unwrap_or('0').to_ascii_uppercase());
         }
     }
     out
@@ -73,10 +65,7 @@ mod tests {
         ] {
             let token = escape(id);
             assert!(!token.is_empty());
-            assert!(
-                token.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-=".contains(&b)),
-                "{token}"
-            );
+            assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-=".contains(&b)), "{token}");
             assert_eq!(unescape(&token).as_deref(), Some(id), "{id:?} -> {token}");
         }
     }

@@ -55,20 +55,12 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
     vec![
         bucket(PROFILES, "agent profiles", 1, settings),
         bucket(SECRETS, "encrypted, versioned secrets", 1, settings),
-        bucket(
-            RUNTIME_CONFIG,
-            "provider and message runtime configuration",
-            1,
-            settings,
-        ),
+        bucket(RUNTIME_CONFIG, "provider and message runtime configuration", 1, settings),
         bucket(CONVERSATIONS, "conversation to agent bindings", 1, settings),
         bucket(QUEUE_STATE, "per-conversation queue cursor and lease", 1, settings),
         bucket(WORKERS, "worker rows", 1, settings),
         bucket(DEAD_LETTERS, "dead-lettered jobs", 1, settings),
-        kv::Config {
-            max_age: LEADER_TTL,
-            ..bucket(LEADERS, "leader leases", 1, settings)
-        },
+        kv::Config { max_age: LEADER_TTL, ..bucket(LEADERS, "leader leases", 1, settings) },
         bucket(SYSTEM, "stack-wide switches (test clock)", 1, settings),
     ]
 }
@@ -99,9 +91,7 @@ pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::
                 .with_context(|| format!("provisioning stream {INBOX_STREAM}"))?;
             for cfg in bucket_configs(settings) {
                 let name = cfg.bucket.clone();
-                js.create_or_update_key_value(cfg)
-                    .await
-                    .with_context(|| format!("provisioning bucket {name}"))?;
+                js.create_or_update_key_value(cfg).await.with_context(|| format!("provisioning bucket {name}"))?;
             }
             Ok(())
         }
@@ -137,10 +127,7 @@ pub struct Buckets {
 impl Buckets {
     pub async fn open(js: &jetstream::Context) -> anyhow::Result<Self> {
         let open = |name: &'static str| async move {
-            js.get_key_value(name)
-                .await
-                .map(JsonStore::new)
-                .map_err(|e| anyhow::anyhow!("opening bucket {name}: {e}"))
+            js.get_key_value(name).await.map(JsonStore::new).map_err(|e| anyhow::anyhow!("opening bucket {name}: {e}"))
         };
         Ok(Self {
             profiles: open(PROFILES).await?,

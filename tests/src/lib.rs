@@ -23,10 +23,7 @@ pub const WORKER_TOKEN_KEY: &str = "test-worker-token-key";
 
 /// The repository root (for the project-local nats-server install).
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// A nats-server of our own, with its data in a temporary directory removed on drop
@@ -115,20 +112,12 @@ impl TestStack {
             telemetry.log_filter = filter;
             std::mem::forget(common::telemetry::init("test", &telemetry));
         }
-        let ctx = ServiceContext::connect(settings, nats.url(), "test-stack")
-            .await
-            .expect("connect");
+        let ctx = ServiceContext::connect(settings, nats.url(), "test-stack").await.expect("connect");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let http_addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
-        let stack = Self {
-            ctx,
-            http_addr,
-            shutdown,
-            tasks,
-            nats,
-        };
+        let stack = Self { ctx, http_addr, shutdown, tasks, nats };
         stack.wait_ready().await;
         stack
     }
@@ -137,11 +126,9 @@ impl TestStack {
     async fn wait_ready(&self) {
         for service in ["queue-manager", "hydration", "scheduler", "push-dispatcher", "cleanup"] {
             let subject = common::service::health_subject(service);
-            wait_until(
-                &format!("{service} answers health pings"),
-                Duration::from_secs(10),
-                || async { self.ctx.nats.request(subject.clone(), "".into()).await.ok().map(|_| ()) },
-            )
+            wait_until(&format!("{service} answers health pings"), Duration::from_secs(10), || async {
+                self.ctx.nats.request(subject.clone(), "".into()).await.ok().map(|_| ())
+            })
             .await;
         }
         self.wait_queue_ready().await;
@@ -150,19 +137,13 @@ impl TestStack {
     /// Waits until the queue has an elected leader serving its operations.
     pub async fn wait_queue_ready(&self) {
         wait_until("the queue has a leader", Duration::from_secs(10), || async {
-            self.admin()
-                .call("getQueueStats", Value::Object(Default::default()))
-                .await
-                .ok()
+            self.admin().call("getQueueStats", Value::Object(Default::default())).await.ok()
         })
         .await;
     }
 
     pub fn client(&self, token: &str) -> Api {
-        Api {
-            ops: self.ctx.ops.clone(),
-            token: token.to_string(),
-        }
+        Api { ops: self.ctx.ops.clone(), token: token.to_string() }
     }
 
     pub fn admin(&self) -> Api {
@@ -263,21 +244,14 @@ pub async fn seed_profile(ctx: &ServiceContext, agent_key: &str) {
     };
     let key = common::token::escape(agent_key);
     let store = &ctx.buckets.profiles;
-    let revision = store
-        .get::<Value>(&key)
-        .await
-        .expect("read profile")
-        .map(|v| v.revision);
+    let revision = store.get::<Value>(&key).await.expect("read profile").map(|v| v.revision);
     store.write(&key, &profile, revision).await.expect("seed profile");
 }
 
 /// Overrides for a deterministic stack: manual clock at the spec's reference instant and every
 /// background loop paused, so a test drives each step.
-pub const MANUAL: &[(&str, &str)] = &[
-    ("clock.mode", "manual"),
-    ("clock.start_ms", "1767258000000"),
-    ("loops.manual", "true"),
-];
+pub const MANUAL: &[(&str, &str)] =
+    &[("clock.mode", "manual"), ("clock.start_ms", "1767258000000"), ("loops.manual", "true")];
 
 /// The spec's reference instant (2026-01-01T09:00:00Z).
 pub const T0: i64 = 1_767_258_000_000;
@@ -300,8 +274,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         .status()
         .expect("cargo runs");
     assert!(status.success(), "building {name} failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| project_root().join("target"));
     target.join("debug").join(name)
 }

@@ -49,10 +49,7 @@ impl Ledger {
     }
 
     pub fn completed_total(&self) -> usize {
-        self.inner
-            .lock()
-            .map(|s| s.completed.values().map(Vec::len).sum())
-            .unwrap_or(0)
+        self.inner.lock().map(|s| s.completed.values().map(Vec::len).sum()).unwrap_or(0)
     }
 
     pub fn overlaps(&self) -> u64 {
@@ -70,10 +67,7 @@ impl Ledger {
         let expected: Vec<u64> = (0..per_conversation).collect();
         for c in conversations {
             let got = s.completed.get(c).cloned().unwrap_or_default();
-            assert_eq!(
-                got, expected,
-                "conversation {c}: completions out of order, missing or repeated"
-            );
+            assert_eq!(got, expected, "conversation {c}: completions out of order, missing or repeated");
         }
     }
 }
@@ -116,9 +110,7 @@ pub async fn produce(app: Api, agent: &str, conversations: &[String], per_conver
                     "conversationId": c, "agentKey": agent, "idempotencyKey": format!("{c}-{n}"),
                     "payload": { "provider": "test", "providerUserId": "u", "messageText": text(&c, n) },
                 });
-                retrying(|| app.call("enqueueMessage", args.clone()))
-                    .await
-                    .expect("enqueue");
+                retrying(|| app.call("enqueueMessage", args.clone())).await.expect("enqueue");
             }
         });
     }

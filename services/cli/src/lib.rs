@@ -204,14 +204,7 @@ async fn execute(
         }
         Command::Profile(cmd) => profile(api, cmd, raw, out).await,
         Command::Secret(cmd) => secret(api, cmd, raw, input, out).await,
-        Command::Enqueue {
-            conversation,
-            agent,
-            user,
-            text,
-            priority,
-            idempotency_key,
-        } => {
+        Command::Enqueue { conversation, agent, user, text, priority, idempotency_key } => {
             let mut args = json!({
                 "conversationId": conversation,
                 "agentKey": agent,
@@ -220,9 +213,7 @@ async fn execute(
             insert_opt(&mut args, "priority", priority.map(Value::from));
             insert_opt(&mut args, "idempotencyKey", idempotency_key.map(Value::from));
             let result = api.call("enqueueMessage", &args).await?;
-            let id = result
-                .as_str()
-                .or_else(|| result.get("messageId").and_then(Value::as_str));
+            let id = result.as_str().or_else(|| result.get("messageId").and_then(Value::as_str));
             match id {
                 Some(id) if !raw => writeln!(out, "{id}").map_err(io_error),
                 _ => print_json(out, &result),
@@ -254,33 +245,19 @@ async fn execute(
             let columns = ["workerId", "status", "load", "heartbeatAt", "assignment.conversationId"];
             render(out, raw, &workers, &columns)
         }
-        Command::Claim {
-            worker,
-            wait_ms,
-            conversation,
-        } => {
+        Command::Claim { worker, wait_ms, conversation } => {
             let mut args = json!({ "workerId": worker });
             insert_opt(&mut args, "waitMs", wait_ms.map(Value::from));
             insert_opt(&mut args, "conversationId", conversation.map(Value::from));
             let job = api.call("claimNextJob", &args).await?;
-            if job.is_null() && !raw {
-                writeln!(out, "no job").map_err(io_error)
-            } else {
-                print_json(out, &job)
-            }
+            if job.is_null() && !raw { writeln!(out, "no job").map_err(io_error) } else { print_json(out, &job) }
         }
     }
 }
 
 async fn profile(api: &Api, cmd: ProfileCommand, raw: bool, out: &mut impl Write) -> Result<(), CliError> {
     match cmd {
-        ProfileCommand::Upsert {
-            agent_key,
-            version,
-            secret_refs,
-            disabled,
-            bot_identity,
-        } => {
+        ProfileCommand::Upsert { agent_key, version, secret_refs, disabled, bot_identity } => {
             let mut args = json!({
                 "agentKey": agent_key,
                 "version": version,
@@ -314,10 +291,7 @@ async fn secret(
         SecretCommand::Import { secret_ref } => {
             let value = read_all(input)?;
             // One trailing newline is what `echo` and editors add; anything else is kept.
-            let value = value
-                .strip_suffix('\n')
-                .map(|v| v.strip_suffix('\r').unwrap_or(v))
-                .unwrap_or(&value);
+            let value = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&value);
             if value.is_empty() {
                 return Err(CliError::Usage(
                     "error: the secret value is read from stdin, which was empty\n".to_string(),
@@ -414,28 +388,20 @@ fn read_token_file(path: &Path) -> Result<SecretString, CliError> {
 /// A reply's JSON, or the operation error it carries.
 async fn decode(response: reqwest::Response) -> Result<Value, CliError> {
     let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| CliError::Other(format!("reading the reply: {e}")))?;
+    let bytes = response.bytes().await.map_err(|e| CliError::Other(format!("reading the reply: {e}")))?;
     if status.is_success() {
         return serde_json::from_slice(&bytes)
             .map_err(|e| CliError::Other(format!("undecodable reply ({status}): {e}")));
     }
     match serde_json::from_slice::<common::error::ErrorBody>(&bytes) {
         Ok(body) => Err(CliError::Op(body.error)),
-        Err(_) => Err(CliError::Other(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&bytes).trim()
-        ))),
+        Err(_) => Err(CliError::Other(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim()))),
     }
 }
 
 fn read_all(input: &mut impl Read) -> Result<String, CliError> {
     let mut text = String::new();
-    input
-        .read_to_string(&mut text)
-        .map_err(|e| CliError::Other(format!("reading stdin: {e}")))?;
+    input.read_to_string(&mut text).map_err(|e| CliError::Other(format!("reading stdin: {e}")))?;
     Ok(text)
 }
 
@@ -462,12 +428,7 @@ fn render(out: &mut impl Write, raw: bool, value: &Value, columns: &[&str]) -> R
     };
     let mut table = new_table();
     // A nested path is headed by its last segment: `assignment.conversationId` → conversationId.
-    table.set_header(
-        columns
-            .iter()
-            .map(|c| c.rsplit('.').next().unwrap_or(c))
-            .collect::<Vec<_>>(),
-    );
+    table.set_header(columns.iter().map(|c| c.rsplit('.').next().unwrap_or(c)).collect::<Vec<_>>());
     for row in rows {
         table.add_row(columns.iter().map(|c| cell(c, lookup(row, c))).collect::<Vec<_>>());
     }
@@ -489,9 +450,7 @@ fn render_object(out: &mut impl Write, raw: bool, value: &Value) -> Result<(), C
 
 fn new_table() -> Table {
     let mut table = Table::new();
-    table
-        .load_style(presets::UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic);
+    table.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
     table
 }
 
@@ -520,12 +479,7 @@ pub fn iso_utc(ms: i64) -> String {
     let millis = ms.rem_euclid(1000);
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -558,10 +512,7 @@ mod tests {
     #[test]
     fn cells_render_times_lists_and_nested_paths() {
         let row = json!({"heartbeatAt": 0, "refs": ["a", "b"], "assignment": {"conversationId": "c1"}});
-        assert_eq!(
-            cell("heartbeatAt", lookup(&row, "heartbeatAt")),
-            "1970-01-01T00:00:00.000Z"
-        );
+        assert_eq!(cell("heartbeatAt", lookup(&row, "heartbeatAt")), "1970-01-01T00:00:00.000Z");
         assert_eq!(cell("refs", lookup(&row, "refs")), "a, b");
         assert_eq!(cell("x", lookup(&row, "assignment.conversationId")), "c1");
         assert_eq!(cell("missing", lookup(&row, "missing")), "");
@@ -570,13 +521,9 @@ mod tests {
     #[tokio::test]
     async fn usage_errors_exit_2_and_help_is_not_an_error() {
         let mut out = Vec::new();
-        let err = run_with_input(vec!["nope".into()], &mut &b""[..], &mut out)
-            .await
-            .expect_err("unknown command");
+        let err = run_with_input(vec!["nope".into()], &mut &b""[..], &mut out).await.expect_err("unknown command");
         assert_eq!(err.exit_code(), 2);
-        run_with_input(vec!["--help".into()], &mut &b""[..], &mut out)
-            .await
-            .expect("help is printed");
+        run_with_input(vec!["--help".into()], &mut &b""[..], &mut out).await.expect("help is printed");
         assert!(String::from_utf8_lossy(&out).contains("enqueue"));
     }
 

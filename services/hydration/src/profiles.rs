@@ -121,14 +121,8 @@ pub async fn get_profile(ctx: &ServiceContext, agent_key: &str) -> Result<Option
 }
 
 async fn list(ctx: &ServiceContext) -> Result<Vec<AgentProfile>, OpError> {
-    let mut profiles: Vec<AgentProfile> = ctx
-        .buckets
-        .profiles
-        .all::<AgentProfile>()
-        .await?
-        .into_iter()
-        .map(|(_, v)| v.value)
-        .collect();
+    let mut profiles: Vec<AgentProfile> =
+        ctx.buckets.profiles.all::<AgentProfile>().await?.into_iter().map(|(_, v)| v.value).collect();
     profiles.sort_by(|a, b| a.agent_key.cmp(&b.agent_key));
     Ok(profiles)
 }
@@ -140,10 +134,7 @@ pub fn effective_secrets_ref(agent_key: &str, given: &[String], bridge: Option<&
     candidates.extend(MANDATORY_SECRET_REFS.iter().map(|s| s.to_string()));
     if let Some(bridge) = bridge.filter(|b| b.enabled) {
         candidates.push(
-            bridge
-                .service_key_secret_ref
-                .clone()
-                .unwrap_or_else(|| format!("{BRIDGE_SERVICE_KEY_PREFIX}.{agent_key}")),
+            bridge.service_key_secret_ref.clone().unwrap_or_else(|| format!("{BRIDGE_SERVICE_KEY_PREFIX}.{agent_key}")),
         );
         candidates.push(
             bridge
@@ -203,9 +194,7 @@ pub fn validate_secret_ref(field: &str, secret_ref: &str) -> Result<(), OpError>
         )));
     }
     if secret_ref.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(OpError::invalid(format!(
-            "{field}: must not contain whitespace or control characters"
-        )));
+        return Err(OpError::invalid(format!("{field}: must not contain whitespace or control characters")));
     }
     Ok(())
 }
@@ -262,10 +251,7 @@ mod tests {
     fn mandatory_refs_follow_the_given_ones_without_duplicates() {
         let out = effective_secrets_ref("a", &refs(&["telegram.botToken", "fly.apiToken"]), None);
         assert_eq!(out, refs(&["telegram.botToken", "fly.apiToken", "convex.url"]));
-        assert_eq!(
-            effective_secrets_ref("a", &[], None),
-            refs(&["convex.url", "fly.apiToken"])
-        );
+        assert_eq!(effective_secrets_ref("a", &[], None), refs(&["convex.url", "fly.apiToken"]));
     }
 
     #[test]
@@ -296,12 +282,7 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        assert!(
-            validate_agent_key("  ")
-                .expect_err("must fail")
-                .message
-                .contains("agentKey")
-        );
+        assert!(validate_agent_key("  ").expect_err("must fail").message.contains("agentKey"));
         assert!(validate_agent_key("a\nb").is_err());
         assert!(validate_agent_key(&"k".repeat(129)).is_err());
         assert!(validate_agent_key(&"k".repeat(128)).is_ok());

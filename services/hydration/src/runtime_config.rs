@@ -57,13 +57,7 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         let ctx = c.clone();
         async move {
             let now = ctx.clock.now_ms();
-            write(
-                &ctx.buckets.runtime_config,
-                PROVIDER_CONFIG_KEY,
-                args.provider_config,
-                now,
-            )
-            .await?;
+            write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await?;
             tracing::info!("provider runtime config stored");
             Ok(())
         }
@@ -109,12 +103,7 @@ async fn set_message_config(ctx: &ServiceContext, input: MessageConfigInput) -> 
 /// dropped when not finite or not positive after flooring. `None` means both were dropped, so
 /// the row must be deleted. A retention above [`MAX_RETENTION_MS`] is refused.
 pub fn normalise_message_config(input: &MessageConfigInput) -> Result<Option<MessageConfig>, OpError> {
-    let system_prompt = input
-        .system_prompt
-        .as_deref()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(str::to_string);
+    let system_prompt = input.system_prompt.as_deref().map(str::trim).filter(|p| !p.is_empty()).map(str::to_string);
     let retention = match input.telegram_attachment_retention_ms.map(f64::floor) {
         Some(ms) if ms.is_finite() && ms > MAX_RETENTION_MS => {
             return Err(OpError::invalid(format!(
@@ -129,10 +118,7 @@ pub fn normalise_message_config(input: &MessageConfigInput) -> Result<Option<Mes
     if system_prompt.is_none() && retention.is_none() {
         return Ok(None);
     }
-    Ok(Some(MessageConfig {
-        system_prompt,
-        telegram_attachment_retention_ms: retention,
-    }))
+    Ok(Some(MessageConfig { system_prompt, telegram_attachment_retention_ms: retention }))
 }
 
 async fn read<T: DeserializeOwned>(store: &JsonStore, key: &str) -> Result<Option<T>, OpError> {
@@ -147,10 +133,7 @@ where
 {
     store
         .modify::<RuntimeConfigRow<T>, OpError, _>(key, |_| {
-            Ok(Some(RuntimeConfigRow {
-                config: config.clone(),
-                updated_at: now,
-            }))
+            Ok(Some(RuntimeConfigRow { config: config.clone(), updated_at: now }))
         })
         .await?;
     Ok(())
@@ -169,9 +152,7 @@ async fn delete(store: &JsonStore, key: &str) -> Result<(), OpError> {
             Err(e) => return Err(e.into()),
         }
     }
-    Err(OpError::conflict(format!(
-        "concurrent update of '{key}'; retry the request"
-    )))
+    Err(OpError::conflict(format!("concurrent update of '{key}'; retry the request")))
 }
 
 #[cfg(test)]
@@ -179,32 +160,23 @@ mod tests {
     use super::*;
 
     fn input(prompt: Option<&str>, retention: Option<f64>) -> MessageConfigInput {
-        MessageConfigInput {
-            system_prompt: prompt.map(str::to_string),
-            telegram_attachment_retention_ms: retention,
-        }
+        MessageConfigInput { system_prompt: prompt.map(str::to_string), telegram_attachment_retention_ms: retention }
     }
 
     #[test]
     fn prompt_is_trimmed_and_retention_floored() {
-        let out = normalise_message_config(&input(Some("  Be brief.\n"), Some(1500.9)))
-            .expect("valid")
-            .expect("kept");
+        let out = normalise_message_config(&input(Some("  Be brief.\n"), Some(1500.9))).expect("valid").expect("kept");
         assert_eq!(out.system_prompt.as_deref(), Some("Be brief."));
         assert_eq!(out.telegram_attachment_retention_ms, Some(1500));
     }
 
     #[test]
     fn blank_prompt_and_bad_retention_are_dropped() {
-        let out = normalise_message_config(&input(Some("   "), Some(60_000.0)))
-            .expect("valid")
-            .expect("kept");
+        let out = normalise_message_config(&input(Some("   "), Some(60_000.0))).expect("valid").expect("kept");
         assert_eq!(out.system_prompt, None);
         assert_eq!(out.telegram_attachment_retention_ms, Some(60_000));
         for bad in [0.0, -5.0, 0.5, f64::NAN, f64::INFINITY] {
-            let out = normalise_message_config(&input(Some("p"), Some(bad)))
-                .expect("valid")
-                .expect("kept");
+            let out = normalise_message_config(&input(Some("p"), Some(bad))).expect("valid").expect("kept");
             assert_eq!(out.telegram_attachment_retention_ms, None, "{bad}");
         }
     }

@@ -179,11 +179,7 @@ async fn import(ctx: &ServiceContext, cipher: &SecretCipher, args: ImportArgs) -
         .map(|v| v.version)
         .ok_or_else(|| OpError::internal("secret written without an active version"))?;
     tracing::info!(secret_ref = %secret_ref, version, "secret version imported");
-    Ok(ImportResult {
-        secret_id: aad(&secret_ref, version),
-        secret_ref,
-        version,
-    })
+    Ok(ImportResult { secret_id: aad(&secret_ref, version), secret_ref, version })
 }
 
 /// Appends a new active version to `current` (spec §3.2): `version = max + 1`, every previous
@@ -196,10 +192,8 @@ pub fn add_version(
     metadata: Option<BTreeMap<String, String>>,
     now: Millis,
 ) -> Result<SecretDocument, OpError> {
-    let mut doc = current.unwrap_or_else(|| SecretDocument {
-        secret_ref: secret_ref.to_string(),
-        versions: Vec::new(),
-    });
+    let mut doc =
+        current.unwrap_or_else(|| SecretDocument { secret_ref: secret_ref.to_string(), versions: Vec::new() });
     let next = doc.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
     let rotated_from = doc.active().map(|v| v.version);
     for v in &mut doc.versions {
@@ -218,13 +212,8 @@ pub fn add_version(
         created_at: now,
     });
     while doc.versions.len() > MAX_VERSIONS_PER_REF {
-        let Some(oldest) = doc
-            .versions
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| !v.active)
-            .min_by_key(|(_, v)| v.version)
-            .map(|(i, _)| i)
+        let Some(oldest) =
+            doc.versions.iter().enumerate().filter(|(_, v)| !v.active).min_by_key(|(_, v)| v.version).map(|(i, _)| i)
         else {
             break;
         };
@@ -235,14 +224,8 @@ pub fn add_version(
 
 async fn status(ctx: &ServiceContext, secret_refs: Vec<String>) -> Result<Vec<SecretStatus>, OpError> {
     let lookups = secret_refs.into_iter().map(|secret_ref| async move {
-        let version = load(ctx, &secret_ref)
-            .await?
-            .and_then(|doc| doc.active().map(|v| v.version));
-        Ok::<_, OpError>(SecretStatus {
-            secret_ref,
-            has_active: version.is_some(),
-            version,
-        })
+        let version = load(ctx, &secret_ref).await?.and_then(|doc| doc.active().map(|v| v.version));
+        Ok::<_, OpError>(SecretStatus { secret_ref, has_active: version.is_some(), version })
     });
     futures::future::try_join_all(lookups).await
 }
@@ -265,9 +248,7 @@ pub async fn active_secret(
     let Some(active) = doc.active() else {
         return Ok(None);
     };
-    cipher
-        .open(&active.sealed(), &aad(secret_ref, active.version))
-        .map(Some)
+    cipher.open(&active.sealed(), &aad(secret_ref, active.version)).map(Some)
 }
 
 /// Walks `refs` in order and returns the first ref with an active version, with its value.
@@ -289,10 +270,8 @@ pub async fn first_active_secret(
 pub fn scoped_candidates(agent_key: &str, prefix: &str, preferred: Option<&str>) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(3);
     let preferred = preferred.map(str::trim).filter(|p| !p.is_empty());
-    for candidate in preferred
-        .map(str::to_string)
-        .into_iter()
-        .chain([format!("{prefix}.{agent_key}"), prefix.to_string()])
+    for candidate in
+        preferred.map(str::to_string).into_iter().chain([format!("{prefix}.{agent_key}"), prefix.to_string()])
     {
         if !out.contains(&candidate) {
             out.push(candidate);
@@ -304,11 +283,7 @@ pub fn scoped_candidates(agent_key: &str, prefix: &str, preferred: Option<&str>)
 /// The refs of a profile that can hold its Telegram bot token, in order: `telegram.botToken`
 /// or `telegram.botToken.<anything>` (spec §3.2 "agent bot token").
 pub fn bot_token_refs(secrets_ref: &[String]) -> Vec<String> {
-    secrets_ref
-        .iter()
-        .filter(|r| *r == "telegram.botToken" || r.starts_with("telegram.botToken."))
-        .cloned()
-        .collect()
+    secrets_ref.iter().filter(|r| *r == "telegram.botToken" || r.starts_with("telegram.botToken.")).cloned().collect()
 }
 
 #[cfg(test)]
@@ -330,11 +305,7 @@ mod tests {
         let d1 = import(&c, None, "one");
         let d2 = import(&c, Some(d1), "two");
         let d3 = import(&c, Some(d2), "three");
-        let summary: Vec<_> = d3
-            .versions
-            .iter()
-            .map(|v| (v.version, v.active, v.rotated_from))
-            .collect();
+        let summary: Vec<_> = d3.versions.iter().map(|v| (v.version, v.active, v.rotated_from)).collect();
         assert_eq!(summary, vec![(1, false, None), (2, false, Some(1)), (3, true, Some(2))]);
         let active = d3.active().expect("active");
         let opened = c.open(&active.sealed(), &aad("r", 3)).expect("opens");
@@ -374,20 +345,12 @@ mod tests {
             scoped_candidates("a", "agent-bridge.serviceKey", Some("  custom ")),
             vec!["custom", "agent-bridge.serviceKey.a", "agent-bridge.serviceKey"]
         );
-        assert_eq!(
-            scoped_candidates("a", "p", Some("p.a")),
-            vec!["p.a".to_string(), "p".to_string()]
-        );
+        assert_eq!(scoped_candidates("a", "p", Some("p.a")), vec!["p.a".to_string(), "p".to_string()]);
         assert_eq!(scoped_candidates("a", "p", Some(" ")), vec!["p.a", "p"]);
-        let refs: Vec<String> = [
-            "convex.url",
-            "telegram.botToken.x",
-            "telegram.botTokenX",
-            "telegram.botToken",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let refs: Vec<String> = ["convex.url", "telegram.botToken.x", "telegram.botTokenX", "telegram.botToken"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(bot_token_refs(&refs), vec!["telegram.botToken.x", "telegram.botToken"]);
     }
 }

@@ -44,9 +44,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = router(ctx);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
 }
 
@@ -69,12 +67,7 @@ pub fn router(ctx: ServiceContext) -> Router {
 
 /// A JSON response with the given status.
 fn json_response(status: StatusCode, body: Bytes) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_JSON))],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_JSON))], body).into_response()
 }
 
 /// The `{"error": {"code", "message"}}` response for `err`.
@@ -85,19 +78,13 @@ fn error_response(err: &OpError) -> Response {
 }
 
 async fn not_found(request: Request) -> Response {
-    error_response(&OpError::not_found(format!(
-        "no route for {} {}",
-        request.method(),
-        request.uri().path()
-    )))
+    error_response(&OpError::not_found(format!("no route for {} {}", request.method(), request.uri().path())))
 }
 
 /// `POST /v1/ops/{name}`: forwards the body and the caller's Authorization header over NATS.
 async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, request: Request) -> Response {
     let Some(spec) = common::ops::find(&name) else {
-        return error_response(&OpError::not_found(format!(
-            "unknown operation '{name}'; GET /v1/ops lists them"
-        )));
+        return error_response(&OpError::not_found(format!("unknown operation '{name}'; GET /v1/ops lists them")));
     };
     let authorization = match authorization(request.headers()) {
         Ok(value) => value,
@@ -134,9 +121,7 @@ async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, re
 fn authorization(headers: &HeaderMap) -> Result<String, OpError> {
     let missing = || OpError::unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'");
     let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
-    let value = value
-        .to_str()
-        .map_err(|_| OpError::unauthenticated("invalid bearer token"))?;
+    let value = value.to_str().map_err(|_| OpError::unauthenticated("invalid bearer token"))?;
     if value.trim().is_empty() {
         return Err(missing());
     }
@@ -167,10 +152,7 @@ async fn list_ops() -> Response {
             })
         })
         .collect();
-    json_response(
-        StatusCode::OK,
-        Bytes::from(serde_json::to_vec(&ops).unwrap_or_default()),
-    )
+    json_response(StatusCode::OK, Bytes::from(serde_json::to_vec(&ops).unwrap_or_default()))
 }
 
 /// `GET /healthz`: the process answers HTTP. Touches nothing else.
@@ -208,10 +190,9 @@ async fn readyz(State(ctx): State<ServiceContext>) -> Response {
         match topology {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("stream {}: {e}", common::topology::INBOX_STREAM)),
-            Err(_) => Err(format!(
-                "stream {}: no answer within {READY_CHECK_TIMEOUT:?}",
-                common::topology::INBOX_STREAM
-            )),
+            Err(_) => {
+                Err(format!("stream {}: no answer within {READY_CHECK_TIMEOUT:?}", common::topology::INBOX_STREAM))
+            }
         },
     );
 
@@ -231,11 +212,7 @@ async fn readyz(State(ctx): State<ServiceContext>) -> Response {
         record(service, result);
     }
 
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if ready { "ok" } else { "unavailable" },
         "checks": checks,
@@ -246,12 +223,7 @@ async fn readyz(State(ctx): State<ServiceContext>) -> Response {
 /// `GET /metrics`: the process's metrics in Prometheus text format.
 async fn metrics() -> Response {
     let text = common::telemetry::metrics_handle().render();
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_METRICS))],
-        text,
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_METRICS))], text).into_response()
 }
 
 /// Reads W3C trace context (`traceparent`, `tracestate`) from HTTP headers.
@@ -295,11 +267,7 @@ async fn trace_request(request: Request, next: Next) -> Response {
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
     span.in_scope(|| {
-        tracing::debug!(
-            status,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request handled"
-        );
+        tracing::debug!(status, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "request handled");
     });
     response
 }
@@ -311,15 +279,9 @@ mod tests {
     #[test]
     fn authorization_must_be_present_and_non_empty() {
         let mut headers = HeaderMap::new();
-        assert_eq!(
-            authorization(&headers).expect_err("refused").code,
-            ErrorCode::Unauthenticated
-        );
+        assert_eq!(authorization(&headers).expect_err("refused").code, ErrorCode::Unauthenticated);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("  "));
-        assert_eq!(
-            authorization(&headers).expect_err("refused").code,
-            ErrorCode::Unauthenticated
-        );
+        assert_eq!(authorization(&headers).expect_err("refused").code, ErrorCode::Unauthenticated);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert_eq!(authorization(&headers).expect("accepted"), "Bearer x");
     }

@@ -160,9 +160,7 @@ fn report(joined: Joined, early: bool) -> bool {
 fn banner(addr: std::net::SocketAddr, nats_url: &str, embedded: bool, token: Option<&Path>) {
     let base = format!("http://{addr}");
     let nats = if embedded { "embedded" } else { "external" };
-    let token = token.map_or("from configuration (auth.admin_token)".to_string(), |p| {
-        p.display().to_string()
-    });
+    let token = token.map_or("from configuration (auth.admin_token)".to_string(), |p| p.display().to_string());
     eprintln!(
         "\nagent-factory is running\n  \
          API          {base}/v1/ops/<operation>   (catalogue: {base}/v1/ops)\n  \

@@ -86,9 +86,7 @@ impl Enqueuer {
         let agent_key = required_id("agentKey", &args.agent_key)?;
         let profile = self.profiles.get(&common::token::escape(&agent_key)).await?;
         if !profile.is_some_and(|p| p.enabled) {
-            return Err(OpError::not_found(format!(
-                "Agent profile '{agent_key}' not found or disabled"
-            )));
+            return Err(OpError::not_found(format!("Agent profile '{agent_key}' not found or disabled")));
         }
         let mut payload = args.payload;
         let provider_user_id = match payload.get("providerUserId") {
@@ -100,10 +98,7 @@ impl Enqueuer {
                 )));
             }
         };
-        if payload
-            .get("provider")
-            .is_none_or(|p| p.as_str().is_none_or(|s| s.trim().is_empty()))
-        {
+        if payload.get("provider").is_none_or(|p| p.as_str().is_none_or(|s| s.trim().is_empty())) {
             return Err(OpError::invalid("payload.provider must be a non-empty string"));
         }
         let text = match payload.get("messageText") {
@@ -111,22 +106,15 @@ impl Enqueuer {
             None => String::new(),
             Some(_) => return Err(OpError::invalid("payload.messageText must be a string")),
         };
-        let has_attachments = payload
-            .get("attachments")
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| !a.is_empty());
+        let has_attachments = payload.get("attachments").and_then(|a| a.as_array()).is_some_and(|a| !a.is_empty());
         if text.trim().is_empty() && !has_attachments {
-            return Err(OpError::invalid(
-                "payload.messageText must not be empty when there are no attachments",
-            ));
+            return Err(OpError::invalid("payload.messageText must not be empty when there are no attachments"));
         }
         let max_attempts = match args.max_attempts {
             None => q.max_attempts,
             Some(n) if (1..=100).contains(&n) => n as u32,
             Some(n) => {
-                return Err(OpError::invalid(format!(
-                    "maxAttempts must be between 1 and 100, got {n}"
-                )));
+                return Err(OpError::invalid(format!("maxAttempts must be between 1 and 100, got {n}")));
             }
         };
         if let Some(s) = args.scheduled_for
@@ -139,9 +127,7 @@ impl Enqueuer {
                 return Err(OpError::invalid("idempotencyKey must not be empty when given"));
             }
             Some(k) if k.len() > MAX_ID_BYTES => {
-                return Err(OpError::invalid(format!(
-                    "idempotencyKey is longer than {MAX_ID_BYTES} bytes"
-                )));
+                return Err(OpError::invalid(format!("idempotencyKey is longer than {MAX_ID_BYTES} bytes")));
             }
             other => other.map(str::to_string),
         };
@@ -155,11 +141,7 @@ impl Enqueuer {
             .filter(|p| !p.trim().is_empty());
         if let Some(prompt) = prompt {
             let trimmed = text.trim_end();
-            let rewritten = if trimmed.is_empty() {
-                prompt
-            } else {
-                format!("{trimmed}\n\n{prompt}")
-            };
+            let rewritten = if trimmed.is_empty() { prompt } else { format!("{trimmed}\n\n{prompt}") };
             payload.insert("messageText".into(), rewritten.into());
         }
         payload.insert("providerUserId".into(), provider_user_id.clone().into());
@@ -201,10 +183,7 @@ impl Enqueuer {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(key) = &idempotency_key {
             // Scoped per conversation so two conversations may reuse a key.
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("{}:{key}", common::token::escape(&conversation_id)).as_str(),
-            );
+            headers.insert("Nats-Msg-Id", format!("{}:{key}", common::token::escape(&conversation_id)).as_str());
         }
         common::telemetry::inject_current_context(&mut headers);
         let ack = self
@@ -266,12 +245,7 @@ impl Enqueuer {
     }
 
     async fn message_id_at(&self, seq: u64) -> Result<String, OpError> {
-        let stream = self
-            .ctx
-            .js
-            .get_stream(common::topology::INBOX_STREAM)
-            .await
-            .map_err(OpError::internal)?;
+        let stream = self.ctx.js.get_stream(common::topology::INBOX_STREAM).await.map_err(OpError::internal)?;
         let msg = stream.direct_get(seq).await.map_err(OpError::internal)?;
         let job: Job = serde_json::from_slice(&msg.payload).map_err(OpError::internal)?;
         Ok(job.message_id)
@@ -301,9 +275,7 @@ pub fn clamp_priority(priority: Option<f64>, default: i64, max: i64) -> i64 {
 
 /// The inbox stream, for readers that need stream-level access.
 pub async fn inbox(js: &jetstream::Context) -> Result<jetstream::stream::Stream, OpError> {
-    js.get_stream(common::topology::INBOX_STREAM)
-        .await
-        .map_err(OpError::internal)
+    js.get_stream(common::topology::INBOX_STREAM).await.map_err(OpError::internal)
 }
 
 #[cfg(test)]

@@ -57,21 +57,15 @@ fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
         async move { Ok(common::system::get_test_clock(&c)) }
     });
     let c = ctx.clone();
-    ops.register(
-        "setTestClock",
-        move |_caller: Caller, args: common::system::SetTestClockArgs| {
-            let c = c.clone();
-            async move { common::system::set_test_clock(&c, args).await }
-        },
-    );
+    ops.register("setTestClock", move |_caller: Caller, args: common::system::SetTestClockArgs| {
+        let c = c.clone();
+        async move { common::system::set_test_clock(&c, args).await }
+    });
     let c = ctx.clone();
-    ops.register(
-        "advanceTestClock",
-        move |_caller: Caller, args: common::system::AdvanceTestClockArgs| {
-            let c = c.clone();
-            async move { common::system::advance_test_clock(&c, args).await }
-        },
-    );
+    ops.register("advanceTestClock", move |_caller: Caller, args: common::system::AdvanceTestClockArgs| {
+        let c = c.clone();
+        async move { common::system::advance_test_clock(&c, args).await }
+    });
     let c = ctx.clone();
     ops.register("issueWorkerToken", move |_caller: Caller, args: WorkerIdArgs| {
         let c = c.clone();
@@ -155,11 +149,7 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
     });
     route!("releaseStuckJobs", ReleaseArgs, |_caller, args, d, _js| {
         let limit = args.limit.unwrap_or(100);
-        d.ask(|reply| Command::Release {
-            limit,
-            reply: Some(reply),
-        })
-        .await
+        d.ask(|reply| Command::Release { limit, reply: Some(reply) }).await
     });
     route!("getQueueStats", Value, |_caller, _args, d, js| {
         d.barrier(&js).await?;
@@ -169,58 +159,38 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
         d.barrier(&js).await?;
         d.ask(|reply| Command::ListJobs { args, reply }).await
     });
-    route!(
-        "listQueueItemsForConversation",
-        ConversationArgs,
-        |_caller, args, d, js| {
-            required(&args.conversation_id, "conversationId")?;
-            d.barrier(&js).await?;
-            d.ask(|reply| Command::ListConversation { args, reply }).await
-        }
-    );
-    route!(
-        "hasQueuedJobsForConversation",
-        ConversationArgs,
-        |caller, args, d, js| {
-            if caller.role == Role::Worker {
-                let worker_id = caller.worker_id.clone().unwrap_or_default();
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                d.send(Command::WorkerOf { worker_id, reply: tx }).await?;
-                let row = rx
-                    .await
-                    .map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?;
-                let own = row
-                    .and_then(|r| r.assignment)
-                    .is_some_and(|a| a.conversation_id == args.conversation_id);
-                if !own {
-                    return Err(OpError::forbidden(
-                        "a worker may only inspect the conversation assigned to it",
-                    ));
-                }
+    route!("listQueueItemsForConversation", ConversationArgs, |_caller, args, d, js| {
+        required(&args.conversation_id, "conversationId")?;
+        d.barrier(&js).await?;
+        d.ask(|reply| Command::ListConversation { args, reply }).await
+    });
+    route!("hasQueuedJobsForConversation", ConversationArgs, |caller, args, d, js| {
+        if caller.role == Role::Worker {
+            let worker_id = caller.worker_id.clone().unwrap_or_default();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            d.send(Command::WorkerOf { worker_id, reply: tx }).await?;
+            let row = rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?;
+            let own = row.and_then(|r| r.assignment).is_some_and(|a| a.conversation_id == args.conversation_id);
+            if !own {
+                return Err(OpError::forbidden("a worker may only inspect the conversation assigned to it"));
             }
-            let conversation_id = args.conversation_id;
-            d.barrier(&js).await?;
-            d.ask(|reply| Command::HasQueued { conversation_id, reply }).await
         }
-    );
+        let conversation_id = args.conversation_id;
+        d.barrier(&js).await?;
+        d.ask(|reply| Command::HasQueued { conversation_id, reply }).await
+    });
     route!("getWorkerControlState", WorkerIdArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         let worker_id = args.worker_id;
         d.ask(|reply| Command::ControlState { worker_id, reply }).await
     });
-    route!("getWorkerStats", Value, |_caller, _args, d, _js| d
-        .ask(|reply| Command::WorkerStats { reply })
-        .await);
+    route!("getWorkerStats", Value, |_caller, _args, d, _js| d.ask(|reply| Command::WorkerStats { reply }).await);
     route!("listWorkersForScheduler", Value, |_caller, _args, d, _js| d
         .ask(|reply| Command::ListWorkers { reply })
         .await);
     route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d, _js| {
         required(&args.worker_id, "workerId")?;
-        d.ask(|reply| Command::UpsertWorker {
-            args: Box::new(args),
-            reply,
-        })
-        .await
+        d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
     });
     route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
         let message_id = args.message_id;

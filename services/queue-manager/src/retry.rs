@@ -20,19 +20,12 @@ mod tests {
     use super::*;
 
     fn defaults() -> RetrySettings {
-        RetrySettings {
-            base_delay_ms: 1000,
-            max_delay_ms: 120_000,
-            backoff_factor: 2.0,
-            jitter_ratio: 0.1,
-        }
+        RetrySettings { base_delay_ms: 1000, max_delay_ms: 120_000, backoff_factor: 2.0, jitter_ratio: 0.1 }
     }
 
     #[test]
     fn acceptance_vector_of_the_spec() {
-        let delays: Vec<i64> = (1..=4)
-            .map(|a| retry_delay_ms(&defaults(), a, 1_767_258_000_000))
-            .collect();
+        let delays: Vec<i64> = (1..=4).map(|a| retry_delay_ms(&defaults(), a, 1_767_258_000_000)).collect();
         assert_eq!(delays, vec![1053, 2183, 4000, 8096]);
     }
 

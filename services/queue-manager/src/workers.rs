@@ -16,11 +16,9 @@ pub fn apply_upsert(existing: Option<&WorkerRow>, args: UpsertWorkerArgs, now: M
         assigned_at: a.assigned_at.unwrap_or(now),
     };
     let machine_ref = match (&args.machine_id, &args.app_name) {
-        (Some(machine_id), Some(app_name)) => Some(MachineRef {
-            app_name: app_name.clone(),
-            machine_id: machine_id.clone(),
-            region: args.region.clone(),
-        }),
+        (Some(machine_id), Some(app_name)) => {
+            Some(MachineRef { app_name: app_name.clone(), machine_id: machine_id.clone(), region: args.region.clone() })
+        }
         _ => None,
     };
     let ending = matches!(args.status, WorkerStatus::Stopping | WorkerStatus::Stopped);
@@ -35,11 +33,7 @@ pub fn apply_upsert(existing: Option<&WorkerRow>, args: UpsertWorkerArgs, now: M
             heartbeat_at: now,
             last_claim_at: None,
             scheduled_shutdown_at: args.scheduled_shutdown_at,
-            stopped_at: if ending {
-                Some(args.stopped_at.unwrap_or(now))
-            } else {
-                None
-            },
+            stopped_at: if ending { Some(args.stopped_at.unwrap_or(now)) } else { None },
             last_snapshot_id: None,
             assignment: args.assignment.flatten().map(assignment),
             capabilities: Vec::new(),
@@ -60,19 +54,11 @@ pub fn apply_upsert(existing: Option<&WorkerRow>, args: UpsertWorkerArgs, now: M
         next.heartbeat_at = now;
     }
     next.scheduled_shutdown_at = args.scheduled_shutdown_at.or(row.scheduled_shutdown_at);
-    next.stopped_at = if ending {
-        args.stopped_at.or(row.stopped_at).or(Some(now))
-    } else {
-        None
-    };
+    next.stopped_at = if ending { args.stopped_at.or(row.stopped_at).or(Some(now)) } else { None };
     if args.clear_last_snapshot_id {
         next.last_snapshot_id = None;
     }
-    next.volume_id = if args.clear_volume_id {
-        None
-    } else {
-        args.volume_id.or(row.volume_id.clone())
-    };
+    next.volume_id = if args.clear_volume_id { None } else { args.volume_id.or(row.volume_id.clone()) };
     match args.assignment {
         None => {}
         Some(None) => next.assignment = None,
@@ -95,10 +81,7 @@ pub fn control_state(row: Option<&WorkerRow>, now: Millis, stale_after_ms: i64) 
         Some(r) if r.scheduled_shutdown_at.is_some_and(|t| t <= now) => Some("scheduled_shutdown_due".to_string()),
         Some(_) => None,
     };
-    ControlState {
-        should_stop: reason.is_some(),
-        reason,
-    }
+    ControlState { should_stop: reason.is_some(), reason }
 }
 
 /// The idle deadline once a worker's load is 0: kept if set, else counted from the last claim
@@ -107,10 +90,7 @@ pub fn idle_deadline(row: &WorkerRow, now: Millis, idle_timeout_ms: i64) -> Opti
     if row.load > 0 {
         None
     } else {
-        Some(
-            row.scheduled_shutdown_at
-                .unwrap_or(row.last_claim_at.unwrap_or(now) + idle_timeout_ms),
-        )
+        Some(row.scheduled_shutdown_at.unwrap_or(row.last_claim_at.unwrap_or(now) + idle_timeout_ms))
     }
 }
 
@@ -118,10 +98,7 @@ pub fn idle_deadline(row: &WorkerRow, now: Millis, idle_timeout_ms: i64) -> Opti
 pub fn is_fresh_owner(row: &WorkerRow, conversation_id: &str, now: Millis, stale_after_ms: i64) -> bool {
     row.status == WorkerStatus::Active
         && row.heartbeat_at > now - stale_after_ms
-        && row
-            .assignment
-            .as_ref()
-            .is_some_and(|a| a.conversation_id == conversation_id)
+        && row.assignment.as_ref().is_some_and(|a| a.conversation_id == conversation_id)
 }
 
 #[cfg(test)]
@@ -185,20 +162,11 @@ mod tests {
         let row = apply_upsert(None, args(WorkerStatus::Active), 1_000).unwrap();
         assert!(!control_state(Some(&row), 1_000, 420_000).should_stop);
         assert_eq!(control_state(None, 0, 1).reason.as_deref(), Some("missing_worker"));
-        assert_eq!(
-            control_state(Some(&row), 421_000, 420_000).reason.as_deref(),
-            Some("stale_heartbeat")
-        );
+        assert_eq!(control_state(Some(&row), 421_000, 420_000).reason.as_deref(), Some("stale_heartbeat"));
         let mut due = row.clone();
         due.scheduled_shutdown_at = Some(1_500);
-        assert_eq!(
-            control_state(Some(&due), 1_500, 420_000).reason.as_deref(),
-            Some("scheduled_shutdown_due")
-        );
+        assert_eq!(control_state(Some(&due), 1_500, 420_000).reason.as_deref(), Some("scheduled_shutdown_due"));
         let draining = apply_upsert(Some(&row), args(WorkerStatus::Draining), 1_000).unwrap();
-        assert_eq!(
-            control_state(Some(&draining), 1_000, 420_000).reason.as_deref(),
-            Some("status_draining")
-        );
+        assert_eq!(control_state(Some(&draining), 1_000, 420_000).reason.as_deref(), Some("status_draining"));
     }
 }

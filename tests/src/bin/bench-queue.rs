@@ -89,10 +89,7 @@ async fn main() -> anyhow::Result<()> {
         "| trivial operation round trips, 32 in flight (ops/s) | {op_rate:.0} | {raw_rate:.0} | {:.2} |",
         op_rate / raw_rate
     );
-    println!(
-        "| end-to-end throughput (msgs/s) | {qt:.0} | {rt:.0} | {:.2} |",
-        qt / rt
-    );
+    println!("| end-to-end throughput (msgs/s) | {qt:.0} | {rt:.0} | {:.2} |", qt / rt);
     for (name, f) in [
         ("dispatch p50 (ms)", (&|l: &Latency| l.p50) as &dyn Fn(&Latency) -> f64),
         ("dispatch p90 (ms)", &|l: &Latency| l.p90),
@@ -118,24 +115,15 @@ impl Clients {
             let nats = common::service::connect_nats(stack.nats.url(), name, Duration::from_secs(5)).await?;
             anyhow::Ok(common::ops::OpClient::new(nats, Duration::from_secs(10)))
         };
-        Ok(Self {
-            producer: client("bench-producer").await?,
-            workers: client("bench-workers").await?,
-        })
+        Ok(Self { producer: client("bench-producer").await?, workers: client("bench-workers").await? })
     }
 
     fn app(&self) -> Api {
-        Api {
-            ops: self.producer.clone(),
-            token: tests::APP_TOKEN.to_string(),
-        }
+        Api { ops: self.producer.clone(), token: tests::APP_TOKEN.to_string() }
     }
 
     fn worker(&self, stack: &TestStack, id: &str) -> Api {
-        Api {
-            ops: self.workers.clone(),
-            token: stack.ctx.auth.mint_worker_token(id).expect("token"),
-        }
+        Api { ops: self.workers.clone(), token: stack.ctx.auth.mint_worker_token(id).expect("token") }
     }
 }
 
@@ -153,12 +141,7 @@ struct Latency {
 fn latency(mut samples: Vec<f64>) -> Latency {
     samples.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
-    Latency {
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: at(1.0),
-    }
+    Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) }
 }
 
 async fn retry(api: &Api, op: &str, args: Value) -> Value {
@@ -234,22 +217,14 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
     let stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..args.latency_workers {
-        let (received, stop, ctx, ops) = (
-            received.clone(),
-            stop.clone(),
-            stack.ctx.clone(),
-            clients.workers.clone(),
-        );
+        let (received, stop, ctx, ops) = (received.clone(), stop.clone(), stack.ctx.clone(), clients.workers.clone());
         workers.spawn(async move {
             // Each job goes to a fresh worker id, as each conversation gets its own worker.
             let mut generation = 0;
             while !stop.is_cancelled() {
                 generation += 1;
                 let id = format!("l{run}-w{w}-{generation}");
-                let api = Api {
-                    ops: ops.clone(),
-                    token: ctx.auth.mint_worker_token(&id).expect("token"),
-                };
+                let api = Api { ops: ops.clone(), token: ctx.auth.mint_worker_token(&id).expect("token") };
                 let job = tokio::select! {
                     _ = stop.cancelled() => return,
                     job = retry(&api, "claimNextJob", json!({ "workerId": id, "waitMs": 2000 })) => job,
@@ -289,25 +264,13 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
     }
     stop.cancel();
     while workers.join_next().await.is_some() {}
-    let (returned, received) = (
-        returned.lock().expect("map").clone(),
-        received.lock().expect("map").clone(),
-    );
-    latency(
-        received
-            .iter()
-            .filter_map(|(c, got)| returned.get(c).map(|sent| signed_ms(*sent, *got)))
-            .collect(),
-    )
+    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    latency(received.iter().filter_map(|(c, got)| returned.get(c).map(|sent| signed_ms(*sent, *got))).collect())
 }
 
 /// `b - a` in milliseconds, negative when the worker had the job before the enqueue returned.
 fn signed_ms(a: Instant, b: Instant) -> f64 {
-    if b >= a {
-        (b - a).as_secs_f64() * 1000.0
-    } else {
-        -((a - b).as_secs_f64() * 1000.0)
-    }
+    if b >= a { (b - a).as_secs_f64() * 1000.0 } else { -((a - b).as_secs_f64() * 1000.0) }
 }
 
 async fn raw_stream(stack: &TestStack, name: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
@@ -351,12 +314,7 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         let (consumer, done, finished) = (consumer.clone(), done.clone(), finished.clone());
         workers.spawn(async move {
             while !finished.is_cancelled() {
-                let batch = consumer
-                    .fetch()
-                    .max_messages(1)
-                    .expires(Duration::from_millis(500))
-                    .messages()
-                    .await;
+                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
                 let Ok(mut batch) = batch else { continue };
                 while let Some(Ok(msg)) = batch.next().await {
                     let _ = msg.ack().await;
@@ -374,13 +332,7 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         .map(|i| {
             let js = js.clone();
             let subject = format!("{name}.c{}", i % args.conversations);
-            async move {
-                js.publish(subject, "x".into())
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("ack")
-            }
+            async move { js.publish(subject, "x".into()).await.expect("publish").await.expect("ack") }
         })
         .buffered(args.in_flight)
         .for_each(|_| async {})
@@ -404,12 +356,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         let (consumer, received, stop) = (consumer.clone(), received.clone(), stop.clone());
         workers.spawn(async move {
             while !stop.is_cancelled() {
-                let batch = consumer
-                    .fetch()
-                    .max_messages(1)
-                    .expires(Duration::from_millis(500))
-                    .messages()
-                    .await;
+                let batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await;
                 let Ok(mut batch) = batch else { continue };
                 while let Some(Ok(msg)) = batch.next().await {
                     let at = Instant::now();
@@ -430,11 +377,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         let (js, returned) = (js.clone(), returned.clone());
         let subject = format!("{name}.c{i}");
         sends.spawn(async move {
-            js.publish(subject.clone(), "x".into())
-                .await
-                .expect("publish")
-                .await
-                .expect("ack");
+            js.publish(subject.clone(), "x".into()).await.expect("publish").await.expect("ack");
             let at = Instant::now();
             if let Ok(mut m) = returned.lock() {
                 m.insert(subject, at);
@@ -448,26 +391,15 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
     stop.cancel();
     while workers.join_next().await.is_some() {}
     let _ = stack.ctx.js.delete_stream(&name).await;
-    let (returned, received) = (
-        returned.lock().expect("map").clone(),
-        received.lock().expect("map").clone(),
-    );
-    Ok(latency(
-        received
-            .iter()
-            .filter_map(|(s, got)| returned.get(s).map(|sent| signed_ms(*sent, *got)))
-            .collect(),
-    ))
+    let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
+    Ok(latency(received.iter().filter_map(|(s, got)| returned.get(s).map(|sent| signed_ms(*sent, *got))).collect()))
 }
 
 /// The cost of the operation layer itself: a trivial operation (`getTestClock`) against a
 /// plain NATS echo responder, both with 32 requests in flight.
 async fn op_overhead(stack: &TestStack, clients: &Clients) -> anyhow::Result<(f64, f64)> {
     const N: usize = 20_000;
-    let api = Api {
-        ops: clients.producer.clone(),
-        token: tests::ADMIN_TOKEN.to_string(),
-    };
+    let api = Api { ops: clients.producer.clone(), token: tests::ADMIN_TOKEN.to_string() };
     let started = Instant::now();
     futures::stream::iter(0..N)
         .map(|_| {

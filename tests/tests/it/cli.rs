@@ -47,9 +47,7 @@ async fn cli_upserts_and_lists_profiles() {
     assert_eq!(profiles[0]["version"], "2.0.0");
 
     // The same operation with arguments from stdin.
-    let out = afctl(&stack, &["op", "getAgentProfile", "-"], r#"{"agentKey":"helper"}"#)
-        .await
-        .expect("op from stdin");
+    let out = afctl(&stack, &["op", "getAgentProfile", "-"], r#"{"agentKey":"helper"}"#).await.expect("op from stdin");
     let profile: Value = serde_json::from_str(&out).expect("pretty JSON");
     assert_eq!(profile["botIdentity"], "bot-1");
 
@@ -76,15 +74,11 @@ async fn cli_ops_table_lists_the_catalogue() {
 #[tokio::test]
 async fn cli_imports_secrets_from_stdin_only_and_shows_status() {
     let stack = TestStack::start().await;
-    let out = afctl(&stack, &["secret", "import", "--ref", "fly.apiToken"], "s3cret\n")
-        .await
-        .expect("import");
+    let out = afctl(&stack, &["secret", "import", "--ref", "fly.apiToken"], "s3cret\n").await.expect("import");
     assert_eq!(out.trim(), "stored fly.apiToken version 1");
     assert!(!out.contains("s3cret"));
 
-    let table = afctl(&stack, &["secret", "status", "fly.apiToken", "convex.url"], "")
-        .await
-        .expect("status");
+    let table = afctl(&stack, &["secret", "status", "fly.apiToken", "convex.url"], "").await.expect("status");
     assert!(table.contains("fly.apiToken") && table.contains("true"), "{table}");
     assert!(table.contains("convex.url") && table.contains("false"), "{table}");
 
@@ -93,9 +87,7 @@ async fn cli_imports_secrets_from_stdin_only_and_shows_status() {
         .await
         .expect_err("--value is not an option");
     assert_eq!(err.exit_code(), 2);
-    let err = afctl(&stack, &["secret", "import", "--ref", "x"], "")
-        .await
-        .expect_err("an empty stdin is refused");
+    let err = afctl(&stack, &["secret", "import", "--ref", "x"], "").await.expect_err("an empty stdin is refused");
     assert_eq!(err.exit_code(), 2);
     stack.stop().await;
 }
@@ -113,20 +105,14 @@ async fn cli_shows_queue_stats() {
 #[tokio::test]
 async fn cli_errors_carry_the_code_and_message() {
     let stack = TestStack::start().await;
-    let err = afctl(&stack, &["op", "getAgentProfile", "{nope"], "")
-        .await
-        .expect_err("malformed JSON");
+    let err = afctl(&stack, &["op", "getAgentProfile", "{nope"], "").await.expect_err("malformed JSON");
     assert_eq!(err.exit_code(), 1);
     assert!(err.to_string().starts_with("error (invalid_input): "), "{err}");
 
-    let err = afctl_as(&stack, "wrong-token", &["profile", "list"], "")
-        .await
-        .expect_err("wrong token");
+    let err = afctl_as(&stack, "wrong-token", &["profile", "list"], "").await.expect_err("wrong token");
     assert!(err.to_string().starts_with("error (unauthenticated): "), "{err}");
 
-    let err = afctl(&stack, &["op", "noSuchOperation"], "")
-        .await
-        .expect_err("unknown operation");
+    let err = afctl(&stack, &["op", "noSuchOperation"], "").await.expect_err("unknown operation");
     assert!(err.to_string().starts_with("error (not_found): "), "{err}");
 
     let err = afctl(&stack, &["no-such-command"], "").await.expect_err("usage error");
@@ -171,9 +157,7 @@ async fn cli_enqueues_lists_and_claims_jobs() {
     assert_eq!(job["messageId"], Value::from(id.as_str()));
     assert_eq!(job["payload"]["messageText"], "hello");
     // The only job is leased: another worker gets nothing.
-    let none = afctl(&stack, &["claim", "--worker", "w-other"], "")
-        .await
-        .expect("claim again");
+    let none = afctl(&stack, &["claim", "--worker", "w-other"], "").await.expect("claim again");
     assert_eq!(none.trim(), "no job");
     stack.stop().await;
 }

@@ -22,12 +22,8 @@ async fn get(stack: &TestStack, path: &str) -> (u16, String, Value) {
 
 async fn decode(response: reqwest::Response) -> (u16, String, Value) {
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let content_type =
+        response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let text = response.text().await.expect("body");
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, content_type, body)
@@ -39,10 +35,7 @@ fn assert_error(reply: &(u16, String, Value), status: u16, code: &str) {
     assert_eq!(*got, status, "body: {body}");
     assert_eq!(content_type, "application/json", "body: {body}");
     assert_eq!(body["error"]["code"], json!(code), "body: {body}");
-    assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error message expected: {body}"
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error message expected: {body}");
 }
 
 #[tokio::test]
@@ -56,15 +49,7 @@ async fn ingress_health_readiness_and_metrics() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(content_type, "application/json");
     assert_eq!(body["status"], json!("ok"));
-    for check in [
-        "nats",
-        "topology",
-        "queue-manager",
-        "hydration",
-        "scheduler",
-        "push-dispatcher",
-        "cleanup",
-    ] {
+    for check in ["nats", "topology", "queue-manager", "hydration", "scheduler", "push-dispatcher", "cleanup"] {
         assert_eq!(body["checks"][check], json!("ok"), "{check}: {body}");
     }
 
@@ -105,12 +90,8 @@ async fn ingress_forwards_operations_and_continues_a_trace() {
         .expect("http request");
     let (status, _, body) = decode(response).await;
     assert_eq!(status, 200, "{body}");
-    let keys: Vec<&str> = body
-        .as_array()
-        .expect("a list of profiles")
-        .iter()
-        .filter_map(|p| p["agentKey"].as_str())
-        .collect();
+    let keys: Vec<&str> =
+        body.as_array().expect("a list of profiles").iter().filter_map(|p| p["agentKey"].as_str()).collect();
     assert_eq!(keys, ["web"]);
 
     // An empty body means no arguments.
@@ -122,26 +103,10 @@ async fn ingress_forwards_operations_and_continues_a_trace() {
 #[tokio::test]
 async fn ingress_authentication_errors_are_401_and_403() {
     let stack = TestStack::start().await;
-    assert_error(
-        &post(&stack, "listAgentProfiles", None, "{}").await,
-        401,
-        "unauthenticated",
-    );
-    assert_error(
-        &post(&stack, "listAgentProfiles", Some("not-the-token"), "{}").await,
-        401,
-        "unauthenticated",
-    );
-    assert_error(
-        &post(&stack, "listAgentProfiles", Some(APP_TOKEN), "{}").await,
-        403,
-        "forbidden",
-    );
-    assert_error(
-        &post(&stack, "releaseStuckJobs", Some(APP_TOKEN), "{}").await,
-        403,
-        "forbidden",
-    );
+    assert_error(&post(&stack, "listAgentProfiles", None, "{}").await, 401, "unauthenticated");
+    assert_error(&post(&stack, "listAgentProfiles", Some("not-the-token"), "{}").await, 401, "unauthenticated");
+    assert_error(&post(&stack, "listAgentProfiles", Some(APP_TOKEN), "{}").await, 403, "forbidden");
+    assert_error(&post(&stack, "releaseStuckJobs", Some(APP_TOKEN), "{}").await, 403, "forbidden");
     stack.stop().await;
 }
 
@@ -150,13 +115,7 @@ async fn ingress_unknown_operations_and_routes_are_json_404() {
     let stack = TestStack::start().await;
     let reply = post(&stack, "noSuchOperation", Some(ADMIN_TOKEN), "{}").await;
     assert_error(&reply, 404, "not_found");
-    assert!(
-        reply.2["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("noSuchOperation")),
-        "{}",
-        reply.2
-    );
+    assert!(reply.2["error"]["message"].as_str().is_some_and(|m| m.contains("noSuchOperation")), "{}", reply.2);
     // Unknown operations are refused before authentication: there is nothing to protect.
     assert_error(&post(&stack, "noSuchOperation", None, "{}").await, 404, "not_found");
     assert_error(&get(&stack, "/v2/elsewhere").await, 404, "not_found");
@@ -167,11 +126,7 @@ async fn ingress_unknown_operations_and_routes_are_json_404() {
 async fn ingress_oversized_bodies_are_413_json() {
     let stack = TestStack::start_with(&[("http.max_body_bytes", "1024")]).await;
     let big = format!(r#"{{"agentKey":"{}"}}"#, "x".repeat(4096));
-    assert_error(
-        &post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), &big).await,
-        413,
-        "payload_too_large",
-    );
+    assert_error(&post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), &big).await, 413, "payload_too_large");
     // A body just under the limit is forwarded (and judged by the service).
     let fits = format!(r#"{{"agentKey":"{}"}}"#, "x".repeat(900));
     let (status, _, body) = post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), &fits).await;
@@ -186,14 +141,9 @@ async fn ingress_oversized_bodies_are_413_json() {
         )))
         .expect("request");
     assert!(request.headers().get("content-length").is_none());
-    let response = ingress::router(stack.ctx.clone())
-        .oneshot(request)
-        .await
-        .expect("router answers");
+    let response = ingress::router(stack.ctx.clone()).oneshot(request).await.expect("router answers");
     assert_eq!(response.status().as_u16(), 413);
-    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
-        .await
-        .expect("body");
+    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024).await.expect("body");
     let body: Value = serde_json::from_slice(&bytes).expect("json error body");
     assert_eq!(body["error"]["code"], json!("payload_too_large"));
     stack.stop().await;
@@ -202,21 +152,9 @@ async fn ingress_oversized_bodies_are_413_json() {
 #[tokio::test]
 async fn ingress_bad_arguments_are_400_invalid_input() {
     let stack = TestStack::start().await;
-    assert_error(
-        &post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), "{nope").await,
-        400,
-        "invalid_input",
-    );
-    assert_error(
-        &post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), r#"{"agentKey":5}"#).await,
-        400,
-        "invalid_input",
-    );
-    assert_error(
-        &post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), "[1,2]").await,
-        400,
-        "invalid_input",
-    );
+    assert_error(&post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), "{nope").await, 400, "invalid_input");
+    assert_error(&post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), r#"{"agentKey":5}"#).await, 400, "invalid_input");
+    assert_error(&post(&stack, "getAgentProfile", Some(ADMIN_TOKEN), "[1,2]").await, 400, "invalid_input");
     stack.stop().await;
 }
 
@@ -227,10 +165,7 @@ async fn ingress_lists_the_catalogue_without_a_token() {
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
     let ops = body.as_array().expect("a list");
     assert_eq!(ops.len(), common::ops::CATALOGUE.len());
-    let enqueue = ops
-        .iter()
-        .find(|op| op["name"] == json!("enqueueMessage"))
-        .expect("enqueueMessage is listed");
+    let enqueue = ops.iter().find(|op| op["name"] == json!("enqueueMessage")).expect("enqueueMessage is listed");
     assert_eq!(enqueue["service"], json!("queue-manager"));
     assert_eq!(enqueue["roles"], json!(["admin", "app"]));
     assert!(enqueue["summary"].as_str().is_some_and(|s| !s.is_empty()));
@@ -253,12 +188,7 @@ async fn ingress_carries_the_callers_trace_into_the_nats_request() {
 
     let stack = TestStack::start().await;
     // A plain subscription sees the request next to the hydration queue group that answers it.
-    let mut requests = stack
-        .ctx
-        .nats
-        .subscribe(common::ops::subject("listAgentProfiles"))
-        .await
-        .expect("subscribe");
+    let mut requests = stack.ctx.nats.subscribe(common::ops::subject("listAgentProfiles")).await.expect("subscribe");
     stack.ctx.nats.flush().await.expect("flush");
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -59,10 +59,7 @@ async fn profiles_upsert_creates_then_patches_with_effective_secret_refs() {
         ])
     );
     assert_eq!(created["botIdentity"], json!("12345"));
-    assert_eq!(
-        created["bridgeConfig"]["baseUrl"],
-        json!("https://consumer.example.com")
-    );
+    assert_eq!(created["bridgeConfig"]["baseUrl"], json!("https://consumer.example.com"));
     assert_eq!(created["enabled"], json!(true));
     let created_at = created["createdAt"].as_i64().expect("createdAt");
     assert!(created["updatedAt"].as_i64().expect("updatedAt") >= created_at);
@@ -87,13 +84,7 @@ async fn profiles_upsert_creates_then_patches_with_effective_secret_refs() {
     assert_eq!(patched["createdAt"].as_i64(), Some(created_at));
     assert_eq!(
         patched["secretsRef"],
-        json!([
-            "telegram.botToken",
-            "convex.url",
-            "fly.apiToken",
-            "custom.key",
-            "agent-bridge.baseUrlMapJson.sales"
-        ])
+        json!(["telegram.botToken", "convex.url", "fly.apiToken", "custom.key", "agent-bridge.baseUrlMapJson.sales"])
     );
 
     // Disabling the bridge drops its refs.
@@ -119,31 +110,18 @@ async fn profiles_get_and_list() {
     let stack = TestStack::start().await;
     let admin = stack.admin();
     assert_eq!(admin.ok("listAgentProfiles", json!({})).await, json!([]));
-    assert_eq!(
-        admin.ok("getAgentProfile", json!({"agentKey": "nobody"})).await,
-        Value::Null
-    );
+    assert_eq!(admin.ok("getAgentProfile", json!({"agentKey": "nobody"})).await, Value::Null);
     for key in ["zeta", "alpha", "telegram:42 ünï"] {
         admin
-            .ok(
-                "upsertAgentProfile",
-                json!({"agentKey": key, "version": "1", "secretsRef": [], "enabled": true}),
-            )
+            .ok("upsertAgentProfile", json!({"agentKey": key, "version": "1", "secretsRef": [], "enabled": true}))
             .await;
     }
     let list = admin.ok("listAgentProfiles", json!({})).await;
-    let keys: Vec<&str> = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|p| p["agentKey"].as_str().expect("agentKey"))
-        .collect();
+    let keys: Vec<&str> =
+        list.as_array().expect("array").iter().map(|p| p["agentKey"].as_str().expect("agentKey")).collect();
     assert_eq!(keys, ["alpha", "telegram:42 ünï", "zeta"]);
     // The app role may read one profile.
-    let one = stack
-        .app()
-        .ok("getAgentProfile", json!({"agentKey": "telegram:42 ünï"}))
-        .await;
+    let one = stack.app().ok("getAgentProfile", json!({"agentKey": "telegram:42 ünï"})).await;
     assert_eq!(one["agentKey"], json!("telegram:42 ünï"));
     stack.stop().await;
 }
@@ -169,10 +147,7 @@ async fn profiles_invalid_input_is_refused_naming_the_field() {
         (with(json!({"secretsRef": ["ok", "has space"]})), "secretsRef[1]"),
         (with(json!({"secretsRef": [""]})), "secretsRef[0]"),
         (with(json!({"secretsRef": ["r".repeat(257)]})), "secretsRef[0]"),
-        (
-            with(json!({"secretsRef": (0..65).map(|i| format!("r{i}")).collect::<Vec<_>>()})),
-            "secretsRef",
-        ),
+        (with(json!({"secretsRef": (0..65).map(|i| format!("r{i}")).collect::<Vec<_>>()})), "secretsRef"),
         (
             with(json!({"bridgeConfig": {"enabled": true, "serviceKeySecretRef": ""}})),
             "bridgeConfig.serviceKeySecretRef",
@@ -185,25 +160,12 @@ async fn profiles_invalid_input_is_refused_naming_the_field() {
     for (args, field) in cases {
         let err = admin.err("upsertAgentProfile", args.clone()).await;
         assert_eq!(err.code, ErrorCode::InvalidInput, "{args}: {err:?}");
-        assert!(
-            err.message.contains(field),
-            "{args}: message should name {field}: {}",
-            err.message
-        );
+        assert!(err.message.contains(field), "{args}: message should name {field}: {}", err.message);
     }
-    assert_eq!(
-        admin.ok("listAgentProfiles", json!({})).await,
-        json!([]),
-        "nothing was stored"
-    );
+    assert_eq!(admin.ok("listAgentProfiles", json!({})).await, json!([]), "nothing was stored");
     let err = admin.err("getAgentProfile", json!({"agentKey": ""})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
-    let err = admin
-        .err(
-            "importPlaintextSecret",
-            json!({"secretRef": "a b", "plaintextValue": "x"}),
-        )
-        .await;
+    let err = admin.err("importPlaintextSecret", json!({"secretRef": "a b", "plaintextValue": "x"})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     assert!(err.message.contains("secretRef"), "{}", err.message);
     stack.stop().await;
@@ -219,10 +181,7 @@ async fn profiles_operations_check_roles() {
     for (op, args) in [
         ("upsertAgentProfile", upsert.clone()),
         ("getSecretsStatus", json!({"secretRefs": ["convex.url"]})),
-        (
-            "importPlaintextSecret",
-            json!({"secretRef": "r", "plaintextValue": "v"}),
-        ),
+        ("importPlaintextSecret", json!({"secretRef": "r", "plaintextValue": "v"})),
         ("providerRuntimeConfig", json!({})),
     ] {
         let err = worker.err(op, args).await;
@@ -235,26 +194,14 @@ async fn profiles_operations_check_roles() {
     let (status, body) = stack
         .ctx
         .ops
-        .call_raw(
-            "upsertAgentProfile",
-            None,
-            bytes::Bytes::from(upsert.to_string()),
-            Duration::ZERO,
-        )
+        .call_raw("upsertAgentProfile", None, bytes::Bytes::from(upsert.to_string()), Duration::ZERO)
         .await;
     assert_eq!(status, 401);
     let err = common::ops::decode_reply::<Value>(status, &body).expect_err("must fail");
     assert_eq!(err.code, ErrorCode::Unauthenticated);
-    let err = stack
-        .client("not-a-token")
-        .err("getAgentProfile", json!({"agentKey": "a"}))
-        .await;
+    let err = stack.client("not-a-token").err("getAgentProfile", json!({"agentKey": "a"})).await;
     assert_eq!(err.code, ErrorCode::Unauthenticated);
-    assert_eq!(
-        stack.admin().ok("listAgentProfiles", json!({})).await,
-        json!([]),
-        "no refused call wrote anything"
-    );
+    assert_eq!(stack.admin().ok("listAgentProfiles", json!({})).await, json!([]), "no refused call wrote anything");
     stack.stop().await;
 }
 
@@ -289,17 +236,10 @@ async fn profiles_secret_imports_rotate_versions_and_report_status() {
         .expect("versions")
         .iter()
         .map(|v| {
-            (
-                v["version"].as_u64().expect("version"),
-                v["active"].as_bool().expect("active"),
-                v["rotatedFrom"].as_u64(),
-            )
+            (v["version"].as_u64().expect("version"), v["active"].as_bool().expect("active"), v["rotatedFrom"].as_u64())
         })
         .collect();
-    assert_eq!(
-        versions,
-        vec![(1, false, None), (2, false, Some(1)), (3, true, Some(2))]
-    );
+    assert_eq!(versions, vec![(1, false, None), (2, false, Some(1)), (3, true, Some(2))]);
     assert_eq!(doc["versions"][2]["metadata"], json!({"source": "test"}));
     assert_eq!(doc["versions"][2]["algorithm"], json!("xchacha20poly1305-v1"));
 
@@ -334,16 +274,10 @@ async fn profiles_secret_plaintext_is_sealed_and_never_returned() {
     let stack = TestStack::start_with(&[("limits.max_string_bytes", "200000")]).await;
     let admin = stack.admin();
     let plaintext = "123456:AAH-super-secret-bot-token";
-    let out = admin
-        .ok(
-            "importPlaintextSecret",
-            json!({"secretRef": "telegram.botToken", "plaintextValue": plaintext}),
-        )
-        .await;
+    let out =
+        admin.ok("importPlaintextSecret", json!({"secretRef": "telegram.botToken", "plaintextValue": plaintext})).await;
     assert!(!out.to_string().contains(plaintext));
-    let status = admin
-        .ok("getSecretsStatus", json!({"secretRefs": ["telegram.botToken"]}))
-        .await;
+    let status = admin.ok("getSecretsStatus", json!({"secretRefs": ["telegram.botToken"]})).await;
     assert!(!status.to_string().contains(plaintext));
 
     let (raw, doc) = raw_secret_doc(&stack, "telegram.botToken").await;
@@ -352,44 +286,26 @@ async fn profiles_secret_plaintext_is_sealed_and_never_returned() {
     let sealed: Sealed = serde_json::from_value(doc["versions"][0].clone()).expect("sealed");
     let right = stack_cipher(&stack);
     assert_eq!(sealed.key_id, right.key_id());
-    let opened = right
-        .open(&sealed, "telegram.botToken#1")
-        .expect("the configured key opens it");
+    let opened = right.open(&sealed, "telegram.botToken#1").expect("the configured key opens it");
     assert_eq!(opened.expose_secret(), plaintext);
-    assert!(
-        right.open(&sealed, "telegram.botToken#2").is_err(),
-        "bound to its version"
-    );
+    assert!(right.open(&sealed, "telegram.botToken#2").is_err(), "bound to its version");
     assert!(right.open(&sealed, "other.ref#1").is_err(), "bound to its ref");
     let wrong_key = SecretString::from(common::crypto::generate_key_base64().expect("key"));
     let wrong = SecretCipher::from_base64(&wrong_key).expect("cipher");
     assert!(wrong.open(&sealed, "telegram.botToken#1").is_err());
     // Even with the key id forged to match, another key cannot authenticate the ciphertext.
-    let forged = Sealed {
-        key_id: wrong.key_id().to_string(),
-        ..sealed.clone()
-    };
+    let forged = Sealed { key_id: wrong.key_id().to_string(), ..sealed.clone() };
     assert!(wrong.open(&forged, "telegram.botToken#1").is_err());
 
-    let err = admin
-        .err("importPlaintextSecret", json!({"secretRef": "r", "plaintextValue": ""}))
-        .await;
+    let err = admin.err("importPlaintextSecret", json!({"secretRef": "r", "plaintextValue": ""})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     assert!(err.message.contains("plaintextValue"), "{}", err.message);
     let err = admin
-        .err(
-            "importPlaintextSecret",
-            json!({"secretRef": "r", "plaintextValue": "x".repeat(64 * 1024 + 1)}),
-        )
+        .err("importPlaintextSecret", json!({"secretRef": "r", "plaintextValue": "x".repeat(64 * 1024 + 1)}))
         .await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     assert!(err.message.contains("plaintextValue"), "{}", err.message);
-    let err = admin
-        .err(
-            "importPlaintextSecret",
-            json!({"secretRef": "r", "plaintextValue": 987654321}),
-        )
-        .await;
+    let err = admin.err("importPlaintextSecret", json!({"secretRef": "r", "plaintextValue": 987654321})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     assert!(!err.message.contains("987654321"), "{}", err.message);
     let status = admin.ok("getSecretsStatus", json!({"secretRefs": ["r"]})).await;
@@ -431,52 +347,20 @@ async fn profiles_message_config_is_normalised_and_blank_deletes_the_row() {
             json!({"messageConfig": {"systemPrompt": "Short answers.", "telegramAttachmentRetentionMs": -5}}),
         )
         .await;
-    assert_eq!(
-        admin.ok("messageRuntimeConfig", json!({})).await,
-        json!({"systemPrompt": "Short answers."})
-    );
-    admin
-        .ok(
-            "setMessageRuntimeConfig",
-            json!({"messageConfig": {"telegramAttachmentRetentionMs": 60000}}),
-        )
-        .await;
-    assert_eq!(
-        admin.ok("messageRuntimeConfig", json!({})).await,
-        json!({"telegramAttachmentRetentionMs": 60000})
-    );
+    assert_eq!(admin.ok("messageRuntimeConfig", json!({})).await, json!({"systemPrompt": "Short answers."}));
+    admin.ok("setMessageRuntimeConfig", json!({"messageConfig": {"telegramAttachmentRetentionMs": 60000}})).await;
+    assert_eq!(admin.ok("messageRuntimeConfig", json!({})).await, json!({"telegramAttachmentRetentionMs": 60000}));
 
     // A whitespace-only prompt with no retention deletes the row.
-    admin
-        .ok(
-            "setMessageRuntimeConfig",
-            json!({"messageConfig": {"systemPrompt": " \n\t "}}),
-        )
-        .await;
+    admin.ok("setMessageRuntimeConfig", json!({"messageConfig": {"systemPrompt": " \n\t "}})).await;
     assert_eq!(admin.ok("messageRuntimeConfig", json!({})).await, Value::Null);
-    let gone = stack
-        .ctx
-        .buckets
-        .runtime_config
-        .get::<Value>(common::model::MESSAGE_CONFIG_KEY)
-        .await
-        .expect("kv");
+    let gone = stack.ctx.buckets.runtime_config.get::<Value>(common::model::MESSAGE_CONFIG_KEY).await.expect("kv");
     assert!(gone.is_none(), "row deleted");
     // Deleting again is a no-op, and the row can be created again afterwards.
     admin.ok("setMessageRuntimeConfig", json!({"messageConfig": {}})).await;
-    admin
-        .ok(
-            "setMessageRuntimeConfig",
-            json!({"messageConfig": {"systemPrompt": "Back."}}),
-        )
-        .await;
-    assert_eq!(
-        admin.ok("messageRuntimeConfig", json!({})).await,
-        json!({"systemPrompt": "Back."})
-    );
-    let err = admin
-        .err("setMessageRuntimeConfig", json!({"messageConfig": {"systemPrompt": 3}}))
-        .await;
+    admin.ok("setMessageRuntimeConfig", json!({"messageConfig": {"systemPrompt": "Back."}})).await;
+    assert_eq!(admin.ok("messageRuntimeConfig", json!({})).await, json!({"systemPrompt": "Back."}));
+    let err = admin.err("setMessageRuntimeConfig", json!({"messageConfig": {"systemPrompt": 3}})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     stack.stop().await;
 }
@@ -496,30 +380,12 @@ async fn profiles_provider_config_round_trips() {
         "volumePath": "/data",
         "volumeSizeGb": 10.0
     });
-    assert_eq!(
-        admin
-            .ok("setProviderRuntimeConfig", json!({"providerConfig": config}))
-            .await,
-        Value::Null
-    );
+    assert_eq!(admin.ok("setProviderRuntimeConfig", json!({"providerConfig": config})).await, Value::Null);
     assert_eq!(admin.ok("providerRuntimeConfig", json!({})).await, config);
     // No validation (as the original): a partial config is stored as given and replaces the old.
-    admin
-        .ok(
-            "setProviderRuntimeConfig",
-            json!({"providerConfig": {"kind": "fly", "appName": ""}}),
-        )
-        .await;
-    assert_eq!(
-        admin.ok("providerRuntimeConfig", json!({})).await,
-        json!({"kind": "fly", "appName": ""})
-    );
-    let err = admin
-        .err(
-            "setProviderRuntimeConfig",
-            json!({"providerConfig": {"appNmae": "typo"}}),
-        )
-        .await;
+    admin.ok("setProviderRuntimeConfig", json!({"providerConfig": {"kind": "fly", "appName": ""}})).await;
+    assert_eq!(admin.ok("providerRuntimeConfig", json!({})).await, json!({"kind": "fly", "appName": ""}));
+    let err = admin.err("setProviderRuntimeConfig", json!({"providerConfig": {"appNmae": "typo"}})).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
     assert!(err.message.contains("appNmae"), "{}", err.message);
     stack.stop().await;
@@ -544,11 +410,7 @@ async fn profiles_concurrent_secret_imports_get_distinct_versions() {
     });
     let mut versions = futures::future::join_all(imports).await;
     versions.sort_unstable();
-    assert_eq!(
-        versions,
-        (1..=8).collect::<Vec<u64>>(),
-        "each CAS winner got its own version"
-    );
+    assert_eq!(versions, (1..=8).collect::<Vec<u64>>(), "each CAS winner got its own version");
     let (_, doc) = raw_secret_doc(&stack, "fly.apiToken").await;
     let active: Vec<u64> = doc["versions"]
         .as_array()

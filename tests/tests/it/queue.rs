@@ -13,27 +13,18 @@ async fn stack() -> TestStack {
 }
 
 async fn enqueue(stack: &TestStack, conversation: &str, text: &str) -> String {
-    let id = stack
-        .app()
-        .ok("enqueueMessage", message(conversation, "agent-a", text))
-        .await;
+    let id = stack.app().ok("enqueueMessage", message(conversation, "agent-a", text)).await;
     id.as_str().expect("message id").to_string()
 }
 
 async fn claim(stack: &TestStack, worker: &str) -> Value {
-    stack
-        .worker(worker)
-        .ok("claimNextJob", json!({ "workerId": worker }))
-        .await
+    stack.worker(worker).ok("claimNextJob", json!({ "workerId": worker })).await
 }
 
 async fn complete(stack: &TestStack, worker: &str, job: &Value) -> Value {
     stack
         .worker(worker)
-        .ok(
-            "completeJob",
-            json!({ "workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"] }),
-        )
+        .ok("completeJob", json!({ "workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"] }))
         .await
 }
 
@@ -43,12 +34,7 @@ async fn advance(stack: &TestStack, ms: i64) {
 
 async fn worker_row(stack: &TestStack, worker: &str) -> Value {
     let rows = stack.admin().ok("listWorkersForScheduler", json!({})).await;
-    rows.as_array()
-        .expect("worker rows")
-        .iter()
-        .find(|r| r["workerId"] == worker)
-        .cloned()
-        .unwrap_or(Value::Null)
+    rows.as_array().expect("worker rows").iter().find(|r| r["workerId"] == worker).cloned().unwrap_or(Value::Null)
 }
 
 #[tokio::test]
@@ -66,30 +52,23 @@ async fn enqueue_then_claim_returns_the_job_with_a_lease() {
     let (ms, rand) = lease.split_once('-').unwrap();
     assert_eq!(ms, T0.to_string());
     assert_eq!(rand.len(), 8);
-    assert_eq!(
-        claim(&stack, "w1").await["messageId"],
-        id.as_str(),
-        "a lost claim reply is re-delivered"
-    );
+    assert_eq!(claim(&stack, "w1").await["messageId"], id.as_str(), "a lost claim reply is re-delivered");
     assert_eq!(claim(&stack, "w2").await, Value::Null);
     assert_eq!(complete(&stack, "w1", &job).await, true);
-    assert_eq!(
-        complete(&stack, "w1", &job).await,
-        true,
-        "a retried complete of the same lease is idempotent"
-    );
+    assert_eq!(complete(&stack, "w1", &job).await, true, "a retried complete of the same lease is idempotent");
     let mut other = job.clone();
     other["leaseId"] = json!("0-otherlease");
-    assert_eq!(
-        complete(&stack, "w1", &other).await,
-        false,
-        "another lease cannot complete it"
-    );
+    assert_eq!(complete(&stack, "w1", &other).await, false, "another lease cannot complete it");
     let stats = stack.admin().ok("getQueueStats", json!({})).await;
-    assert_eq!(
-        (stats["queuedReady"].as_u64(), stats["processing"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_eq!((stats["queuedReady"].as_u64(), stats["processing"].as_u64()), (Some(0), Some(0)));
+}
+
+/// Enqueues `text` on a fresh conversation and returns the text its worker receives.
+async fn delivered_text(stack: &TestStack, text: &str) -> String {
+    let conversation = format!("c-{}", common::crypto::random_base36(10));
+    stack.app().ok("enqueueMessage", message(&conversation, "agent-a", text)).await;
+    let job = stack.worker(&conversation).ok("claimNextJob", json!({ "workerId": conversation })).await;
+    job["payload"]["messageText"].as_str().unwrap_or_default().to_string()
 }
 
 #[tokio::test]
@@ -99,56 +78,18 @@ async fn system_prompt_is_appended_and_a_blank_prompt_ignored() {
     let row = json!({ "config": { "systemPrompt": "Be brief." }, "updatedAt": 0 });
     store.create(common::model::MESSAGE_CONFIG_KEY, &row).await.unwrap();
     // The queue reads runtime config through a watch; wait until the prompt is applied.
-    let job = tests::wait_until(
-        "the system prompt is applied",
-        std::time::Duration::from_secs(5),
-        || async {
-            let conversation = format!("c-{}", uuid_like());
-            stack
-                .app()
-                .ok("enqueueMessage", message(&conversation, "agent-a", "hi  "))
-                .await;
-            let job = stack
-                .worker(&conversation)
-                .ok("claimNextJob", json!({ "workerId": conversation }))
-                .await;
-            (job["payload"]["messageText"] == "hi\n\nBe brief.").then_some(job)
-        },
-    )
+    tests::wait_until("the system prompt is applied", std::time::Duration::from_secs(5), || async {
+        (delivered_text(&stack, "hi  ").await == "hi\n\nBe brief.").then_some(())
+    })
     .await;
-    assert_eq!(job["payload"]["messageText"], "hi\n\nBe brief.");
 
-    let current = store
-        .get::<Value>(common::model::MESSAGE_CONFIG_KEY)
-        .await
-        .unwrap()
-        .unwrap();
+    let current = store.get::<Value>(common::model::MESSAGE_CONFIG_KEY).await.unwrap().unwrap();
     let blank = json!({ "config": { "systemPrompt": "   " }, "updatedAt": 1 });
-    store
-        .update(common::model::MESSAGE_CONFIG_KEY, &blank, current.revision)
-        .await
-        .unwrap();
-    tests::wait_until(
-        "the blank prompt is ignored",
-        std::time::Duration::from_secs(5),
-        || async {
-            let conversation = format!("c-{}", uuid_like());
-            stack
-                .app()
-                .ok("enqueueMessage", message(&conversation, "agent-a", "plain"))
-                .await;
-            let job = stack
-                .worker(&conversation)
-                .ok("claimNextJob", json!({ "workerId": conversation }))
-                .await;
-            (job["payload"]["messageText"] == "plain").then_some(())
-        },
-    )
+    store.update(common::model::MESSAGE_CONFIG_KEY, &blank, current.revision).await.unwrap();
+    tests::wait_until("the blank prompt is ignored", std::time::Duration::from_secs(5), || async {
+        (delivered_text(&stack, "plain").await == "plain").then_some(())
+    })
     .await;
-}
-
-fn uuid_like() -> String {
-    common::crypto::random_base36(10)
 }
 
 #[tokio::test]
@@ -158,10 +99,7 @@ async fn enqueue_validation_uses_the_original_messages() {
     let mut blank = message("c1", "agent-a", "x");
     blank["payload"]["providerUserId"] = json!(" ");
     let err = app.err("enqueueMessage", blank).await;
-    assert_eq!(
-        err.message,
-        r#"providerUserId is required but missing in payload.providerUserId=" ""#
-    );
+    assert_eq!(err.message, r#"providerUserId is required but missing in payload.providerUserId=" ""#);
     assert_eq!(err.code, common::ErrorCode::InvalidInput);
 
     let err = app.err("enqueueMessage", message("c1", "nobody", "x")).await;
@@ -169,23 +107,14 @@ async fn enqueue_validation_uses_the_original_messages() {
 
     app.ok("enqueueMessage", message("c1", "agent-a", "x")).await;
     let err = app.err("enqueueMessage", message("c1", "agent-b", "x")).await;
-    assert_eq!(
-        err.message,
-        "Conversation 'c1' is already bound to agent 'agent-a', cannot enqueue for 'agent-b'."
-    );
+    assert_eq!(err.message, "Conversation 'c1' is already bound to agent 'agent-a', cannot enqueue for 'agent-b'.");
 
     let mut bad = message("c2", "agent-a", "x");
     bad["maxAttempts"] = json!(0);
-    assert_eq!(
-        app.err("enqueueMessage", bad).await.code,
-        common::ErrorCode::InvalidInput
-    );
+    assert_eq!(app.err("enqueueMessage", bad).await.code, common::ErrorCode::InvalidInput);
     let mut bad = message("c2", "agent-a", "x");
     bad["priority"] = json!("high");
-    assert_eq!(
-        app.err("enqueueMessage", bad).await.code,
-        common::ErrorCode::InvalidInput
-    );
+    assert_eq!(app.err("enqueueMessage", bad).await.code, common::ErrorCode::InvalidInput);
     let err = app.err("enqueueMessage", message("c2", "agent-a", "   ")).await;
     assert!(err.message.contains("messageText"), "{}", err.message);
 }
@@ -240,10 +169,7 @@ async fn a_pre_assigned_worker_claims_only_its_conversation() {
     enqueue(&stack, "c1", "a").await;
     enqueue(&stack, "c2", "b").await;
     assert_eq!(claim(&stack, "afw-1").await["conversationId"], "c2");
-    let other = stack
-        .worker("afw-1")
-        .ok("claimNextJob", json!({ "workerId": "afw-1", "conversationId": "c1" }))
-        .await;
+    let other = stack.worker("afw-1").ok("claimNextJob", json!({ "workerId": "afw-1", "conversationId": "c1" })).await;
     assert_eq!(other, Value::Null, "a filter for another conversation yields nothing");
     assert_eq!(claim(&stack, "w-free").await["conversationId"], "c1");
 }
@@ -269,11 +195,7 @@ async fn a_stale_owner_is_taken_over() {
     assert_eq!(claim(&stack, "w2").await, Value::Null);
     advance(&stack, 420_001).await;
     assert_eq!(claim(&stack, "w2").await["payload"]["messageText"], "b");
-    assert_eq!(
-        claim(&stack, "w1").await,
-        Value::Null,
-        "the old owner no longer gets it"
-    );
+    assert_eq!(claim(&stack, "w1").await, Value::Null, "the old owner no longer gets it");
 }
 
 #[tokio::test]
@@ -290,10 +212,7 @@ async fn releasing_stuck_jobs_counts_an_attempt_and_clears_the_assignment() {
     let row = worker_row(&stack, "w1").await;
     assert_eq!(row["assignment"], Value::Null);
     assert_eq!(row["load"], 0);
-    assert_eq!(
-        row["heartbeatAt"], before["heartbeatAt"],
-        "recovery must not refresh the dead worker (Q3)"
-    );
+    assert_eq!(row["heartbeatAt"], before["heartbeatAt"], "recovery must not refresh the dead worker (Q3)");
     assert_eq!(complete(&stack, "w1", &job).await, false, "the old lease is gone");
     let again = claim(&stack, "w2").await;
     assert_eq!(again["messageId"], job["messageId"]);
@@ -313,10 +232,7 @@ async fn a_job_that_keeps_crashing_its_worker_is_dead_lettered() {
         advance(&stack, 360_000).await;
         stack.admin().ok("releaseStuckJobs", json!({})).await;
     }
-    let dead = stack
-        .admin()
-        .ok("listJobsByStatus", json!({ "status": "dead_letter" }))
-        .await;
+    let dead = stack.admin().ok("listJobsByStatus", json!({ "status": "dead_letter" })).await;
     assert_eq!(dead.as_array().unwrap().len(), 1);
     assert_eq!(dead[0]["lastError"], "Lease expired while processing");
     assert_eq!(claim(&stack, "w3").await["payload"]["messageText"], "after");
@@ -351,15 +267,9 @@ async fn failures_retry_with_the_spec_backoff_then_dead_letter() {
     let job = claim(&stack, "w1").await;
     let outcome = stack
         .worker("w1")
-        .ok(
-            "failJob",
-            json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }),
-        )
+        .ok("failJob", json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }))
         .await;
-    assert_eq!(
-        outcome,
-        json!({ "requeued": false, "deadLettered": true, "nextScheduledFor": null })
-    );
+    assert_eq!(outcome, json!({ "requeued": false, "deadLettered": true, "nextScheduledFor": null }));
     let stats = stack.admin().ok("getQueueStats", json!({})).await;
     assert_eq!(stats["deadLetter"], 1);
 
@@ -368,10 +278,7 @@ async fn failures_retry_with_the_spec_backoff_then_dead_letter() {
     let job = claim(&stack, "w1").await;
     assert_eq!(job["attempts"], 0);
     assert_eq!(stack.admin().ok("getQueueStats", json!({})).await["deadLetter"], 0);
-    assert_eq!(
-        stack.admin().ok("purgeDeadLetter", json!({ "messageId": id })).await,
-        false
-    );
+    assert_eq!(stack.admin().ok("purgeDeadLetter", json!({ "messageId": id })).await, false);
 }
 
 #[tokio::test]
@@ -387,11 +294,7 @@ async fn a_message_waiting_for_its_retry_holds_back_the_rest_of_its_conversation
             json!({ "workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "errorMessage": "x" }),
         )
         .await;
-    assert_eq!(
-        claim(&stack, "w1").await,
-        Value::Null,
-        "second must not overtake first (Q4)"
-    );
+    assert_eq!(claim(&stack, "w1").await, Value::Null, "second must not overtake first (Q4)");
     advance(&stack, 2_000).await;
     assert_eq!(claim(&stack, "w1").await["payload"]["messageText"], "first");
 }
@@ -405,11 +308,7 @@ async fn a_free_worker_finds_a_ready_conversation_behind_many_locked_ones() {
         claim(&stack, &format!("owner-{i}")).await;
     }
     enqueue(&stack, "free", "z").await;
-    assert_eq!(
-        claim(&stack, "newcomer").await["conversationId"],
-        "free",
-        "no head-of-line blocking (Q1)"
-    );
+    assert_eq!(claim(&stack, "newcomer").await["conversationId"], "free", "no head-of-line blocking (Q1)");
 }
 
 #[tokio::test]
@@ -436,11 +335,8 @@ async fn higher_priority_conversations_go_first_and_future_jobs_wait() {
 async fn a_long_poll_claim_returns_when_a_message_arrives() {
     let stack = stack().await;
     let worker = stack.worker("w1");
-    let waiting = tokio::spawn(async move {
-        worker
-            .ok("claimNextJob", json!({ "workerId": "w1", "waitMs": 20_000 }))
-            .await
-    });
+    let waiting =
+        tokio::spawn(async move { worker.ok("claimNextJob", json!({ "workerId": "w1", "waitMs": 20_000 })).await });
     // The claim is parked once the leader lists the worker as waiting; enqueue after that.
     tests::wait_until("the claim is parked", std::time::Duration::from_secs(5), || async {
         let id = enqueue(&stack, "c1", "ping").await;
@@ -449,10 +345,7 @@ async fn a_long_poll_claim_returns_when_a_message_arrives() {
     .await;
     let job = waiting.await.unwrap();
     assert_eq!(job["payload"]["messageText"], "ping");
-    let empty = stack
-        .worker("w2")
-        .ok("claimNextJob", json!({ "workerId": "w2", "waitMs": 50 }))
-        .await;
+    let empty = stack.worker("w2").ok("claimNextJob", json!({ "workerId": "w2", "waitMs": 50 })).await;
     assert_eq!(empty, Value::Null, "a long poll with nothing to do ends empty");
 }
 
@@ -471,15 +364,8 @@ async fn heartbeats_extend_the_lease_and_foreign_leases_are_refused() {
     assert_eq!(stack.worker("w1").ok("heartbeatJob", wrong.clone()).await, false);
     assert_eq!(stack.worker("w1").ok("completeJob", wrong).await, false);
     let err = stack.worker("w2").err("completeJob", beat.clone()).await;
-    assert_eq!(
-        err.code,
-        common::ErrorCode::Forbidden,
-        "a worker token only acts for its own worker"
-    );
-    let err = stack
-        .worker("w2")
-        .err("claimNextJob", json!({ "workerId": "w1" }))
-        .await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden, "a worker token only acts for its own worker");
+    let err = stack.worker("w2").err("claimNextJob", json!({ "workerId": "w1" })).await;
     assert_eq!(err.code, common::ErrorCode::Forbidden);
     let err = stack.app().err("claimNextJob", json!({ "workerId": "w1" })).await;
     assert_eq!(err.code, common::ErrorCode::Forbidden);
@@ -493,10 +379,7 @@ async fn worker_control_state_stops_stopped_unknown_and_overdue_workers() {
         let api = stack.worker(w);
         async move { api.ok("getWorkerControlState", json!({ "workerId": w })).await }
     };
-    assert_eq!(
-        state("ghost").await,
-        json!({ "shouldStop": true, "reason": "missing_worker" })
-    );
+    assert_eq!(state("ghost").await, json!({ "shouldStop": true, "reason": "missing_worker" }));
     enqueue(&stack, "c1", "a").await;
     let job = claim(&stack, "w1").await;
     assert_eq!(state("w1").await, json!({ "shouldStop": false }));
@@ -506,17 +389,9 @@ async fn worker_control_state_stops_stopped_unknown_and_overdue_workers() {
     let admin = stack.admin();
     admin.ok("upsertWorkerState", json!({ "workerId": "w2", "provider": "fly", "status": "active", "load": 0, "scheduledShutdownAt": T0 + 420_000 })).await;
     assert_eq!(state("w2").await["reason"], "scheduled_shutdown_due");
+    admin.ok("upsertWorkerState", json!({ "workerId": "w3", "provider": "fly", "status": "active", "load": 0 })).await;
     admin
-        .ok(
-            "upsertWorkerState",
-            json!({ "workerId": "w3", "provider": "fly", "status": "active", "load": 0 }),
-        )
-        .await;
-    admin
-        .ok(
-            "upsertWorkerState",
-            json!({ "workerId": "w3", "provider": "fly", "status": "draining", "load": 0 }),
-        )
+        .ok("upsertWorkerState", json!({ "workerId": "w3", "provider": "fly", "status": "draining", "load": 0 }))
         .await;
     assert_eq!(state("w3").await["reason"], "status_draining");
 }
@@ -529,18 +404,12 @@ async fn worker_status_only_moves_forward_and_stopping_keeps_the_heartbeat() {
     admin.ok("upsertWorkerState", upsert("active")).await;
     admin.ok("upsertWorkerState", upsert("draining")).await;
     let err = admin.err("upsertWorkerState", upsert("active")).await;
-    assert_eq!(
-        err.message,
-        "Worker 'w1' cannot transition from 'draining' to 'active'."
-    );
+    assert_eq!(err.message, "Worker 'w1' cannot transition from 'draining' to 'active'.");
     admin.ok("upsertWorkerState", upsert("stopping")).await;
     let stopping = worker_row(&stack, "w1").await;
     advance(&stack, 10_000).await;
     let stopped = admin.ok("upsertWorkerState", upsert("stopped")).await;
-    assert_eq!(
-        stopped["heartbeatAt"], stopping["heartbeatAt"],
-        "heartbeat preserved when stopped"
-    );
+    assert_eq!(stopped["heartbeatAt"], stopping["heartbeatAt"], "heartbeat preserved when stopped");
     assert_eq!(stopped["stoppedAt"], T0);
     let err = admin.err("upsertWorkerState", upsert("active")).await;
     assert_eq!(err.message, "Worker 'w1' cannot transition from 'stopped' to 'active'.");
@@ -554,37 +423,21 @@ async fn read_operations_show_the_queue() {
     enqueue(&stack, "c1", "one").await;
     enqueue(&stack, "c1", "two").await;
     let job = claim(&stack, "w1").await;
-    let items = stack
-        .app()
-        .ok("listQueueItemsForConversation", json!({ "conversationId": "c1" }))
-        .await;
-    let texts: Vec<&str> = items
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["payload"]["messageText"].as_str().unwrap())
-        .collect();
+    let items = stack.app().ok("listQueueItemsForConversation", json!({ "conversationId": "c1" })).await;
+    let texts: Vec<&str> =
+        items.as_array().unwrap().iter().map(|i| i["payload"]["messageText"].as_str().unwrap()).collect();
     assert_eq!(texts, ["two", "one"], "newest first");
     assert_eq!(items[1]["status"], "processing");
-    let has = stack
-        .app()
-        .ok("hasQueuedJobsForConversation", json!({ "conversationId": "c1" }))
-        .await;
+    let has = stack.app().ok("hasQueuedJobsForConversation", json!({ "conversationId": "c1" })).await;
     assert_eq!(has, true);
     complete(&stack, "w1", &job).await;
     let done = stack.admin().ok("listJobsByStatus", json!({ "status": "done" })).await;
     assert_eq!(done[0]["_id"], job["messageId"]);
-    let items = stack
-        .app()
-        .ok("listQueueItemsForConversation", json!({ "conversationId": "c1" }))
-        .await;
+    let items = stack.app().ok("listQueueItemsForConversation", json!({ "conversationId": "c1" })).await;
     assert_eq!(items[1]["status"], "done");
     let stats = stack.admin().ok("getWorkerStats", json!({})).await;
     assert_eq!(stats["idleCount"], 1);
-    let err = stack
-        .worker("w9")
-        .err("hasQueuedJobsForConversation", json!({ "conversationId": "c1" }))
-        .await;
+    let err = stack.worker("w9").err("hasQueuedJobsForConversation", json!({ "conversationId": "c1" })).await;
     assert_eq!(err.code, common::ErrorCode::Forbidden);
 }
 

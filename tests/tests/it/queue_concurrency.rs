@@ -74,10 +74,7 @@ impl Replica {
             .env("AF_AUTH__APP_TOKEN", tests::APP_TOKEN)
             .env("AF_AUTH__WORKER_TOKEN_KEY", tests::WORKER_TOKEN_KEY)
             .env("AF_LOOPS__LEASE_RECOVERY_INTERVAL_MS", "200")
-            .env(
-                "AF_TELEMETRY__LOG_FILTER",
-                std::env::var("AF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("AF_TELEMETRY__LOG_FILTER", std::env::var("AF_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .kill_on_drop(true);
         Self(cmd.spawn().expect("queue-manager starts"))
     }
@@ -91,14 +88,9 @@ async fn killing_the_leading_replica_mid_run_loses_nothing_and_completes_nothing
     let dir = tempfile::tempdir().expect("dir");
     // Short request timeouts: a long poll parked on the killed leader is retried sooner.
     let settings = Arc::new(tests::test_settings(dir.path(), &[("nats.request_timeout_ms", "2000")]));
-    let ctx = common::service::ServiceContext::connect(settings, nats.url(), "test-client")
-        .await
-        .expect("connect");
+    let ctx = common::service::ServiceContext::connect(settings, nats.url(), "test-client").await.expect("connect");
     seed_profile(&ctx, "racer").await;
-    let api = |token: String| Api {
-        ops: ctx.ops.clone(),
-        token,
-    };
+    let api = |token: String| Api { ops: ctx.ops.clone(), token };
     let admin = api(tests::ADMIN_TOKEN.to_string());
     wait_until("a replica leads the queue", Duration::from_secs(20), || async {
         admin.call("getQueueStats", json!({})).await.ok()
@@ -114,46 +106,22 @@ async fn killing_the_leading_replica_mid_run_loses_nothing_and_completes_nothing
     let producer = tokio::spawn(async move { produce(app, "racer", &to_produce, PER_CONVERSATION).await });
 
     let quarter = (CONVERSATIONS as u64 * PER_CONVERSATION / 4) as usize;
-    wait_until(
-        "a quarter of the messages are done",
-        Duration::from_secs(60),
-        || async { (ledger.completed_total() >= quarter).then_some(()) },
-    )
+    wait_until("a quarter of the messages are done", Duration::from_secs(60), || async {
+        (ledger.completed_total() >= quarter).then_some(())
+    })
     .await;
-    let holder: serde_json::Value = ctx
-        .buckets
-        .leaders
-        .get("queue")
-        .await
-        .expect("read lease")
-        .expect("a leader")
-        .value;
-    let pid: u32 = holder["holder"]
-        .as_str()
-        .and_then(|h| h.split('-').nth(2))
-        .and_then(|p| p.parse().ok())
-        .expect("pid");
-    let victim = replicas
-        .iter()
-        .position(|r| r.0.id() == Some(pid))
-        .expect("the leader is one of ours");
+    let holder: serde_json::Value =
+        ctx.buckets.leaders.get("queue").await.expect("read lease").expect("a leader").value;
+    let pid: u32 =
+        holder["holder"].as_str().and_then(|h| h.split('-').nth(2)).and_then(|p| p.parse().ok()).expect("pid");
+    let victim = replicas.iter().position(|r| r.0.id() == Some(pid)).expect("the leader is one of ours");
     common::nats_server::signal(pid, libc::SIGKILL);
     let _ = replicas[victim].0.wait().await;
     let done_at_kill = ledger.completed_total();
 
     producer.await.expect("producer");
     finish(&ledger, stop, workers, &convs).await;
-    assert!(
-        done_at_kill < (CONVERSATIONS as u64 * PER_CONVERSATION) as usize,
-        "the kill happened mid-run"
-    );
-    let survivor: serde_json::Value = ctx
-        .buckets
-        .leaders
-        .get("queue")
-        .await
-        .expect("read")
-        .expect("leader")
-        .value;
+    assert!(done_at_kill < (CONVERSATIONS as u64 * PER_CONVERSATION) as usize, "the kill happened mid-run");
+    let survivor: serde_json::Value = ctx.buckets.leaders.get("queue").await.expect("read").expect("leader").value;
     assert_ne!(survivor["holder"], holder["holder"], "the standby took over");
 }

@@ -62,11 +62,8 @@ fn crate_source_dirs() -> Vec<PathBuf> {
     let root = root();
     let mut dirs = vec![root.join("common/src")];
     if let Ok(entries) = std::fs::read_dir(root.join("services")) {
-        let mut services: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path().join("src"))
-            .filter(|p| p.is_dir())
-            .collect();
+        let mut services: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path().join("src")).filter(|p| p.is_dir()).collect();
         services.sort();
         dirs.extend(services);
     }
@@ -127,10 +124,7 @@ fn tidy_no_disabled_tests_or_placeholder_code() {
 
 #[test]
 fn tidy_integration_tests_wait_on_conditions_instead_of_sleeping() {
-    let needles: Vec<String> = vec![
-        format!("std::thread::{}", "sleep"),
-        format!("tokio::time::{}(", "sleep"),
-    ];
+    let needles: Vec<String> = vec![format!("std::thread::{}", "sleep"), format!("tokio::time::{}(", "sleep")];
     let mut offenders = Vec::new();
     for path in files_with_ext(&root().join("tests/tests"), "rs") {
         offenders.extend(find_lines(&path, &read(&path), &needles));
@@ -151,10 +145,7 @@ fn workspace_members() -> Vec<PathBuf> {
         .find("members")
         .and_then(|i| manifest[i..].find('[').map(|j| i + j + 1))
         .expect("root Cargo.toml has a members list");
-    let end = manifest[start..]
-        .find(']')
-        .map(|j| start + j)
-        .expect("members list is closed");
+    let end = manifest[start..].find(']').map(|j| start + j).expect("members list is closed");
     let mut members = Vec::new();
     for entry in manifest[start..end].split(',') {
         let entry = entry.trim().trim_matches('"');
@@ -163,11 +154,7 @@ fn workspace_members() -> Vec<PathBuf> {
         }
         if let Some(parent) = entry.strip_suffix("/*") {
             if let Ok(dirs) = std::fs::read_dir(root.join(parent)) {
-                members.extend(
-                    dirs.flatten()
-                        .map(|d| d.path())
-                        .filter(|p| p.join("Cargo.toml").is_file()),
-                );
+                members.extend(dirs.flatten().map(|d| d.path()).filter(|p| p.join("Cargo.toml").is_file()));
             }
         } else {
             members.push(root.join(entry));
@@ -245,18 +232,12 @@ fn default_keys(text: &str) -> Vec<(usize, String)> {
         };
         let key = key.trim();
         let is_key = !key.is_empty()
-            && key
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             && key.starts_with(|c: char| c.is_ascii_lowercase());
         if !is_key {
             continue;
         }
-        let full = if section.is_empty() {
-            key.to_string()
-        } else {
-            format!("{section}.{key}")
-        };
+        let full = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
         keys.push((i + 1, full));
     }
     keys
@@ -277,11 +258,7 @@ fn tidy_every_default_key_is_documented_in_docs_configuration_md() {
         .filter(|(_, key)| !doc.contains(&format!("`{key}`")))
         .map(|(line, key)| format!("{}:{line}: `{key}`", rel(&defaults_path)))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "configuration keys missing from docs/configuration.md:\n{}",
-        missing.join("\n")
-    );
+    assert!(missing.is_empty(), "configuration keys missing from docs/configuration.md:\n{}", missing.join("\n"));
 }
 
 #[test]

@@ -1,0 +1,449 @@
+//! Everything done under a lease: heartbeat, complete, fail, recovery, the CAS writes that
+//! record them, and applying (or reloading after) acknowledged writes.
+
+use super::*;
+
+impl State {
+    /// Looks up the job of a lease operation; answers `None` (and the caller replies with its
+    /// mismatch value) when the lease is not the current one.
+    pub(super) fn leased_conv(&mut self, worker_id: &str, message_id: &str, lease_id: &str) -> LeaseCheck {
+        let Some((token, seq)) = self.by_message.get(message_id).cloned() else {
+            return LeaseCheck::Mismatch;
+        };
+        let Some(conv) = self.convs.get(&token) else {
+            return LeaseCheck::Mismatch;
+        };
+        if conv.writing {
+            return LeaseCheck::Busy(token);
+        }
+        match conv.head() {
+            Some(h)
+                if h.seq == seq
+                    && h.lease.as_ref().is_some_and(|l| l.lease_id == lease_id && l.worker_id == worker_id) =>
+            {
+                LeaseCheck::Held(token)
+            }
+            _ => LeaseCheck::Mismatch,
+        }
+    }
+
+    pub(super) fn heartbeat(&mut self, args: LeaseArgs, reply: Reply) {
+        match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
+            LeaseCheck::Mismatch => {
+                let _ = reply.send(Ok(Value::Bool(false)));
+            }
+            LeaseCheck::Busy(token) => self.defer(&token, Command::Heartbeat { args, reply }),
+            LeaseCheck::Held(token) => {
+                let expires = self.now() + self.q().lease_ms;
+                let Some(conv) = self.convs.get(&token) else {
+                    return;
+                };
+                let mut state = conv.state.clone();
+                if let Some(lease) = state.head.as_mut().and_then(|h| h.lease.as_mut()) {
+                    lease.expires_at = expires;
+                }
+                self.write_conv(&token, state, After::Heartbeat { worker_id: args.worker_id, reply });
+            }
+        }
+    }
+
+    pub(super) fn complete(&mut self, args: LeaseArgs, reply: Reply) {
+        match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
+            LeaseCheck::Mismatch => {
+                let repeated = self.convs.values().any(|c| {
+                    c.state.last_completed.as_ref().is_some_and(|l| {
+                        l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
+                    })
+                });
+                let _ = reply.send(Ok(Value::Bool(repeated)));
+            }
+            LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
+            LeaseCheck::Held(token) => {
+                let Some(conv) = self.convs.get(&token) else {
+                    return;
+                };
+                let mut state = conv.state.clone();
+                state.done_seq = conv.pending.front().map(|p| p.seq).unwrap_or(state.done_seq);
+                state.head = None;
+                state.last_completed = Some(CompletedLease {
+                    message_id: args.message_id.clone(),
+                    lease_id: args.lease_id.clone(),
+                    worker_id: args.worker_id.clone(),
+                });
+                self.write_conv(&token, state, After::Complete { worker_id: args.worker_id, reply });
+            }
+        }
+    }
+
+    pub(super) fn fail(&mut self, args: FailArgs, reply: Reply) {
+        match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
+            LeaseCheck::Mismatch => {
+                let _ = reply.send(to_value(FailOutcome::default()));
+            }
+            LeaseCheck::Busy(token) => self.defer(&token, Command::Fail { args, reply }),
+            LeaseCheck::Held(token) => {
+                let now = self.now();
+                let error = truncate(&args.error_message);
+                let (state, outcome) = self.after_failure(&token, error, now, true);
+                self.write_conv(&token, state, After::Fail { worker_id: args.worker_id, reply, outcome });
+            }
+        }
+    }
+
+    /// The next state of a conversation whose head failed (or whose lease expired): retried
+    /// with backoff, or dead-lettered once it has used its attempts.
+    pub(super) fn after_failure(
+        &mut self,
+        token: &str,
+        error: String,
+        now: Millis,
+        backoff: bool,
+    ) -> (QueueState, FailOutcome) {
+        let retry = self.q().retry.clone();
+        let Some(conv) = self.convs.get(token) else {
+            return (QueueState::default(), FailOutcome::default());
+        };
+        let mut state = conv.state.clone();
+        let Some(first) = conv.pending.front() else {
+            return (state, FailOutcome::default());
+        };
+        let mut head = conv.head().cloned().unwrap_or(HeadState {
+            seq: first.seq,
+            message_id: first.job.message_id.clone(),
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            lease: None,
+        });
+        head.attempts += 1;
+        head.lease = None;
+        head.last_error = Some(error);
+        if head.attempts >= first.job.max_attempts {
+            state.done_seq = first.seq;
+            state.head = None;
+            (state, FailOutcome { requeued: false, dead_lettered: true, next_scheduled_for: None })
+        } else {
+            let next = if backoff { now + crate::retry::retry_delay_ms(&retry, head.attempts, now) } else { now };
+            head.not_before = Some(next);
+            state.head = Some(head);
+            (state, FailOutcome { requeued: true, dead_lettered: false, next_scheduled_for: Some(next) })
+        }
+    }
+
+    pub(super) fn release(&mut self, limit: usize, reply: Option<Reply>) {
+        let now = self.now();
+        let expired: Vec<String> = self
+            .leased
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, token)| token.clone())
+            .take(limit.clamp(1, 10_000))
+            .collect();
+        self.next_batch += 1;
+        let batch_id = self.next_batch;
+        let mut started = 0;
+        for token in expired {
+            let Some(conv) = self.convs.get(&token) else {
+                continue;
+            };
+            let Some(lease) = conv.lease().cloned() else {
+                continue;
+            };
+            if conv.writing || lease.expires_at > now {
+                continue;
+            }
+            let (state, outcome) = self.after_failure(&token, LEASE_EXPIRED_ERROR.to_string(), now, false);
+            started += 1;
+            let after =
+                After::Recover { worker_id: lease.worker_id, dead: outcome.dead_lettered, batch: Some(batch_id) };
+            self.write_conv(&token, state, after);
+        }
+        if started == 0 {
+            if let Some(reply) = reply {
+                let _ = reply.send(to_value(ReleaseOutcome::default()));
+            }
+        } else {
+            self.batches
+                .insert(batch_id, ReleaseBatch { outcome: ReleaseOutcome::default(), remaining: started, reply });
+        }
+    }
+
+    pub(super) fn defer(&mut self, token: &str, command: Command) {
+        if let Some(conv) = self.convs.get_mut(token) {
+            conv.deferred.push_back(command);
+        }
+    }
+
+    // ----- writes ---------------------------------------------------------------------------
+
+    pub(super) fn write_conv(&mut self, token: &str, state: QueueState, after: After) {
+        let Some(conv) = self.convs.get_mut(token) else {
+            return;
+        };
+        conv.writing = true;
+        let revision = conv.revision;
+        let store = self.ctx.buckets.queue_state.clone();
+        let dead_letter = match &after {
+            After::Fail { outcome, .. } if outcome.dead_lettered => true,
+            After::Recover { dead, .. } => *dead,
+            _ => false,
+        };
+        let record = dead_letter.then(|| {
+            let first = conv.pending.front();
+            let head = conv.head();
+            first.map(|p| DeadLetter {
+                job: (*p.job).clone(),
+                seq: p.seq,
+                attempts: head.map(|h| h.attempts + 1).unwrap_or(1),
+                last_error: state_error(&after, head),
+                dead_lettered_at: self.ctx.clock.now_ms(),
+            })
+        });
+        let dead_store = self.ctx.buckets.dead_letters.clone();
+        let token = token.to_string();
+        let Some(tx) = self.tx.clone() else { return };
+        tokio::spawn(async move {
+            // The dead-letter record is written first; if we die between the two writes the
+            // job is retried and dead-lettered again onto the same key, so nothing is lost.
+            if let Some(Some(record)) = record {
+                match dead_store.create(&record.job.message_id, &record).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => {
+                        let _ = tx.send(Event::ConvWritten { token, result: Err(e), state, after }).await;
+                        return;
+                    }
+                }
+            }
+            let result = store.write(&token, &state, revision).await;
+            let _ = tx.send(Event::ConvWritten { token, result, state, after }).await;
+        });
+    }
+
+    pub(super) fn on_conv_written(
+        &mut self,
+        token: String,
+        result: Result<u64, StoreError>,
+        state: QueueState,
+        after: After,
+    ) {
+        let revision = match result {
+            Ok(revision) => revision,
+            Err(e) => return self.on_conv_write_failed(token, e, after),
+        };
+        let now = self.now();
+        let Some(conv) = self.convs.get_mut(&token) else {
+            return;
+        };
+        conv.writing = false;
+        conv.revision = Some(revision);
+        if let Some(old) = conv.lease() {
+            self.leased.remove(&(old.expires_at, token.clone()));
+        }
+        conv.state = state;
+        // Finished messages leave the index.
+        let mut finished = Vec::new();
+        while conv.pending.front().is_some_and(|p| p.seq <= conv.state.done_seq) {
+            if let Some(p) = conv.pending.pop_front() {
+                finished.push(p);
+            }
+        }
+        let new_lease = conv.lease().cloned();
+        let (conversation_id, agent_key) = (conv.conversation_id.clone(), conv.agent_key.clone());
+        let deferred: Vec<Command> = conv.deferred.drain(..).collect();
+        let head_job = conv.pending.front().cloned();
+        for p in &finished {
+            self.by_message.remove(&p.job.message_id);
+        }
+        if let Some(lease) = &new_lease {
+            self.leased.insert((lease.expires_at, token.clone()));
+        }
+        match after {
+            After::Claim { worker_id, reply, .. } => {
+                let (Some(lease), Some(job)) = (new_lease, head_job) else {
+                    return;
+                };
+                self.owner_of.insert(token.clone(), worker_id.clone());
+                self.worker_claimed(&worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
+                metrics::counter!(common::telemetry::CLAIMS).increment(1);
+                let attempts = self.convs.get(&token).and_then(|c| c.head()).map(|h| h.attempts).unwrap_or(0);
+                let claim = Claim {
+                    message_id: job.job.message_id.clone(),
+                    conversation_id,
+                    agent_key,
+                    lease_id: lease.lease_id,
+                    lease_expires_at: lease.expires_at,
+                    payload: job.job.payload.clone(),
+                    attempts,
+                };
+                if let Err(Ok(_)) = reply.send(to_value(claim)) {
+                    // The worker gave up waiting; its lease will expire and count as an attempt.
+                    tracing::debug!(worker = %worker_id, "claim reply dropped");
+                }
+            }
+            After::Heartbeat { worker_id, reply } => {
+                if let Some(w) = self.workers.get_mut(&worker_id)
+                    && w.row.status.is_running()
+                {
+                    w.row.heartbeat_at = now;
+                    w.dirty = true;
+                }
+                let _ = reply.send(Ok(Value::Bool(true)));
+            }
+            After::Complete { worker_id, reply } => {
+                self.worker_released(&worker_id, &conversation_id, now, true, false);
+                let _ = reply.send(Ok(Value::Bool(true)));
+            }
+            After::Fail { worker_id, reply, outcome } => {
+                self.worker_released(&worker_id, &conversation_id, now, true, false);
+                if outcome.dead_lettered {
+                    self.count_dead_letter(&finished);
+                }
+                let _ = reply.send(to_value(outcome));
+            }
+            After::Recover { worker_id, dead, batch } => {
+                metrics::counter!(common::telemetry::LEASE_EXPIRIES).increment(1);
+                self.worker_released(&worker_id, &conversation_id, now, false, true);
+                if dead {
+                    self.count_dead_letter(&finished);
+                }
+                if let Some(id) = batch {
+                    self.batch_done(id, dead);
+                }
+            }
+        }
+        self.evaluate(&token);
+        for command in deferred {
+            self.command(command);
+        }
+    }
+
+    pub(super) fn on_conv_write_failed(&mut self, token: String, error: StoreError, after: After) {
+        if let Some(conv) = self.convs.get_mut(&token) {
+            if error.is_conflict() {
+                // Someone else (a previous leader) wrote this conversation: reload it, then
+                // retry what we were doing against the fresh state.
+                tracing::warn!(conversation = %conv.conversation_id, "queue state changed under us; reloading");
+                match after {
+                    After::Claim { args, reply, .. } => conv.deferred.push_front(Command::Claim { args, reply }),
+                    After::Heartbeat { reply, .. } | After::Complete { reply, .. } => {
+                        let _ = reply.send(Err(OpError::conflict("the lease changed concurrently; retry")));
+                    }
+                    After::Fail { reply, .. } => {
+                        let _ = reply.send(Err(OpError::conflict("the lease changed concurrently; retry")));
+                    }
+                    After::Recover { batch, .. } => {
+                        if let Some(id) = batch {
+                            self.batch_skipped(id);
+                        }
+                    }
+                }
+                let store = self.ctx.buckets.queue_state.clone();
+                let t = token.clone();
+                self.send_later(async move {
+                    let result = store.get::<QueueState>(&t).await;
+                    Event::ConvReloaded { token: t, result }
+                });
+                return;
+            }
+            conv.writing = false;
+        }
+        tracing::error!(error = %error, "queue state write failed");
+        let unavailable = || Err(OpError::unavailable("the queue store is unavailable; retry"));
+        match after {
+            After::Claim { reply, .. }
+            | After::Heartbeat { reply, .. }
+            | After::Complete { reply, .. }
+            | After::Fail { reply, .. } => {
+                let _ = reply.send(unavailable());
+            }
+            After::Recover { batch, .. } => {
+                if let Some(id) = batch {
+                    self.batch_skipped(id);
+                }
+            }
+        }
+        let deferred: Vec<Command> =
+            self.convs.get_mut(&token).map(|c| c.deferred.drain(..).collect()).unwrap_or_default();
+        self.evaluate(&token);
+        for command in deferred {
+            self.command(command);
+        }
+    }
+
+    pub(super) fn on_conv_reloaded(
+        &mut self,
+        token: String,
+        result: Result<Option<Versioned<QueueState>>, StoreError>,
+    ) {
+        let Some(conv) = self.convs.get_mut(&token) else {
+            return;
+        };
+        match result {
+            Ok(Some(v)) => {
+                if let Some(old) = conv.lease() {
+                    self.leased.remove(&(old.expires_at, token.clone()));
+                }
+                conv.revision = Some(v.revision);
+                conv.state = v.value;
+                while conv.pending.front().is_some_and(|p| p.seq <= conv.state.done_seq) {
+                    if let Some(p) = conv.pending.pop_front() {
+                        self.by_message.remove(&p.job.message_id);
+                    }
+                }
+            }
+            Ok(None) => conv.revision = None,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading queue state failed; retrying");
+                let store = self.ctx.buckets.queue_state.clone();
+                self.send_later(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let result = store.get::<QueueState>(&token).await;
+                    Event::ConvReloaded { token, result }
+                });
+                return;
+            }
+        }
+        conv.writing = false;
+        if let Some(lease) = conv.lease() {
+            self.leased.insert((lease.expires_at, token.clone()));
+        }
+        let deferred: Vec<Command> = conv.deferred.drain(..).collect();
+        self.evaluate(&token);
+        for command in deferred {
+            self.command(command);
+        }
+    }
+
+    pub(super) fn batch_done(&mut self, id: u64, dead: bool) {
+        if let Some(b) = self.batches.get_mut(&id) {
+            b.outcome.unlocked += 1;
+            if dead {
+                b.outcome.dead_lettered += 1;
+            } else {
+                b.outcome.requeued += 1;
+            }
+        }
+        self.batch_skipped(id);
+    }
+
+    pub(super) fn batch_skipped(&mut self, id: u64) {
+        let finished = self.batches.get_mut(&id).is_some_and(|b| {
+            b.remaining -= 1;
+            b.remaining == 0
+        });
+        if finished
+            && let Some(b) = self.batches.remove(&id)
+            && let Some(reply) = b.reply
+        {
+            let _ = reply.send(to_value(b.outcome));
+        }
+    }
+
+    pub(super) fn count_dead_letter(&mut self, finished: &[Pending]) {
+        for p in finished {
+            self.dead_letters.insert(p.job.message_id.clone());
+            metrics::counter!(common::telemetry::DEAD_LETTERS).increment(1);
+        }
+    }
+}

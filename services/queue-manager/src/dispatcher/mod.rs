@@ -1,0 +1,600 @@
+//! The queue leader's dispatcher: one event loop that owns an in-memory index of every
+//! conversation's pending jobs, lease and owner, and of every worker row. It is rebuilt from
+//! JetStream when leadership is won (queue state and worker rows from KV, pending jobs by
+//! replaying the inbox from the stored watermark) and kept current by tailing the inbox.
+//!
+//! Invariants (see docs/architecture.md):
+//! - a job is handed to a worker only after the lease is durably written with a CAS on the
+//!   conversation's queue-state revision, which is also the fencing token: a stale leader's next
+//!   write to that conversation fails;
+//! - at most one write per conversation is in flight; operations on a conversation that is being
+//!   written wait for it (`deferred`), so the index never runs ahead of what is stored;
+//! - only a conversation's first unfinished job (its head) can be leased, which gives strict
+//!   FIFO per conversation (a job waiting for its retry holds back later ones);
+//! - a free worker takes the best eligible unowned conversation from an ordered set, however
+//!   many locked or owned conversations exist (no head-of-line blocking).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::OpError;
+use common::clock::Millis;
+use common::model::{Assignment, WorkerRow, WorkerStatus};
+use common::service::ServiceContext;
+use common::store::{StoreError, Versioned};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::*;
+use crate::workers;
+
+mod leases;
+mod reads;
+mod routing;
+mod worker_rows;
+
+/// Key of the replay watermark in `af_queue_state`. `escape` never yields `=w`, so it cannot
+/// collide with a conversation token.
+const WATERMARK_KEY: &str = "=watermark";
+const LEASE_EXPIRED_ERROR: &str = "Lease expired while processing";
+const MAX_ERROR_BYTES: usize = 4096;
+const MAX_LIST: usize = 1000;
+
+pub type Reply = oneshot::Sender<Result<Value, OpError>>;
+
+/// An operation routed to the leader.
+pub enum Command {
+    Claim {
+        args: ClaimArgs,
+        reply: Reply,
+    },
+    Heartbeat {
+        args: LeaseArgs,
+        reply: Reply,
+    },
+    Complete {
+        args: LeaseArgs,
+        reply: Reply,
+    },
+    Fail {
+        args: FailArgs,
+        reply: Reply,
+    },
+    Release {
+        limit: usize,
+        reply: Option<Reply>,
+    },
+    Stats {
+        reply: Reply,
+    },
+    ListJobs {
+        args: ListJobsArgs,
+        reply: Reply,
+    },
+    ListConversation {
+        args: ConversationArgs,
+        reply: Reply,
+    },
+    HasQueued {
+        conversation_id: String,
+        reply: Reply,
+    },
+    ControlState {
+        worker_id: String,
+        reply: Reply,
+    },
+    WorkerStats {
+        reply: Reply,
+    },
+    ListWorkers {
+        reply: Reply,
+    },
+    UpsertWorker {
+        args: Box<UpsertWorkerArgs>,
+        reply: Reply,
+    },
+    RequeueDeadLetter {
+        message_id: String,
+        reply: Reply,
+    },
+    PurgeDeadLetter {
+        message_id: String,
+        reply: Reply,
+    },
+    WorkerOf {
+        worker_id: String,
+        reply: oneshot::Sender<Option<WorkerRow>>,
+    },
+    /// Answers once every inbox message up to `seq` has been indexed.
+    Barrier {
+        seq: u64,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+enum Event {
+    Command(Command),
+    Inbox { seq: u64, token: String, job: Arc<Job> },
+    ConvWritten { token: String, result: Result<u64, StoreError>, state: QueueState, after: After },
+    ConvReloaded { token: String, result: Result<Option<Versioned<QueueState>>, StoreError> },
+    WorkerWritten { worker_id: String, result: Result<u64, StoreError> },
+    WorkerReloaded { worker_id: String, revision: Option<u64> },
+    ParkExpired { worker_id: String, park_id: u64 },
+    DeadLetterRemoved { message_id: String },
+    WatermarkWritten { watermark: u64, revision: Option<u64>, ok: bool },
+}
+
+/// What to do once a conversation write is acknowledged.
+enum After {
+    Claim { worker_id: String, reply: Reply, args: ClaimArgs },
+    Heartbeat { worker_id: String, reply: Reply },
+    Complete { worker_id: String, reply: Reply },
+    Fail { worker_id: String, reply: Reply, outcome: FailOutcome },
+    Recover { worker_id: String, dead: bool, batch: Option<u64> },
+}
+
+/// A cheap handle to the running dispatcher.
+#[derive(Clone)]
+pub struct Dispatcher {
+    tx: mpsc::Sender<Event>,
+}
+
+impl Dispatcher {
+    pub async fn send(&self, command: Command) -> Result<(), OpError> {
+        self.tx
+            .send(Event::Command(command))
+            .await
+            .map_err(|_| OpError::unavailable("the queue leader is stepping down; retry"))
+    }
+
+    /// Sends a command built around a reply channel and waits for the answer.
+    pub async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Value, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?
+    }
+
+    /// Read-your-writes: waits until the index has seen every message the inbox held when
+    /// this was called, so a claim or read right after an enqueue sees that enqueue.
+    pub async fn barrier(&self, js: &async_nats::jetstream::Context) -> Result<(), OpError> {
+        let seq = crate::enqueue::inbox(js).await?.cached_info().state.last_sequence;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier { seq, reply: tx }).await?;
+        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
+    }
+
+    /// Rebuilds the index from JetStream and runs the loop until `leadership` is cancelled.
+    /// `ready` flips to true once the inbox replay has caught up.
+    pub async fn start(
+        ctx: ServiceContext,
+        leadership: CancellationToken,
+        ready: watch::Sender<bool>,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(65_536);
+        let mut state = Box::new(Box::pin(State::load(ctx.clone())).await?);
+        let start_seq = state.watermark.max(1);
+        let stream = crate::enqueue::inbox(&ctx.js).await.map_err(|e| anyhow::anyhow!(e.message))?;
+        let last_seq = stream.cached_info().state.last_sequence;
+        state.caught_up_at = last_seq;
+        tracing::info!(
+            conversations = state.convs.len(),
+            workers = state.workers.len(),
+            replay_from = start_seq,
+            replay_to = last_seq,
+            "queue index loaded; replaying inbox"
+        );
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+                deliver_subject: ctx.nats.new_inbox(),
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start_seq,
+                },
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let tail_tx = tx.clone();
+        let tail_stop = leadership.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = tail_stop.cancelled() => return,
+                    next = messages.next() => next,
+                };
+                let Some(Ok(msg)) = next else {
+                    tracing::error!("inbox tail ended; giving up leadership");
+                    tail_stop.cancel();
+                    return;
+                };
+                let Ok(info) = msg.info() else { continue };
+                let seq = info.stream_sequence;
+                let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
+                match serde_json::from_slice::<Job>(&msg.payload) {
+                    Ok(job) => {
+                        if tail_tx.send(Event::Inbox { seq, token, job: Arc::new(job) }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::error!(seq, error = %e, "undecodable inbox message skipped"),
+                }
+            }
+        });
+        state.tx = Some(tx.clone());
+        state.ready = Some(ready);
+        if last_seq < start_seq {
+            state.mark_caught_up();
+        }
+        let handle = tokio::spawn(Box::pin(state.run(rx, leadership)));
+        Ok((Self { tx }, handle))
+    }
+}
+
+#[derive(Clone)]
+struct Pending {
+    seq: u64,
+    job: Arc<Job>,
+}
+
+struct Conv {
+    conversation_id: String,
+    agent_key: String,
+    state: QueueState,
+    revision: Option<u64>,
+    pending: VecDeque<Pending>,
+    writing: bool,
+    deferred: VecDeque<Command>,
+}
+
+impl Conv {
+    fn head(&self) -> Option<&HeadState> {
+        let first = self.pending.front()?;
+        self.state.head.as_ref().filter(|h| h.seq == first.seq)
+    }
+
+    fn lease(&self) -> Option<&Lease> {
+        self.head().and_then(|h| h.lease.as_ref())
+    }
+
+    /// When the head becomes claimable, or `None` if it is leased, being written, or absent.
+    fn eligible_at(&self) -> Option<Millis> {
+        if self.writing {
+            return None;
+        }
+        let first = self.pending.front()?;
+        let head = self.head();
+        if head.is_some_and(|h| h.lease.is_some()) {
+            return None;
+        }
+        Some(first.job.scheduled_for.max(head.and_then(|h| h.not_before).unwrap_or(Millis::MIN)))
+    }
+}
+
+struct WorkerEntry {
+    row: WorkerRow,
+    revision: Option<u64>,
+    writing: bool,
+    dirty: bool,
+    waiters: Vec<Reply>,
+}
+
+struct Parked {
+    park_id: u64,
+    args: ClaimArgs,
+    reply: Reply,
+}
+
+/// Order of unowned eligible conversations: priority desc, eligible time asc, sequence asc.
+type ReadyKey = (Reverse<i64>, Millis, u64, String);
+
+struct ReleaseBatch {
+    outcome: ReleaseOutcome,
+    remaining: usize,
+    reply: Option<Reply>,
+}
+
+struct State {
+    ctx: ServiceContext,
+    tx: Option<mpsc::Sender<Event>>,
+    convs: HashMap<String, Conv>,
+    by_message: HashMap<String, (String, u64)>,
+    workers: HashMap<String, WorkerEntry>,
+    /// Conversation token → the worker that last took (or was assigned) it.
+    owner_of: HashMap<String, String>,
+    ready_set: BTreeSet<ReadyKey>,
+    ready_key: HashMap<String, ReadyKey>,
+    timers: BTreeSet<(Millis, String)>,
+    timer_of: HashMap<String, Millis>,
+    /// Leased conversations by lease expiry, for recovery.
+    leased: BTreeSet<(Millis, String)>,
+    parked: HashMap<String, Parked>,
+    free_parked: VecDeque<(String, u64)>,
+    next_park_id: u64,
+    dead_letters: HashSet<String>,
+    batches: HashMap<u64, ReleaseBatch>,
+    next_batch: u64,
+    watermark: u64,
+    watermark_revision: Option<u64>,
+    watermark_writing: bool,
+    last_seq: u64,
+    caught_up_at: u64,
+    ready: Option<watch::Sender<bool>>,
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    /// Set once the inbox replay has caught up; nothing is handed out before.
+    serving: bool,
+    next_sweep: Option<Millis>,
+}
+
+impl State {
+    async fn load(ctx: ServiceContext) -> anyhow::Result<Self> {
+        let b = &ctx.buckets;
+        let mut workers = HashMap::new();
+        for (_, v) in b.workers.all::<WorkerRow>().await? {
+            let row = v.value;
+            workers.insert(
+                row.worker_id.clone(),
+                WorkerEntry { row, revision: Some(v.revision), writing: false, dirty: false, waiters: Vec::new() },
+            );
+        }
+        let mut convs = HashMap::new();
+        let mut watermark = 1;
+        let mut watermark_revision = None;
+        for (key, v) in b.queue_state.all::<Value>().await? {
+            if key == WATERMARK_KEY {
+                watermark = v.value.as_u64().unwrap_or(1);
+                watermark_revision = Some(v.revision);
+                continue;
+            }
+            let state: QueueState = serde_json::from_value(v.value)?;
+            convs.insert(
+                key.clone(),
+                Conv {
+                    conversation_id: state.conversation_id.clone(),
+                    agent_key: state.agent_key.clone(),
+                    state,
+                    revision: Some(v.revision),
+                    pending: VecDeque::new(),
+                    writing: false,
+                    deferred: VecDeque::new(),
+                },
+            );
+        }
+        let dead_letters: HashSet<String> = b.dead_letters.keys().await?.into_iter().collect();
+        let mut owner_of = HashMap::new();
+        let mut by_time: Vec<(&WorkerEntry, Millis)> =
+            workers.values().filter_map(|w| w.row.assignment.as_ref().map(|a| (w, a.assigned_at))).collect();
+        by_time.sort_by_key(|(_, t)| *t);
+        for (w, _) in by_time {
+            if let Some(a) = &w.row.assignment {
+                owner_of.insert(common::token::escape(&a.conversation_id), w.row.worker_id.clone());
+            }
+        }
+        let auto = ctx.settings.loops.enabled(ctx.settings.loops.lease_recovery);
+        let next_sweep = auto.then(|| ctx.clock.now_ms() + ctx.settings.loops.lease_recovery_interval_ms as i64);
+        Ok(Self {
+            ctx,
+            tx: None,
+            convs,
+            by_message: HashMap::new(),
+            workers,
+            owner_of,
+            ready_set: BTreeSet::new(),
+            ready_key: HashMap::new(),
+            timers: BTreeSet::new(),
+            timer_of: HashMap::new(),
+            leased: BTreeSet::new(),
+            parked: HashMap::new(),
+            free_parked: VecDeque::new(),
+            next_park_id: 0,
+            dead_letters,
+            batches: HashMap::new(),
+            next_batch: 0,
+            watermark,
+            watermark_revision,
+            watermark_writing: false,
+            last_seq: watermark.saturating_sub(1),
+            caught_up_at: 0,
+            ready: None,
+            barriers: Vec::new(),
+            serving: false,
+            next_sweep,
+        })
+    }
+
+    fn now(&self) -> Millis {
+        self.ctx.clock.now_ms()
+    }
+
+    fn q(&self) -> &common::config::QueueSettings {
+        &self.ctx.settings.queue
+    }
+
+    fn send_later(&self, event: impl std::future::Future<Output = Event> + Send + 'static) {
+        if let Some(tx) = self.tx.clone() {
+            tokio::spawn(async move {
+                let _ = tx.send(event.await).await;
+            });
+        }
+    }
+
+    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Event>, leadership: CancellationToken) {
+        let clock = self.ctx.clock.clone();
+        let mut flush = tokio::time::interval(Duration::from_secs(1));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = [self.timers.first().map(|(t, _)| *t), self.next_sweep].into_iter().flatten().min();
+            tokio::select! {
+                biased;
+                _ = leadership.cancelled() => break,
+                event = rx.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                _ = clock.sleep_until(next_timer.unwrap_or(Millis::MAX)), if next_timer.is_some() => self.fire_timers(),
+                _ = clock.changed() => self.fire_timers(),
+                _ = flush.tick() => self.flush_lazy(),
+            }
+        }
+        // Parked long polls end empty so workers retry against the next leader.
+        for (_, parked) in self.parked.drain() {
+            let _ = parked.reply.send(Ok(Value::Null));
+        }
+        tracing::info!("queue dispatcher stopped");
+    }
+
+    fn mark_caught_up(&mut self) {
+        if self.serving {
+            return;
+        }
+        self.serving = true;
+        let tokens: Vec<String> = self.convs.keys().cloned().collect();
+        // Load is derived from the leases: the persisted value may predate the last change.
+        for w in self.workers.values_mut() {
+            if w.row.load != 0 {
+                w.row.load = 0;
+                w.dirty = true;
+            }
+        }
+        for token in &tokens {
+            self.reconcile_loaded(token);
+        }
+        for token in &tokens {
+            self.evaluate(token);
+        }
+        if let Some(ready) = &self.ready {
+            let _ = ready.send(true);
+        }
+        tracing::info!(conversations = self.convs.len(), "queue index caught up; serving");
+    }
+
+    /// After replay: drop a head that points at a message that no longer exists, and index
+    /// the lease.
+    fn reconcile_loaded(&mut self, token: &str) {
+        let Some(conv) = self.convs.get_mut(token) else {
+            return;
+        };
+        let first = conv.pending.front().map(|p| p.seq);
+        if conv.state.head.as_ref().is_some_and(|h| Some(h.seq) != first) {
+            tracing::warn!(conversation = %conv.conversation_id, "queue head refers to a missing message; dropped");
+            conv.state.head = None;
+        }
+        if let Some(lease) = conv.lease() {
+            self.leased.insert((lease.expires_at, token.to_string()));
+            let (worker, conversation_id, agent_key, lease_id) =
+                (lease.worker_id.clone(), conv.conversation_id.clone(), conv.agent_key.clone(), lease.lease_id.clone());
+            self.owner_of.insert(token.to_string(), worker.clone());
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.row.load += 1;
+                w.dirty = true;
+                if w.row.assignment.as_ref().is_none_or(|a| a.conversation_id != conversation_id) {
+                    w.row.assignment =
+                        Some(Assignment { conversation_id, agent_key, lease_id, assigned_at: w.row.heartbeat_at });
+                    w.dirty = true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Command(command) => self.command(command),
+            Event::Inbox { seq, token, job } => self.on_inbox(seq, token, job),
+            Event::ConvWritten { token, result, state, after } => self.on_conv_written(token, result, state, after),
+            Event::ConvReloaded { token, result } => self.on_conv_reloaded(token, result),
+            Event::WorkerWritten { worker_id, result } => self.on_worker_written(worker_id, result),
+            Event::WorkerReloaded { worker_id, revision } => {
+                if let Some(w) = self.workers.get_mut(&worker_id) {
+                    w.revision = revision;
+                    w.writing = false;
+                    w.dirty = true;
+                }
+                self.flush_worker(&worker_id);
+            }
+            Event::ParkExpired { worker_id, park_id } => {
+                if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
+                    && let Some(p) = self.parked.remove(&worker_id)
+                {
+                    let _ = p.reply.send(Ok(Value::Null));
+                }
+            }
+            Event::DeadLetterRemoved { message_id } => {
+                self.dead_letters.remove(&message_id);
+            }
+            Event::WatermarkWritten { watermark, revision, ok } => {
+                self.watermark_writing = false;
+                self.watermark_revision = revision;
+                if ok {
+                    self.watermark = watermark;
+                }
+            }
+        }
+    }
+
+    fn on_inbox(&mut self, seq: u64, token: String, job: Arc<Job>) {
+        self.last_seq = self.last_seq.max(seq);
+        if !self.barriers.is_empty() {
+            let last = self.last_seq;
+            for (_, reply) in self.barriers.extract_if(.., |(s, _)| *s <= last) {
+                let _ = reply.send(());
+            }
+        }
+        let conv = self.convs.entry(token.clone()).or_insert_with(|| Conv {
+            conversation_id: job.conversation_id.clone(),
+            agent_key: job.agent_key.clone(),
+            state: QueueState {
+                conversation_id: job.conversation_id.clone(),
+                agent_key: job.agent_key.clone(),
+                done_seq: 0,
+                head: None,
+                last_completed: None,
+            },
+            revision: None,
+            pending: VecDeque::new(),
+            writing: false,
+            deferred: VecDeque::new(),
+        });
+        if seq > conv.state.done_seq && conv.pending.back().is_none_or(|p| p.seq < seq) {
+            self.by_message.insert(job.message_id.clone(), (token.clone(), seq));
+            conv.pending.push_back(Pending { seq, job });
+        }
+        let caught_up = self.serving;
+        if caught_up {
+            if self.convs.get(&token).is_some_and(|c| c.pending.len() == 1) {
+                self.evaluate(&token);
+            }
+        } else if seq >= self.caught_up_at {
+            self.mark_caught_up();
+        }
+    }
+}
+
+enum LeaseCheck {
+    Held(String),
+    Busy(String),
+    Mismatch,
+}
+
+fn state_error(after: &After, head: Option<&HeadState>) -> Option<String> {
+    match after {
+        After::Recover { .. } => Some(LEASE_EXPIRED_ERROR.to_string()),
+        _ => head.and_then(|h| h.last_error.clone()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_ERROR_BYTES {
+        return s.to_string();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn to_value(v: impl serde::Serialize) -> Result<Value, OpError> {
+    serde_json::to_value(v).map_err(OpError::internal)
+}

@@ -1,0 +1,269 @@
+//! Filing conversations (ready set, timers, owners), routing commands, and handing jobs to
+//! claiming or parked workers.
+
+use super::*;
+
+impl State {
+    // ----- dispatch -------------------------------------------------------------------------
+
+    pub(super) fn unindex(&mut self, token: &str) {
+        if let Some(key) = self.ready_key.remove(token) {
+            self.ready_set.remove(&key);
+        }
+        if let Some(t) = self.timer_of.remove(token) {
+            self.timers.remove(&(t, token.to_string()));
+        }
+    }
+
+    pub(super) fn set_timer(&mut self, token: &str, at: Millis) {
+        self.timer_of.insert(token.to_string(), at);
+        self.timers.insert((at, token.to_string()));
+    }
+
+    /// The live sticky owner of a conversation, if any.
+    pub(super) fn fresh_owner(&self, token: &str, conversation_id: &str) -> Option<&WorkerRow> {
+        let worker = self.owner_of.get(token)?;
+        let row = &self.workers.get(worker)?.row;
+        workers::is_fresh_owner(row, conversation_id, self.now(), self.q().stale_after_ms).then_some(row)
+    }
+
+    /// Re-files a conversation after anything about it changed: hands it to a waiting worker,
+    /// files it as ready, or sets a timer for when that may change.
+    pub(super) fn evaluate(&mut self, token: &str) {
+        self.unindex(token);
+        if !self.serving {
+            return;
+        }
+        let Some(conv) = self.convs.get(token) else {
+            return;
+        };
+        let Some(at) = conv.eligible_at() else { return };
+        let now = self.now();
+        if at > now {
+            self.set_timer(token, at);
+            return;
+        }
+        let conversation_id = conv.conversation_id.clone();
+        if let Some(owner) = self.fresh_owner(token, &conversation_id) {
+            let owner_id = owner.worker_id.clone();
+            let stale_at = owner.heartbeat_at + self.q().stale_after_ms;
+            if self.parked.contains_key(&owner_id) {
+                self.take_parked(&owner_id, token);
+            } else {
+                // The owner gets it when it asks; others may take over once it goes stale.
+                self.set_timer(token, stale_at);
+            }
+            return;
+        }
+        // A parked worker that asked for exactly this conversation.
+        let filtered = self
+            .parked
+            .iter()
+            .find(|(id, p)| {
+                p.args.conversation_id.as_deref() == Some(conversation_id.as_str())
+                    && self.workers.get(*id).is_none_or(|w| w.row.assignment.is_none())
+            })
+            .map(|(id, _)| id.clone());
+        if let Some(worker) = filtered {
+            self.take_parked(&worker, token);
+            return;
+        }
+        while let Some((worker, park_id)) = self.free_parked.pop_front() {
+            if self.parked.get(&worker).is_some_and(|p| p.park_id == park_id) {
+                self.take_parked(&worker, token);
+                return;
+            }
+        }
+        let Some(conv) = self.convs.get(token) else {
+            return;
+        };
+        let Some(first) = conv.pending.front() else {
+            return;
+        };
+        let key = (Reverse(first.job.priority), at, first.seq, token.to_string());
+        self.ready_key.insert(token.to_string(), key.clone());
+        self.ready_set.insert(key);
+    }
+
+    pub(super) fn take_parked(&mut self, worker_id: &str, token: &str) {
+        if let Some(parked) = self.parked.remove(worker_id) {
+            self.lease_to(token, parked.args, parked.reply);
+        }
+    }
+
+    pub(super) fn fire_timers(&mut self) {
+        let now = self.now();
+        while let Some((at, token)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, token.clone()));
+            self.timer_of.remove(&token);
+            self.evaluate(&token);
+        }
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.next_sweep = Some(now + self.ctx.settings.loops.lease_recovery_interval_ms as i64);
+            self.command(Command::Release { limit: 500, reply: None });
+        }
+    }
+
+    // ----- commands -------------------------------------------------------------------------
+
+    pub(super) fn command(&mut self, command: Command) {
+        match command {
+            Command::Claim { args, reply } => self.claim(args, reply),
+            Command::Heartbeat { args, reply } => self.heartbeat(args, reply),
+            Command::Complete { args, reply } => self.complete(args, reply),
+            Command::Fail { args, reply } => self.fail(args, reply),
+            Command::Release { limit, reply } => self.release(limit, reply),
+            Command::Stats { reply } => {
+                let _ = reply.send(to_value(self.stats()));
+            }
+            Command::ListJobs { args, reply } => self.list_jobs(args, reply),
+            Command::ListConversation { args, reply } => self.list_conversation(args, reply),
+            Command::HasQueued { conversation_id, reply } => {
+                let token = common::token::escape(&conversation_id);
+                let queued = self.convs.get(&token).is_some_and(|c| c.pending.len() > usize::from(c.lease().is_some()));
+                let _ = reply.send(Ok(Value::Bool(queued)));
+            }
+            Command::ControlState { worker_id, reply } => {
+                let row = self.workers.get(&worker_id).map(|w| &w.row);
+                let _ = reply.send(to_value(workers::control_state(row, self.now(), self.q().stale_after_ms)));
+            }
+            Command::WorkerStats { reply } => {
+                let _ = reply.send(to_value(self.worker_stats()));
+            }
+            Command::ListWorkers { reply } => {
+                let mut rows: Vec<&WorkerRow> = self.workers.values().map(|w| &w.row).collect();
+                rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                let _ = reply.send(to_value(rows));
+            }
+            Command::UpsertWorker { args, reply } => self.upsert_worker(*args, reply),
+            Command::RequeueDeadLetter { message_id, reply } => self.requeue_dead_letter(message_id, reply),
+            Command::PurgeDeadLetter { message_id, reply } => self.purge_dead_letter(message_id, reply),
+            Command::WorkerOf { worker_id, reply } => {
+                let _ = reply.send(self.workers.get(&worker_id).map(|w| w.row.clone()));
+            }
+            Command::Barrier { seq, reply } => {
+                if self.last_seq >= seq {
+                    let _ = reply.send(());
+                } else {
+                    self.barriers.push((seq, reply));
+                }
+            }
+        }
+    }
+
+    pub(super) fn claim(&mut self, args: ClaimArgs, reply: Reply) {
+        let now = self.now();
+        let worker = self.workers.get(&args.worker_id).map(|w| w.row.clone());
+        if worker.as_ref().is_some_and(|w| w.status != WorkerStatus::Active) {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        }
+        let assignment = worker.as_ref().and_then(|w| w.assignment.clone());
+        if let (Some(a), Some(filter)) = (&assignment, &args.conversation_id)
+            && &a.conversation_id != filter
+        {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        }
+        let target = assignment.as_ref().map(|a| a.conversation_id.clone()).or_else(|| args.conversation_id.clone());
+        let chosen = match &target {
+            Some(conversation_id) => {
+                let token = common::token::escape(conversation_id);
+                // A job already leased to this worker is handed out again: its earlier claim
+                // reply was lost (e.g. the previous leader died before answering).
+                let own_lease = self.convs.get(&token).and_then(|c| {
+                    let lease = c.lease()?;
+                    (lease.worker_id == args.worker_id && !c.writing)
+                        .then(|| (lease.clone(), c.pending.front().cloned()))
+                });
+                if let Some((lease, Some(job))) = own_lease {
+                    let conv = &self.convs[&token];
+                    let claim = Claim {
+                        message_id: job.job.message_id.clone(),
+                        conversation_id: conv.conversation_id.clone(),
+                        agent_key: conv.agent_key.clone(),
+                        lease_id: lease.lease_id,
+                        lease_expires_at: lease.expires_at,
+                        payload: job.job.payload.clone(),
+                        attempts: conv.head().map(|h| h.attempts).unwrap_or(0),
+                    };
+                    let _ = reply.send(to_value(claim));
+                    return;
+                }
+                let claimable =
+                    self.convs.get(&token).is_some_and(|c| {
+                        c.eligible_at().is_some_and(|t| t <= now)
+                            && assignment.as_ref().is_none_or(|a| a.agent_key == c.agent_key)
+                    }) && self.fresh_owner(&token, conversation_id).is_none_or(|o| o.worker_id == args.worker_id);
+                claimable.then_some(token)
+            }
+            None => self.ready_set.first().map(|(_, _, _, token)| token.clone()),
+        };
+        match chosen {
+            Some(token) => {
+                self.unindex(&token);
+                self.lease_to(&token, args, reply);
+            }
+            None => self.park(args, reply),
+        }
+    }
+
+    pub(super) fn park(&mut self, args: ClaimArgs, reply: Reply) {
+        let wait = args.wait_ms.unwrap_or(0).min(self.q().claim_wait_max_ms);
+        if wait == 0 {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        }
+        self.next_park_id += 1;
+        let park_id = self.next_park_id;
+        let worker_id = args.worker_id.clone();
+        let free =
+            args.conversation_id.is_none() && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
+        if let Some(old) = self.parked.insert(worker_id.clone(), Parked { park_id, args, reply }) {
+            let _ = old.reply.send(Ok(Value::Null));
+        }
+        if free {
+            self.free_parked.push_back((worker_id.clone(), park_id));
+        }
+        // Long-poll timeouts are a transport matter, so they run on real time.
+        self.send_later(async move {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Event::ParkExpired { worker_id, park_id }
+        });
+    }
+
+    /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.
+    pub(super) fn lease_to(&mut self, token: &str, args: ClaimArgs, reply: Reply) {
+        let now = self.now();
+        let lease_ms = self.q().lease_ms;
+        let Some(conv) = self.convs.get_mut(token) else {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        };
+        let Some(first) = conv.pending.front().cloned() else {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        };
+        let mut head = conv.head().cloned().unwrap_or(HeadState {
+            seq: first.seq,
+            message_id: first.job.message_id.clone(),
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            lease: None,
+        });
+        head.lease = Some(Lease {
+            lease_id: format!("{now}-{}", common::crypto::random_base36(8)),
+            worker_id: args.worker_id.clone(),
+            expires_at: now + lease_ms,
+            claimed_at: now,
+        });
+        let mut state = conv.state.clone();
+        state.head = Some(head);
+        let worker_id = args.worker_id.clone();
+        self.write_conv(token, state, After::Claim { worker_id, reply, args });
+    }
+}
