@@ -83,7 +83,7 @@ fn parse(text: &str) -> Option<(String, u64)> {
 }
 
 /// Retries `f` while the queue is unavailable (leader failover, a replica killed).
-async fn retrying<F, Fut>(mut f: F) -> Result<Value, common::OpError>
+pub async fn retrying<F, Fut>(mut f: F) -> Result<Value, common::OpError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Value, common::OpError>>,

@@ -165,6 +165,8 @@ pub struct QueueStats {
     pub dead_letter: u64,
     pub queued_total: u64,
     pub ready_conversations: u64,
+    /// Long-poll claims currently waiting for a job (idle workers).
+    pub parked_claims: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

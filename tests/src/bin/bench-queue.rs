@@ -145,13 +145,36 @@ fn latency(mut samples: Vec<f64>) -> Latency {
 }
 
 async fn retry(api: &Api, op: &str, args: Value) -> Value {
-    loop {
-        match api.call(op, args.clone()).await {
-            Ok(v) => return v,
-            Err(e) if e.code == common::ErrorCode::Unavailable => tokio::time::sleep(Duration::from_millis(5)).await,
-            Err(e) => panic!("{op} failed: {e:?}"),
-        }
-    }
+    tests::workload::retrying(|| api.call(op, args.clone())).await.unwrap_or_else(|e| panic!("{op} failed: {e:?}"))
+}
+
+/// Waits until the queue leader holds `n` parked long-poll claims.
+async fn parked(stack: &TestStack, n: usize) {
+    tests::wait_until("the workers are parked", Duration::from_secs(30), || async {
+        let stats = stack.admin().call("getQueueStats", json!({})).await.ok()?;
+        (stats["parkedClaims"].as_u64()? as usize >= n).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the raw consumer has `n` pull requests waiting.
+async fn pulling(
+    consumer: &async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    n: usize,
+) {
+    tests::wait_until("the pullers are waiting", Duration::from_secs(30), || async {
+        let info = consumer.get_info().await.ok()?;
+        (info.num_waiting as usize >= n).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `map` holds `n` entries.
+async fn filled(map: &Mutex<HashMap<String, Instant>>, n: usize) {
+    tests::wait_until("every message is received", Duration::from_secs(120), || async {
+        (map.lock().map(|m| m.len()).unwrap_or(0) >= n).then_some(())
+    })
+    .await;
 }
 
 fn enqueue_args(conversation: &str, text: &str) -> Value {
@@ -186,8 +209,8 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
             }
         });
     }
-    // Let every worker park before the clock starts, as the spike did.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Start the clock only once every worker is parked, as the spike did.
+    parked(stack, args.conversations).await;
     let app = clients.app();
     let started = Instant::now();
     futures::stream::iter(0..total)
@@ -241,7 +264,7 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    parked(stack, args.latency_workers).await;
     let app = clients.app();
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     let mut sends = tokio::task::JoinSet::new();
@@ -259,9 +282,7 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
     }
     while sends.join_next().await.is_some() {}
     let expected = args.latency_messages;
-    while received.lock().map(|m| m.len()).unwrap_or(0) < expected {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    filled(&received, expected).await;
     stop.cancel();
     while workers.join_next().await.is_some() {}
     let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
@@ -325,7 +346,7 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    pulling(&consumer, args.in_flight).await;
     let js = stack.ctx.js.clone();
     let started = Instant::now();
     futures::stream::iter(0..total)
@@ -368,7 +389,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    pulling(&consumer, args.latency_workers).await;
     let js = stack.ctx.js.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     let mut sends = tokio::task::JoinSet::new();
@@ -385,9 +406,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         });
     }
     while sends.join_next().await.is_some() {}
-    while received.lock().map(|m| m.len()).unwrap_or(0) < args.latency_messages {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    filled(&received, args.latency_messages).await;
     stop.cancel();
     while workers.join_next().await.is_some() {}
     let _ = stack.ctx.js.delete_stream(&name).await;

@@ -32,6 +32,14 @@ async fn advance(stack: &TestStack, ms: i64) {
     stack.admin().ok("advanceTestClock", json!({ "ms": ms })).await;
 }
 
+/// Worker `worker` takes and completes one message of `conversation`, becoming its sticky owner.
+async fn serve_one(stack: &TestStack, worker: &str, conversation: &str) {
+    enqueue(stack, conversation, "first").await;
+    let job = claim(stack, worker).await;
+    assert_eq!(job["conversationId"], conversation);
+    assert_eq!(complete(stack, worker, &job).await, true);
+}
+
 async fn worker_row(stack: &TestStack, worker: &str) -> Value {
     let rows = stack.admin().ok("listWorkersForScheduler", json!({})).await;
     rows.as_array().expect("worker rows").iter().find(|r| r["workerId"] == worker).cloned().unwrap_or(Value::Null)
@@ -147,9 +155,7 @@ async fn idle_shutdown_time_is_set_from_the_last_claim_on_complete() {
 #[tokio::test]
 async fn a_sticky_worker_cannot_claim_another_conversation_after_completing() {
     let stack = stack().await;
-    enqueue(&stack, "c1", "a").await;
-    let job = claim(&stack, "w1").await;
-    complete(&stack, "w1", &job).await;
+    serve_one(&stack, "w1", "c1").await;
     enqueue(&stack, "c2", "b").await;
     assert_eq!(claim(&stack, "w1").await, Value::Null);
     assert_eq!(claim(&stack, "w2").await["conversationId"], "c2");
@@ -177,9 +183,7 @@ async fn a_pre_assigned_worker_claims_only_its_conversation() {
 #[tokio::test]
 async fn an_exclusive_owner_blocks_another_worker_and_reclaims() {
     let stack = stack().await;
-    enqueue(&stack, "c1", "a").await;
-    let job = claim(&stack, "w1").await;
-    complete(&stack, "w1", &job).await;
+    serve_one(&stack, "w1", "c1").await;
     enqueue(&stack, "c1", "b").await;
     assert_eq!(claim(&stack, "w2").await, Value::Null);
     assert_eq!(claim(&stack, "w1").await["payload"]["messageText"], "b");
@@ -188,9 +192,7 @@ async fn an_exclusive_owner_blocks_another_worker_and_reclaims() {
 #[tokio::test]
 async fn a_stale_owner_is_taken_over() {
     let stack = stack().await;
-    enqueue(&stack, "c1", "a").await;
-    let job = claim(&stack, "w1").await;
-    complete(&stack, "w1", &job).await;
+    serve_one(&stack, "w1", "c1").await;
     enqueue(&stack, "c1", "b").await;
     assert_eq!(claim(&stack, "w2").await, Value::Null);
     advance(&stack, 420_001).await;
@@ -337,12 +339,13 @@ async fn a_long_poll_claim_returns_when_a_message_arrives() {
     let worker = stack.worker("w1");
     let waiting =
         tokio::spawn(async move { worker.ok("claimNextJob", json!({ "workerId": "w1", "waitMs": 20_000 })).await });
-    // The claim is parked once the leader lists the worker as waiting; enqueue after that.
+    // Enqueue only once the claim is parked, so the test shows the wake-up, not a lucky order.
     tests::wait_until("the claim is parked", std::time::Duration::from_secs(5), || async {
-        let id = enqueue(&stack, "c1", "ping").await;
-        Some(id)
+        let stats = stack.admin().ok("getQueueStats", json!({})).await;
+        (stats["parkedClaims"] == 1).then_some(())
     })
     .await;
+    enqueue(&stack, "c1", "ping").await;
     let job = waiting.await.unwrap();
     assert_eq!(job["payload"]["messageText"], "ping");
     let empty = stack.worker("w2").ok("claimNextJob", json!({ "workerId": "w2", "waitMs": 50 })).await;

@@ -104,17 +104,9 @@ impl State {
             return (QueueState::default(), FailOutcome::default());
         };
         let mut state = conv.state.clone();
-        let Some(first) = conv.pending.front() else {
+        let (Some(first), Some(mut head)) = (conv.pending.front(), conv.head_or_fresh()) else {
             return (state, FailOutcome::default());
         };
-        let mut head = conv.head().cloned().unwrap_or(HeadState {
-            seq: first.seq,
-            message_id: first.job.message_id.clone(),
-            attempts: 0,
-            not_before: None,
-            last_error: None,
-            lease: None,
-        });
         head.attempts += 1;
         head.lease = None;
         head.last_error = Some(error);

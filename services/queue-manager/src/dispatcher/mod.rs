@@ -255,6 +255,19 @@ impl Conv {
         self.state.head.as_ref().filter(|h| h.seq == first.seq)
     }
 
+    /// The head's state, or a fresh one for a first attempt; `None` without pending jobs.
+    fn head_or_fresh(&self) -> Option<HeadState> {
+        let first = self.pending.front()?;
+        Some(self.head().cloned().unwrap_or(HeadState {
+            seq: first.seq,
+            message_id: first.job.message_id.clone(),
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            lease: None,
+        }))
+    }
+
     fn lease(&self) -> Option<&Lease> {
         self.head().and_then(|h| h.lease.as_ref())
     }

@@ -7,7 +7,11 @@ impl State {
 
     pub(super) fn stats(&self) -> QueueStats {
         let now = self.now();
-        let mut stats = QueueStats { dead_letter: self.dead_letters.len() as u64, ..Default::default() };
+        let mut stats = QueueStats {
+            parked_claims: self.parked.len() as u64,
+            dead_letter: self.dead_letters.len() as u64,
+            ..Default::default()
+        };
         for conv in self.convs.values() {
             let leased = usize::from(conv.lease().is_some());
             stats.processing += leased as u64;

@@ -243,18 +243,10 @@ impl State {
             let _ = reply.send(Ok(Value::Null));
             return;
         };
-        let Some(first) = conv.pending.front().cloned() else {
+        let Some(mut head) = conv.head_or_fresh() else {
             let _ = reply.send(Ok(Value::Null));
             return;
         };
-        let mut head = conv.head().cloned().unwrap_or(HeadState {
-            seq: first.seq,
-            message_id: first.job.message_id.clone(),
-            attempts: 0,
-            not_before: None,
-            last_error: None,
-            lease: None,
-        });
         head.lease = Some(Lease {
             lease_id: format!("{now}-{}", common::crypto::random_base36(8)),
             worker_id: args.worker_id.clone(),
