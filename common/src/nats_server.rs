@@ -78,6 +78,9 @@ impl NatsServer {
             cmd.arg("-c").arg(conf);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+        // Its own process group: a terminal's Ctrl-C reaches the launcher, which stops the
+        // services first and the server last, instead of the server dying under them.
+        cmd.process_group(0);
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {}", options.binary.display()))?;
 
