@@ -26,6 +26,9 @@ pub struct Settings {
     pub clock: ClockSettings,
     pub loops: LoopSettings,
     pub queue: QueueSettings,
+    pub history: HistorySettings,
+    pub snapshots: SnapshotSettings,
+    pub attachments: AttachmentSettings,
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -44,6 +47,20 @@ pub struct NatsSettings {
 pub struct HttpSettings {
     pub bind: String,
     pub max_body_bytes: usize,
+    /// The base URL clients reach ingress at; download and upload links are built from it.
+    /// Empty means `http://<bind>`.
+    pub public_url: String,
+}
+
+impl HttpSettings {
+    /// The base URL for links handed to workers, without a trailing slash.
+    pub fn public_base_url(&self) -> String {
+        if self.public_url.trim().is_empty() {
+            format!("http://{}", self.bind)
+        } else {
+            self.public_url.trim().trim_end_matches('/').to_string()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,6 +98,9 @@ pub struct LoopSettings {
     pub manual: bool,
     pub lease_recovery: bool,
     pub lease_recovery_interval_ms: u64,
+    /// Retention sweeps (expired snapshots and attachments, abandoned uploads), cleanup service.
+    pub retention: bool,
+    pub retention_interval_ms: u64,
 }
 
 impl LoopSettings {
@@ -113,6 +133,37 @@ pub struct RetrySettings {
     pub max_delay_ms: i64,
     pub backoff_factor: f64,
     pub jitter_ratio: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// How long conversation history is kept (the history stream's max age); 0 keeps it forever.
+    pub retention_ms: u64,
+    /// Most items one `appendConversationMessages` call may carry.
+    pub max_batch_items: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSettings {
+    /// A snapshot expires this long after it was prepared (the original's 7 days).
+    pub retention_ms: i64,
+    /// An upload still `uploading` this long after prepare is abandoned and reaped.
+    pub upload_timeout_ms: i64,
+    /// Largest archive accepted.
+    pub max_archive_bytes: u64,
+    /// Object store chunk size; larger chunks mean fewer round trips per archive.
+    pub chunk_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentSettings {
+    /// Largest media file accepted.
+    pub max_bytes: u64,
+    /// Most attachments one message may carry.
+    pub max_per_message: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +279,35 @@ impl Settings {
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
             return fail("queue.max_message_bytes", "must be between 1024 and 1000000");
+        }
+        if self.loops.retention_interval_ms < 10 {
+            return fail("loops.retention_interval_ms", "must be at least 10");
+        }
+        if !self.http.public_url.trim().is_empty()
+            && !(self.http.public_url.starts_with("http://") || self.http.public_url.starts_with("https://"))
+        {
+            return fail("http.public_url", "must start with http:// or https://");
+        }
+        if !(1..=10_000).contains(&self.history.max_batch_items) {
+            return fail("history.max_batch_items", "must be between 1 and 10000");
+        }
+        if self.snapshots.retention_ms < 60_000 {
+            return fail("snapshots.retention_ms", "must be at least 60000");
+        }
+        if self.snapshots.upload_timeout_ms < 1000 {
+            return fail("snapshots.upload_timeout_ms", "must be at least 1000");
+        }
+        if self.snapshots.max_archive_bytes < 1024 {
+            return fail("snapshots.max_archive_bytes", "must be at least 1024");
+        }
+        if !(4096..=1_000_000).contains(&self.snapshots.chunk_bytes) {
+            return fail("snapshots.chunk_bytes", "must be between 4096 and 1000000 (below the NATS max payload)");
+        }
+        if self.attachments.max_bytes < 1024 {
+            return fail("attachments.max_bytes", "must be at least 1024");
+        }
+        if !(1..=100).contains(&self.attachments.max_per_message) {
+            return fail("attachments.max_per_message", "must be between 1 and 100");
         }
         if self.loops.lease_recovery_interval_ms < 10 {
             return fail("loops.lease_recovery_interval_ms", "must be at least 10");

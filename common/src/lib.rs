@@ -16,6 +16,7 @@ pub mod nats_server;
 pub mod ops;
 pub mod process;
 pub mod service;
+pub mod skills;
 pub mod store;
 pub mod system;
 pub mod telemetry;

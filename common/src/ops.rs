@@ -56,14 +56,25 @@ pub struct OpSpec {
     pub service: Service,
     pub roles: &'static [Role],
     pub summary: &'static str,
+    /// Overrides `limits.max_string_bytes` for operations that carry file contents.
+    pub max_string_bytes: Option<usize>,
+}
+
+impl OpSpec {
+    const fn with_max_string_bytes(self, bytes: usize) -> Self {
+        Self { max_string_bytes: Some(bytes), ..self }
+    }
 }
 
 use Role::{Admin, App, Worker};
 use Service::{Hydration, QueueManager};
 
 const fn op(name: &'static str, service: Service, roles: &'static [Role], summary: &'static str) -> OpSpec {
-    OpSpec { name, service, roles, summary }
+    OpSpec { name, service, roles, summary, max_string_bytes: None }
 }
+
+/// The original's limit on a skill bundle (spec §2.3): one file may use all of it.
+pub const SKILL_BUNDLE_MAX_BYTES: usize = 200_000;
 
 /// Every operation of the system. docs/api.md mirrors this table (a test keeps them in step).
 pub const CATALOGUE: &[OpSpec] = &[
@@ -100,6 +111,37 @@ pub const CATALOGUE: &[OpSpec] = &[
     op("setProviderRuntimeConfig", Hydration, &[Admin], "store the provider configuration"),
     op("messageRuntimeConfig", Hydration, &[Admin], "the stored message configuration"),
     op("setMessageRuntimeConfig", Hydration, &[Admin], "store the message configuration"),
+    // Conversation history and hydration.
+    op("appendConversationMessages", Hydration, &[Admin, Worker], "append to a conversation's history (lease-fenced)"),
+    op("getConversationHistory", Hydration, &[Admin, App], "a conversation's history, newest first, in pages"),
+    op("getHydrationBundleForClaimedJob", Hydration, &[Admin, Worker], "everything a worker needs for its claimed job"),
+    op("getWorkerSpawnOpenClawEnv", Hydration, &[Admin], "bridge environment forwarded to spawned workers"),
+    // Workspace snapshots.
+    op("prepareDataSnapshotUpload", Hydration, &[Admin, Worker], "start a snapshot upload"),
+    op("finalizeDataSnapshotUpload", Hydration, &[Admin, Worker], "verify an uploaded archive and mark it ready"),
+    op("failDataSnapshotUpload", Hydration, &[Admin, Worker], "mark a snapshot upload failed"),
+    op("getLatestDataSnapshotForRestore", Hydration, &[Admin, Worker], "the newest ready snapshot of a conversation"),
+    op("listSnapshotsForConversation", Hydration, &[Admin, App], "a conversation's snapshots, newest first"),
+    op("listSnapshotsForUserAgent", Hydration, &[Admin, App], "snapshots of a user's conversation with an agent"),
+    op("getLatestSnapshotForUserAgent", Hydration, &[Admin, App], "the newest snapshot of a user-agent conversation"),
+    op("expireOldDataSnapshots", Hydration, &[Admin], "expire snapshots past retention and reap abandoned uploads"),
+    op("authorizeBlobTransfer", Hydration, &[Admin, App, Worker], "ingress: may this caller move this archive or file"),
+    // Identity bindings.
+    op("bindUserAgent", Hydration, &[Admin, App], "bind a consumer user to an agent"),
+    op("revokeUserAgentBinding", Hydration, &[Admin, App], "revoke a consumer user's active bindings"),
+    op("resolveAgentForUser", Hydration, &[Admin, App], "the agent a consumer user is bound to"),
+    op("getUserAgentBinding", Hydration, &[Admin, App], "a consumer user's active binding"),
+    // Global skills.
+    op("deployGlobalSkill", Hydration, &[Admin], "deploy a skill version to a release channel")
+        .with_max_string_bytes(SKILL_BUNDLE_MAX_BYTES),
+    op("listGlobalSkills", Hydration, &[Admin], "global skills with their active release"),
+    op("setGlobalSkillStatus", Hydration, &[Admin], "enable or disable a global skill"),
+    op("deleteGlobalSkill", Hydration, &[Admin], "delete a skill with all its versions and releases"),
+    op("getWorkerGlobalSkillsManifest", Hydration, &[Admin, Worker], "the skills a worker materialises"),
+    // Attachments.
+    op("attachMessageMedia", Hydration, &[Admin, App], "attach uploaded media to an enqueued message"),
+    op("listMessageAttachments", Hydration, &[Admin, App], "the attachment records of a message"),
+    op("expireOldTelegramAttachments", Hydration, &[Admin], "expire attachments past retention, deleting the blobs"),
 ];
 
 pub fn find(name: &str) -> Option<&'static OpSpec> {
@@ -200,7 +242,9 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
             ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
         }
-        let args = parse_args(&msg.payload, &ctx.settings.limits)?;
+        let mut limits = ctx.settings.limits.clone();
+        limits.max_string_bytes = spec.max_string_bytes.unwrap_or(limits.max_string_bytes);
+        let args = parse_args(&msg.payload, &limits)?;
         handler(caller, args).await
     }
     .instrument(span.clone())

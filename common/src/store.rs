@@ -136,6 +136,50 @@ impl JsonStore {
         keys.try_collect().await.map_err(|e| nats_err("keys", "*", e))
     }
 
+    /// The live entries whose key matches `filter` (a NATS subject pattern relative to the
+    /// bucket, e.g. `"u.*"` or `"conv.>"`), decoded, in one pass: an ordered consumer that
+    /// delivers the last value per key, so the cost is that of the matching keys only.
+    pub async fn scan<T: DeserializeOwned>(&self, filter: &str) -> Result<Vec<(String, Versioned<T>)>, StoreError> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+        use futures::StreamExt;
+        let err = |e: &dyn std::fmt::Display| StoreError::Nats {
+            op: "scan",
+            key: filter.to_string(),
+            source: e.to_string().into(),
+        };
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: format!("_INBOX.{}", uuid::Uuid::new_v4().simple()),
+                filter_subject: format!("{}{filter}", self.kv.prefix),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| err(&e))?;
+            let info = message.info().map_err(|e| err(&e))?;
+            let (revision, pending) = (info.stream_sequence, info.pending);
+            let deleted = message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some();
+            let key = message.subject.as_str().strip_prefix(self.kv.prefix.as_str()).unwrap_or_default().to_string();
+            if !deleted {
+                out.push((key.clone(), Versioned { value: decode(&key, &message.payload)?, revision }));
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Every live entry, decoded. Entries that fail to decode are reported, not hidden.
     pub async fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, Versioned<T>)>, StoreError> {
         let mut out = Vec::new();

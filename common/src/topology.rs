@@ -1,10 +1,10 @@
-//! Every stream and KV bucket of the system, declared once and provisioned idempotently: any
+//! Every stream, KV bucket and object store of the system, declared once and provisioned idempotently: any
 //! service may run `provision` at start, twice or concurrently with another service, and the
 //! result is the same. File storage everywhere; the replica count comes from `nats.replicas`.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv, object_store, stream};
 
 use crate::config::Settings;
 use crate::store::JsonStore;
@@ -12,6 +12,11 @@ use crate::store::JsonStore;
 /// Per-conversation inboxes of enqueued messages: subject `af.inbox.<conversation token>`.
 pub const INBOX_STREAM: &str = "AF_INBOX";
 pub const INBOX_SUBJECT_PREFIX: &str = "af.inbox";
+
+/// Conversation history: one subject per conversation, `af.history.<conversation token>`; each
+/// message is one appended batch that names the sequence of the batch before it.
+pub const HISTORY_STREAM: &str = "AF_HISTORY";
+pub const HISTORY_SUBJECT_PREFIX: &str = "af.history";
 
 /// Agent profiles, key = escaped agentKey.
 pub const PROFILES: &str = "af_profiles";
@@ -31,6 +36,21 @@ pub const DEAD_LETTERS: &str = "af_dead_letters";
 pub const LEADERS: &str = "af_leaders";
 /// Stack-wide switches such as the manual test clock.
 pub const SYSTEM: &str = "af_system";
+/// The hydration cache per conversation (last 64 history items and their fingerprint).
+pub const HISTORY_CACHE: &str = "af_history_cache";
+/// Snapshot records, key = snapshotId (`<conversation token>.<id>`).
+pub const SNAPSHOTS: &str = "af_snapshots";
+/// Identity bindings: `u.<consumer token>` per consumer user, plus Telegram index keys.
+pub const BINDINGS: &str = "af_bindings";
+/// Global skills: `skill.<slug>` rows and immutable `version.<slug>.<version token>` bundles.
+pub const SKILLS: &str = "af_skills";
+/// Attachment records, key = `<message token>.<storage id>`.
+pub const ATTACHMENTS: &str = "af_attachments";
+
+/// Object store of workspace snapshot archives, object name = snapshotId.
+pub const SNAPSHOT_ARCHIVES: &str = "af_snapshot_archives";
+/// Object store of inbound media, object name = storageId.
+pub const MEDIA: &str = "af_media";
 
 /// How long a leader lease lives without renewal. Leader liveness is about processes, so it
 /// runs on server (real) time even when the business clock is manual.
@@ -38,6 +58,10 @@ pub const LEADER_TTL: Duration = Duration::from_secs(3);
 
 pub fn inbox_subject(conversation_token: &str) -> String {
     format!("{INBOX_SUBJECT_PREFIX}.{conversation_token}")
+}
+
+pub fn history_subject(conversation_token: &str) -> String {
+    format!("{HISTORY_SUBJECT_PREFIX}.{conversation_token}")
 }
 
 fn bucket(name: &str, description: &str, history: i64, settings: &Settings) -> kv::Config {
@@ -62,7 +86,37 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(DEAD_LETTERS, "dead-lettered jobs", 1, settings),
         kv::Config { max_age: LEADER_TTL, ..bucket(LEADERS, "leader leases", 1, settings) },
         bucket(SYSTEM, "stack-wide switches (test clock)", 1, settings),
+        bucket(HISTORY_CACHE, "hydration cache: last history items per conversation", 1, settings),
+        bucket(SNAPSHOTS, "workspace snapshot records", 1, settings),
+        bucket(BINDINGS, "identity bindings", 1, settings),
+        bucket(SKILLS, "global skills, versions and releases", 1, settings),
+        bucket(ATTACHMENTS, "message attachment records", 1, settings),
     ]
+}
+
+fn object_store_configs(settings: &Settings) -> Vec<object_store::Config> {
+    let store = |name: &str, description: &str| object_store::Config {
+        bucket: name.to_string(),
+        description: Some(description.to_string()),
+        storage: stream::StorageType::File,
+        num_replicas: settings.nats.replicas,
+        ..Default::default()
+    };
+    vec![store(SNAPSHOT_ARCHIVES, "workspace snapshot archives"), store(MEDIA, "inbound media")]
+}
+
+fn history_config(settings: &Settings) -> stream::Config {
+    stream::Config {
+        name: HISTORY_STREAM.to_string(),
+        description: Some("conversation history, one subject per conversation".to_string()),
+        subjects: vec![format!("{HISTORY_SUBJECT_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: settings.nats.replicas,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_millis(settings.history.retention_ms),
+        allow_direct: true,
+        ..Default::default()
+    }
 }
 
 fn inbox_config(settings: &Settings) -> stream::Config {
@@ -89,9 +143,16 @@ pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::
             js.create_or_update_stream(inbox_config(settings))
                 .await
                 .with_context(|| format!("provisioning stream {INBOX_STREAM}"))?;
+            js.create_or_update_stream(history_config(settings))
+                .await
+                .with_context(|| format!("provisioning stream {HISTORY_STREAM}"))?;
             for cfg in bucket_configs(settings) {
                 let name = cfg.bucket.clone();
                 js.create_or_update_key_value(cfg).await.with_context(|| format!("provisioning bucket {name}"))?;
+            }
+            for cfg in object_store_configs(settings) {
+                let name = cfg.bucket.clone();
+                provision_object_store(js, cfg).await.with_context(|| format!("provisioning object store {name}"))?;
             }
             Ok(())
         }
@@ -110,6 +171,15 @@ pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::
     Ok(())
 }
 
+/// Object stores have no create-or-update in async-nats: create, and accept one that exists.
+async fn provision_object_store(js: &jetstream::Context, cfg: object_store::Config) -> anyhow::Result<()> {
+    if js.get_object_store(&cfg.bucket).await.is_ok() {
+        return Ok(());
+    }
+    js.create_object_store(cfg).await?;
+    Ok(())
+}
+
 /// Opened handles to every bucket.
 #[derive(Clone)]
 pub struct Buckets {
@@ -122,6 +192,17 @@ pub struct Buckets {
     pub dead_letters: JsonStore,
     pub leaders: JsonStore,
     pub system: JsonStore,
+    pub history_cache: JsonStore,
+    pub snapshots: JsonStore,
+    pub bindings: JsonStore,
+    pub skills: JsonStore,
+    pub attachments: JsonStore,
+    pub snapshot_archives: object_store::ObjectStore,
+    pub media: object_store::ObjectStore,
+}
+
+async fn open_objects(js: &jetstream::Context, name: &str) -> anyhow::Result<object_store::ObjectStore> {
+    js.get_object_store(name).await.map_err(|e| anyhow::anyhow!("opening object store {name}: {e}"))
 }
 
 impl Buckets {
@@ -139,6 +220,13 @@ impl Buckets {
             dead_letters: open(DEAD_LETTERS).await?,
             leaders: open(LEADERS).await?,
             system: open(SYSTEM).await?,
+            history_cache: open(HISTORY_CACHE).await?,
+            snapshots: open(SNAPSHOTS).await?,
+            bindings: open(BINDINGS).await?,
+            skills: open(SKILLS).await?,
+            attachments: open(ATTACHMENTS).await?,
+            snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
+            media: open_objects(js, MEDIA).await?,
         })
     }
 }

@@ -4,9 +4,15 @@
 //! modules together: it builds the secrets cipher from configuration and registers every
 //! operation the service serves.
 
+pub mod attachments;
+pub mod bindings;
+pub mod bundle;
+pub mod history;
 pub mod profiles;
 pub mod runtime_config;
 pub mod secrets;
+pub mod skills;
+pub mod snapshots;
 
 use std::sync::Arc;
 
@@ -34,8 +40,14 @@ pub fn cipher_from_settings(settings: &Settings) -> anyhow::Result<SecretCipher>
 /// Registers this service's operations.
 pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
     profiles::register(ctx, ops);
-    secrets::register(ctx, cipher, ops);
+    secrets::register(ctx, cipher.clone(), ops);
     runtime_config::register(ctx, ops);
+    history::register(ctx, ops);
+    bundle::register(ctx, cipher.clone(), ops);
+    snapshots::register(ctx, ops);
+    attachments::register(ctx, ops);
+    bindings::register(ctx, ops);
+    skills::register(ctx, ops);
 }
 
 /// Runs the service until `shutdown` is cancelled.
