@@ -1,10 +1,15 @@
 //! The integration suite: one binary, one module per area. Every test starts its own
 //! nats-server (nextest runs each test in its own process).
 
+mod bindings;
 mod cli;
+mod hydration;
 mod ingress;
 mod profiles;
 mod queue;
 mod queue_concurrency;
+mod skills;
 mod smoke;
+mod snapshots;
 mod tidy;
+mod worker_kit;
