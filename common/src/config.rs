@@ -283,9 +283,8 @@ impl Settings {
         if self.loops.retention_interval_ms < 10 {
             return fail("loops.retention_interval_ms", "must be at least 10");
         }
-        if !self.http.public_url.trim().is_empty()
-            && !(self.http.public_url.starts_with("http://") || self.http.public_url.starts_with("https://"))
-        {
+        let url = self.http.public_url.trim();
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
             return fail("http.public_url", "must start with http:// or https://");
         }
         if !(1..=10_000).contains(&self.history.max_batch_items) {

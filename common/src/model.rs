@@ -173,6 +173,58 @@ pub struct WorkerRow {
     pub capabilities: Vec<String>,
 }
 
+/// The queue leader's durable view of one conversation (`af_queue_state`, key = conversation
+/// token); written only by queue-manager, read by hydration to fence side effects by lease. Invariant: every inbox message of this
+/// conversation with sequence `<= done_seq` is finished (done or dead-lettered); the first
+/// unfinished one, once attempted, is `head`. Only the head can be in flight, which is what
+/// keeps a conversation strictly in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueState {
+    pub conversation_id: String,
+    pub agent_key: String,
+    pub done_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadState>,
+    /// The lease that completed the last finished job, so a worker whose `completeJob` reply
+    /// was lost (e.g. in a leader failover) gets `true` when it retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_completed: Option<CompletedLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletedLease {
+    pub message_id: String,
+    pub lease_id: String,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadState {
+    pub seq: u64,
+    pub message_id: String,
+    /// Failed attempts, lease expiries included.
+    pub attempts: u32,
+    /// Not claimable before this instant (retry backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    pub lease_id: String,
+    pub worker_id: String,
+    pub expires_at: Millis,
+    pub claimed_at: Millis,
+}
+
 #[cfg(test)]
 mod tests {
     use super::WorkerStatus::*;

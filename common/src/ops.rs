@@ -96,6 +96,7 @@ pub const CATALOGUE: &[OpSpec] = &[
     op("getWorkerStats", QueueManager, &[Admin, App], "active workers and their load"),
     op("upsertWorkerState", QueueManager, &[Admin], "create or move a worker row through its lifecycle"),
     op("listWorkersForScheduler", QueueManager, &[Admin], "every worker row"),
+    op("recordWorkerSnapshot", QueueManager, &[Admin], "note a worker's ready snapshot; draining becomes stopping"),
     op("issueWorkerToken", QueueManager, &[Admin], "mint the bearer token a worker uses"),
     // Test clock.
     op("getTestClock", QueueManager, &[Admin], "the clock mode and the time every service sees"),

@@ -194,7 +194,7 @@ impl JsonStore {
 
 /// Replicated buckets report a lost CAS as JetStream error 10164 ("wrong last sequence") rather
 /// than 10071, and async-nats maps only the latter to a typed kind (see nats-anchors §4).
-fn is_wrong_last_sequence(e: &dyn std::error::Error) -> bool {
+pub fn is_wrong_last_sequence(e: &dyn std::error::Error) -> bool {
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = cur {
         let text = err.to_string();

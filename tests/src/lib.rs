@@ -106,15 +106,18 @@ impl TestStack {
 
     async fn start_boxed(overrides: &[(&str, &str)]) -> Self {
         let nats = TestNats::start().await;
-        let settings = Arc::new(test_settings(&nats.dir.path().join("data"), overrides));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http_addr = listener.local_addr().expect("addr");
+        let mut settings = test_settings(&nats.dir.path().join("data"), overrides);
+        // Links handed to workers must point at this stack's ingress.
+        settings.http.public_url = format!("http://{http_addr}");
+        let settings = Arc::new(settings);
         if let Ok(filter) = std::env::var("AF_TEST_LOG") {
             let mut telemetry = settings.telemetry.clone();
             telemetry.log_filter = filter;
             std::mem::forget(common::telemetry::init("test", &telemetry));
         }
         let ctx = ServiceContext::connect(settings, nats.url(), "test-stack").await.expect("connect");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http_addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
         let stack = Self { ctx, http_addr, shutdown, tasks, nats };

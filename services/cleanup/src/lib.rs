@@ -1,12 +1,64 @@
-//! The cleanup service. In this release it provisions the topology, joins NATS and answers health
-//! pings; its loops arrive with later issues.
+//! The cleanup service: expiries and reapers. Today it runs the retention sweep — snapshots past
+//! retention and attachments past theirs are deleted from the object stores, abandoned uploads
+//! are failed and their partial archives removed — once per `loops.retention_interval_ms` of the
+//! business clock, on one replica at a time (leader lease `cleanup-retention`).
+//!
+//! The sweep itself is hydration's (`expireOldDataSnapshots`, `expireOldTelegramAttachments`):
+//! the data and its rules live there, and an operator can run the same steps by hand when
+//! `loops.manual` pauses this loop.
 
 use common::service::ServiceContext;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "cleanup";
 
+/// Items one sweep step handles at most; the loop comes back for the rest.
+const SWEEP_BATCH: usize = 500;
+
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    common::service::serve_health(ctx, SERVICE, shutdown).await
+    let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
+    let retention = async {
+        if !ctx.settings.loops.enabled(ctx.settings.loops.retention) {
+            tracing::info!("retention sweep paused by configuration (loops.retention / loops.manual)");
+            return Ok(());
+        }
+        let holder = format!("{SERVICE}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let leaders = ctx.buckets.leaders.clone();
+        common::leader::run_elected(leaders, "cleanup-retention", &holder, shutdown.clone(), |lead| {
+            retention_loop(ctx.clone(), lead)
+        })
+        .await;
+        Ok(())
+    };
+    tokio::try_join!(health, retention)?;
+    Ok(())
+}
+
+async fn retention_loop(ctx: ServiceContext, lead: CancellationToken) {
+    let interval = ctx.settings.loops.retention_interval_ms as i64;
+    loop {
+        sweep_once(&ctx).await;
+        let next = ctx.clock.now_ms() + interval;
+        tokio::select! {
+            _ = lead.cancelled() => return,
+            _ = ctx.clock.sleep_until(next) => {}
+        }
+    }
+}
+
+/// One pass of every retention step. Failures are logged and retried on the next pass.
+pub async fn sweep_once(ctx: &ServiceContext) {
+    let Some(token) = ctx.settings.auth.admin_token.as_ref() else {
+        tracing::error!("auth.admin_token is not configured; the retention sweep cannot call hydration");
+        return;
+    };
+    for op in ["expireOldDataSnapshots", "expireOldTelegramAttachments"] {
+        match ctx.ops.call::<_, Value>(op, token.expose_secret(), &json!({"limit": SWEEP_BATCH})).await {
+            Ok(result) => tracing::debug!(op, %result, "retention step done"),
+            Err(e) => tracing::warn!(op, error = %e, "retention step failed; retrying next pass"),
+        }
+    }
 }

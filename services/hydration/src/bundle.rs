@@ -1,6 +1,307 @@
-//! (in progress)
+//! The hydration bundle (spec §3.5.2–3.5.4): everything a worker needs to process the job it
+//! claimed — payload with attachment links, recent history, bot token, bridge configuration —
+//! and the bridge environment the scheduler forwards to spawned workers.
+//!
+//! The bundle carries secrets, so only the worker holding the job's lease (or an admin) gets it
+//! (fix S2). The lease is read from `af_queue_state`, which the queue leader writes before the
+//! job is handed out, so a worker asking right after its claim always finds it.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::OpError;
+use common::auth::{Caller, Role};
+use common::crypto::SecretCipher;
+use common::model::{AgentProfile, QueueState, WorkerRow};
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
+use common::token::escape;
+use common::topology::INBOX_STREAM;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-pub(crate) fn register(_ctx: &ServiceContext, _cipher: std::sync::Arc<common::crypto::SecretCipher>, _ops: &mut OpRegistry) {}
+use crate::history::HistoryItem;
+use crate::secrets::{active_secret, bot_token_refs, first_active_secret, scoped_candidates};
+use crate::{attachments, fence, history, profiles};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BundleArgs {
+    message_id: String,
+    workspace_id: Option<String>,
+    /// The conversation of the job (the claim returns it). Optional for callers written
+    /// against the original; without it the conversation is found through the worker row.
+    conversation_id: Option<String>,
+}
+
+/// The part of an inbox message the bundle needs (the queue's `Job`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InboxJob {
+    message_id: String,
+    conversation_id: String,
+    agent_key: String,
+    payload: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bundle {
+    message_id: String,
+    conversation_id: String,
+    agent_key: String,
+    payload: serde_json::Map<String, Value>,
+    conversation_state: ConversationState,
+    telegram_bot_token: Option<String>,
+    bridge_runtime_config: Option<BridgeRuntimeConfig>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConversationState {
+    context_history: Vec<HistoryItem>,
+    /// Always empty, as in the original (spec §1.2).
+    pending_tool_calls: Vec<Value>,
+}
+
+/// Spec §3.5.3; every field is a string or null.
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeRuntimeConfig {
+    pub base_url: Option<String>,
+    pub app_base_url_map_json: Option<String>,
+    pub service_id: Option<String>,
+    pub app_key: Option<String>,
+    pub service_key: Option<String>,
+    pub service_key_secret_ref: Option<String>,
+    pub bot_identity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
+    let (c, k) = (ctx.clone(), cipher.clone());
+    ops.register("getHydrationBundleForClaimedJob", move |caller: Caller, args: BundleArgs| {
+        let (ctx, cipher) = (c.clone(), k.clone());
+        async move { bundle(&ctx, &cipher, &caller, args).await }
+    });
+    let (c, k) = (ctx.clone(), cipher);
+    ops.register("getWorkerSpawnOpenClawEnv", move |_: Caller, _: NoArgs| {
+        let (ctx, cipher) = (c.clone(), k.clone());
+        async move { spawn_env(&ctx, &cipher).await }
+    });
+}
+
+async fn bundle(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    caller: &Caller,
+    args: BundleArgs,
+) -> Result<Option<Bundle>, OpError> {
+    let message_id = args.message_id.trim();
+    if message_id.is_empty() {
+        return Err(OpError::invalid("messageId is required"));
+    }
+    let Some((conversation_id, state)) = find_head(ctx, caller, message_id, args.conversation_id.as_deref()).await?
+    else {
+        return Ok(None);
+    };
+    // Only a processing job has a bundle (spec §3.5.2), and only its lease holder may see it.
+    let Some(head) = state.head.as_ref().filter(|h| h.message_id == message_id && h.lease.is_some()) else {
+        return Ok(None);
+    };
+    if caller.role == Role::Worker {
+        let worker_id = caller.worker_id.as_deref().unwrap_or_default();
+        if !fence::holds_lease(&state, worker_id, ctx.clock.now_ms()) {
+            return Err(fence::not_holder(worker_id, &conversation_id));
+        }
+    }
+    let stream = ctx.js.get_stream_no_info(INBOX_STREAM).await.map_err(OpError::internal)?;
+    let message = stream.direct_get(head.seq).await.map_err(OpError::internal)?;
+    let job: InboxJob = serde_json::from_slice(&message.payload).map_err(OpError::internal)?;
+    if job.message_id != message_id {
+        return Err(OpError::internal(format!("inbox sequence {} does not hold message {message_id}", head.seq)));
+    }
+    let Some(conversation) = fence::conversation(ctx, &job.conversation_id).await? else {
+        return Ok(None);
+    };
+    let Some(profile) = profiles::get_profile(ctx, &job.agent_key).await? else {
+        return Ok(None);
+    };
+    let context_history = history::current_cache(ctx, &conversation).await?.map(|c| c.delta_context);
+    let bot_token = first_active_secret(ctx, cipher, &bot_token_refs(&profile.secrets_ref)).await?;
+    let mut payload = job.payload;
+    attachments::hydrate_payload(ctx, message_id, &mut payload).await?;
+    let _ = args.workspace_id; // Accepted for the original's signature; history is per conversation.
+    Ok(Some(Bundle {
+        message_id: job.message_id,
+        conversation_id: job.conversation_id,
+        agent_key: job.agent_key,
+        payload,
+        conversation_state: ConversationState {
+            context_history: context_history.unwrap_or_default(),
+            pending_tool_calls: Vec::new(),
+        },
+        telegram_bot_token: bot_token.map(|(_, v)| v.expose_secret().to_string()),
+        bridge_runtime_config: bridge_runtime_config(ctx, cipher, &profile).await?,
+    }))
+}
+
+/// The queue state of the conversation whose head is `message_id`.
+async fn find_head(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    message_id: &str,
+    conversation_id: Option<&str>,
+) -> Result<Option<(String, QueueState)>, OpError> {
+    let conversation_id = match (conversation_id.map(str::trim).filter(|c| !c.is_empty()), &caller.worker_id) {
+        (Some(c), _) => Some(c.to_string()),
+        (None, Some(worker_id)) => {
+            let row = ctx.buckets.workers.get::<WorkerRow>(&escape(worker_id)).await.map_err(OpError::internal)?;
+            row.and_then(|r| r.value.assignment).map(|a| a.conversation_id)
+        }
+        (None, None) => None,
+    };
+    if let Some(conversation_id) = conversation_id {
+        let state = fence::queue_state(ctx, &conversation_id).await?;
+        return Ok(state.map(|s| (conversation_id, s)));
+    }
+    // An admin without a conversation: look through the heads (an operator's debugging path).
+    let states = ctx.buckets.queue_state.scan::<Value>(">").await.map_err(OpError::internal)?;
+    Ok(states.into_iter().find_map(|(_, v)| {
+        let state: QueueState = serde_json::from_value(v.value).ok()?;
+        let is_head = state.head.as_ref().is_some_and(|h| h.message_id == message_id);
+        is_head.then(|| (state.conversation_id.clone(), state))
+    }))
+}
+
+async fn secret_value(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    refs: &[String],
+) -> Result<Option<(String, String)>, OpError> {
+    let found = first_active_secret(ctx, cipher, refs).await?;
+    Ok(found.map(|(r, v): (String, SecretString)| (r, v.expose_secret().to_string())))
+}
+
+/// Spec §3.5.3: profile fields win over secrets; `null` unless the bridge is enabled.
+pub async fn bridge_runtime_config(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    profile: &AgentProfile,
+) -> Result<Option<BridgeRuntimeConfig>, OpError> {
+    let Some(bridge) = profile.bridge_config.as_ref().filter(|b| b.enabled) else {
+        return Ok(None);
+    };
+    let agent = profile.agent_key.as_str();
+    let scoped = |prefix: &str, preferred: Option<&str>| scoped_candidates(agent, prefix, preferred);
+    let service_key =
+        secret_value(ctx, cipher, &scoped("agent-bridge.serviceKey", bridge.service_key_secret_ref.as_deref())).await?;
+    Ok(Some(BridgeRuntimeConfig {
+        base_url: profile_or_secret(ctx, cipher, agent, &bridge.base_url, "agent-bridge.baseUrl").await?,
+        app_base_url_map_json: secret_value(
+            ctx,
+            cipher,
+            &scoped("agent-bridge.baseUrlMapJson", bridge.app_base_url_map_json_secret_ref.as_deref()),
+        )
+        .await?
+        .map(|(_, v)| v),
+        service_id: profile_or_secret(ctx, cipher, agent, &bridge.service_id, "agent-bridge.serviceId").await?,
+        app_key: profile_or_secret(ctx, cipher, agent, &bridge.app_key, "agent-bridge.appKey").await?,
+        service_key_secret_ref: service_key.as_ref().map(|(r, _)| r.clone()),
+        service_key: service_key.map(|(_, v)| v),
+        bot_identity: profile.bot_identity.clone(),
+    }))
+}
+
+/// A profile field when present (even empty: spec §3.5.3), else the first active scoped secret.
+async fn profile_or_secret(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    agent_key: &str,
+    field: &Option<String>,
+    prefix: &str,
+) -> Result<Option<String>, OpError> {
+    match field {
+        Some(v) => Ok(Some(v.clone())),
+        None => Ok(secret_value(ctx, cipher, &scoped_candidates(agent_key, prefix, None)).await?.map(|(_, v)| v)),
+    }
+}
+
+/// Spec §3.5.4: the bridge variables every spawned worker gets. A global secret wins; otherwise
+/// a value is forwarded only when every bridge-enabled profile agrees on it.
+async fn spawn_env(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<BTreeMap<String, String>, OpError> {
+    let global = |secret_ref: &'static str| async move {
+        Ok::<_, OpError>(active_secret(ctx, cipher, secret_ref).await?.map(|v| v.expose_secret().to_string()))
+    };
+    let profiles: Vec<AgentProfile> = ctx
+        .buckets
+        .profiles
+        .scan::<AgentProfile>(">")
+        .await
+        .map_err(OpError::internal)?
+        .into_iter()
+        .map(|(_, v)| v.value)
+        .filter(|p| p.enabled && p.bridge_config.as_ref().is_some_and(|b| b.enabled))
+        .collect();
+    let mut env = BTreeMap::new();
+    let service_id = match global("agent-bridge.serviceId").await? {
+        Some(v) => Some(v),
+        None => {
+            let mut values = Vec::new();
+            for p in &profiles {
+                let preferred = p.bridge_config.as_ref().and_then(|b| b.service_id.clone());
+                values.push(profile_or_secret(ctx, cipher, &p.agent_key, &preferred, "agent-bridge.serviceId").await?);
+            }
+            unambiguous(values)
+        }
+    };
+    let service_key = match global("agent-bridge.serviceKey").await? {
+        Some(v) => Some(v),
+        None => {
+            let mut values = Vec::new();
+            for p in &profiles {
+                let preferred = p.bridge_config.as_ref().and_then(|b| b.service_key_secret_ref.as_deref());
+                let refs = scoped_candidates(&p.agent_key, "agent-bridge.serviceKey", preferred);
+                values.push(secret_value(ctx, cipher, &refs).await?.map(|(_, v)| v));
+            }
+            unambiguous(values)
+        }
+    };
+    let linking = global("agent-bridge.linkingSharedSecret").await?;
+    for (key, value) in [
+        ("OPENCLAW_SERVICE_ID", service_id),
+        ("OPENCLAW_SERVICE_KEY", service_key),
+        ("OPENCLAW_LINKING_SHARED_SECRET", linking),
+    ] {
+        if let Some(v) = value.filter(|v| !v.trim().is_empty()) {
+            env.insert(key.to_string(), v);
+        }
+    }
+    Ok(env)
+}
+
+/// The single distinct non-empty value, if there is exactly one.
+fn unambiguous(values: Vec<Option<String>>) -> Option<String> {
+    let mut distinct: Vec<String> = values.into_iter().flatten().filter(|v| !v.trim().is_empty()).collect();
+    distinct.sort();
+    distinct.dedup();
+    (distinct.len() == 1).then(|| distinct.remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unambiguous;
+
+    #[test]
+    fn only_one_distinct_value_is_forwarded() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(unambiguous(vec![s("a"), s("a"), None]), s("a"));
+        assert_eq!(unambiguous(vec![s("a"), s("b")]), None);
+        assert_eq!(unambiguous(vec![None, s(" ")]), None);
+        assert_eq!(unambiguous(vec![]), None);
+    }
+}

@@ -1,6 +1,613 @@
-//! (in progress)
+//! Workspace snapshots (spec §1.7, §3.13; fixes D1, D2, S7).
+//!
+//! A record per snapshot in `af_snapshots`, keyed by its id, which is
+//! `<conversation token>.<time-ordered id>` so that a conversation's snapshots are one key-prefix
+//! scan. The archive is an object of `af_snapshot_archives` named by the snapshot id; workers on
+//! NATS put it there directly, HTTP workers stream it through ingress
+//! (`PUT /v1/snapshots/<id>/archive`).
+//!
+//! - `finalize` reads the archive back and recomputes its sha256 and size; a mismatch fails the
+//!   snapshot and deletes the archive (D2). Only an `uploading` snapshot can be finalised.
+//! - Restore takes the newest *ready, unexpired* snapshot of the exact workspace + agent +
+//!   conversation, so a newer failed or unfinished upload does not hide an older good one (D1).
+//! - Archives hold the workspace's credentials, so download links go only to admins and to the
+//!   worker that owns the conversation (S7); app callers see the records without links.
+//! - Retention deletes expired archives from the store (not only the record's status), and
+//!   uploads left `uploading` past `snapshots.upload_timeout_ms` are failed and their partial
+//!   archives removed.
 
+use async_nats::jetstream::object_store::{DeleteErrorKind, ObjectStore};
+use common::OpError;
+use common::auth::{Caller, Role};
+use common::clock::Millis;
+use common::model::WorkerRow;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
+use common::store::{StoreError, Versioned};
+use common::token::escape;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
-pub(crate) fn register(_ctx: &ServiceContext, _ops: &mut OpRegistry) {}
+use crate::{bindings, fence};
+
+pub const FORMAT_VERSION: u32 = 1;
+const DEFAULT_WORKSPACE: &str = "default";
+const DEFAULT_LIST: usize = 50;
+const MAX_LIST: usize = 200;
+const DEFAULT_SWEEP: usize = 100;
+const MAX_SWEEP: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    Uploading,
+    Ready,
+    Failed,
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotReason {
+    Drain,
+    Signal,
+    Manual,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRecord {
+    pub snapshot_id: String,
+    pub workspace_id: String,
+    pub agent_key: String,
+    pub worker_id: String,
+    pub conversation_id: String,
+    pub reason: SnapshotReason,
+    pub format_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    pub status: SnapshotStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Millis>,
+}
+
+impl SnapshotRecord {
+    fn restorable(&self, now: Millis) -> bool {
+        self.status == SnapshotStatus::Ready && self.expires_at > now
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PrepareArgs {
+    worker_id: String,
+    workspace_id: Option<String>,
+    agent_key: String,
+    conversation_id: Option<String>,
+    reason: SnapshotReason,
+}
+
+/// Where and how to upload the archive.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Prepared {
+    snapshot_id: String,
+    /// HTTP upload through ingress: `PUT` the archive with the worker's bearer token.
+    upload_url: String,
+    expires_at: Millis,
+    /// For workers on NATS: put the archive into this object store under this name.
+    object_store: String,
+    object_name: String,
+    chunk_bytes: usize,
+    max_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FinalizeArgs {
+    worker_id: String,
+    snapshot_id: String,
+    /// Accepted for the original's signature; the archive is always the object named by the
+    /// snapshot id, so a different value is refused.
+    storage_id: Option<String>,
+    sha256: String,
+    size_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FailArgs {
+    worker_id: String,
+    snapshot_id: String,
+    error: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RestoreArgs {
+    workspace_id: Option<String>,
+    agent_key: String,
+    conversation_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ListArgs {
+    conversation_id: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UserAgentArgs {
+    consumer_user_id: String,
+    agent_key: String,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SweepArgs {
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreTarget {
+    snapshot_id: String,
+    download_url: String,
+    object_store: String,
+    object_name: String,
+    sha256: Option<String>,
+    size_bytes: Option<u64>,
+    created_at: Millis,
+}
+
+/// A snapshot as list operations show it (spec §3.13); `downloadUrl` only for admins.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotView {
+    snapshot_id: String,
+    created_at: Millis,
+    size_bytes: Option<u64>,
+    sha256: Option<String>,
+    download_url: Option<String>,
+    status: SnapshotStatus,
+    conversation_id: String,
+    workspace_id: String,
+    agent_key: String,
+    reason: SnapshotReason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SweepResult {
+    /// Ready snapshots past retention: record expired, archive deleted.
+    pub expired: usize,
+    /// Uploads still `uploading` past the upload timeout: record failed, partial archive deleted.
+    pub abandoned: usize,
+    /// Archives deleted: those of the snapshots just ended, and any left behind earlier.
+    pub archives_deleted: usize,
+    /// Ended (expired or failed) records older than another retention period, removed.
+    pub purged: usize,
+}
+
+pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
+    macro_rules! op {
+        ($name:literal, $args:ty, |$ctx:ident, $caller:ident, $a:ident| $body:expr) => {{
+            let c = ctx.clone();
+            ops.register($name, move |$caller: Caller, $a: $args| {
+                let $ctx = c.clone();
+                async move { $body }
+            });
+        }};
+    }
+    op!("prepareDataSnapshotUpload", PrepareArgs, |ctx, caller, a| prepare(&ctx, &caller, a).await);
+    op!("finalizeDataSnapshotUpload", FinalizeArgs, |ctx, caller, a| finalize(&ctx, &caller, a).await);
+    op!("failDataSnapshotUpload", FailArgs, |ctx, caller, a| fail(&ctx, &caller, a).await);
+    op!("getLatestDataSnapshotForRestore", RestoreArgs, |ctx, caller, a| restore_target(&ctx, &caller, a).await);
+    op!("listSnapshotsForConversation", ListArgs, |ctx, caller, a| {
+        let conversation_id = required_conversation(a.conversation_id.as_deref())?;
+        list_views(&ctx, &caller, &conversation_id, None, a.limit).await
+    });
+    op!("listSnapshotsForUserAgent", UserAgentArgs, |ctx, caller, a| user_agent_views(&ctx, &caller, a).await);
+    op!("getLatestSnapshotForUserAgent", UserAgentArgs, |ctx, caller, a| {
+        let mut views = user_agent_views(&ctx, &caller, UserAgentArgs { limit: Some(1), ..a }).await?;
+        Ok::<_, OpError>(views.pop())
+    });
+    op!("expireOldDataSnapshots", SweepArgs, |ctx, _caller, a| {
+        sweep(&ctx, a.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await
+    });
+}
+
+fn required_conversation(conversation_id: Option<&str>) -> Result<String, OpError> {
+    match conversation_id.map(str::trim) {
+        Some(c) if !c.is_empty() => Ok(c.to_string()),
+        _ => Err(OpError::invalid("conversationId is required")),
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<String, OpError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(OpError::invalid(format!("{field} is required")));
+    }
+    Ok(v.to_string())
+}
+
+pub fn archive_url(ctx: &ServiceContext, snapshot_id: &str) -> String {
+    format!("{}/v1/snapshots/{snapshot_id}/archive", ctx.settings.http.public_base_url())
+}
+
+fn conversation_of(snapshot_id: &str) -> Option<String> {
+    snapshot_id.split_once('.').and_then(|(token, _)| common::token::unescape(token))
+}
+
+async fn load(ctx: &ServiceContext, snapshot_id: &str) -> Result<Option<Versioned<SnapshotRecord>>, OpError> {
+    // Ids are `<token>.<id>`; anything else cannot name a snapshot (and must not reach a key).
+    if conversation_of(snapshot_id).is_none() || snapshot_id.matches('.').count() != 1 {
+        return Ok(None);
+    }
+    ctx.buckets.snapshots.get::<SnapshotRecord>(snapshot_id).await.map_err(OpError::internal)
+}
+
+/// Whether `worker_id` owns `conversation_id`: its row is assigned to it (sticky owner or
+/// pre-assignment), or it holds the conversation's lease right now (the row is written behind
+/// the claim, the lease before it).
+async fn worker_owns(ctx: &ServiceContext, worker_id: &str, conversation_id: &str) -> Result<bool, OpError> {
+    let row = ctx.buckets.workers.get::<WorkerRow>(&escape(worker_id)).await.map_err(OpError::internal)?;
+    if row.and_then(|r| r.value.assignment).is_some_and(|a| a.conversation_id == conversation_id) {
+        return Ok(true);
+    }
+    let state = fence::queue_state(ctx, conversation_id).await?;
+    Ok(state.is_some_and(|s| fence::holds_lease(&s, worker_id, ctx.clock.now_ms())))
+}
+
+async fn require_owner(ctx: &ServiceContext, caller: &Caller, conversation_id: &str) -> Result<(), OpError> {
+    if caller.role != Role::Worker {
+        return Ok(());
+    }
+    let worker_id = caller.worker_id.as_deref().unwrap_or_default();
+    if worker_owns(ctx, worker_id, conversation_id).await? {
+        Ok(())
+    } else {
+        Err(OpError::forbidden(format!("worker '{worker_id}' is not assigned to conversation '{conversation_id}'")))
+    }
+}
+
+async fn prepare(ctx: &ServiceContext, caller: &Caller, args: PrepareArgs) -> Result<Prepared, OpError> {
+    let worker_id = required("workerId", &args.worker_id)?;
+    caller.require_worker(&worker_id)?;
+    let conversation_id = required_conversation(args.conversation_id.as_deref())?;
+    let agent_key = required("agentKey", &args.agent_key)?;
+    require_owner(ctx, caller, &conversation_id).await?;
+    let now = ctx.clock.now_ms();
+    let snapshot_id = format!("{}.s{}", escape(&conversation_id), uuid::Uuid::now_v7().simple());
+    let record = SnapshotRecord {
+        snapshot_id: snapshot_id.clone(),
+        workspace_id: args.workspace_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(|| DEFAULT_WORKSPACE.into()),
+        agent_key,
+        worker_id,
+        conversation_id,
+        reason: args.reason,
+        format_version: FORMAT_VERSION,
+        sha256: None,
+        size_bytes: None,
+        status: SnapshotStatus::Uploading,
+        error: None,
+        created_at: now,
+        expires_at: now + ctx.settings.snapshots.retention_ms,
+        completed_at: None,
+    };
+    ctx.buckets.snapshots.create(&snapshot_id, &record).await.map_err(OpError::internal)?;
+    Ok(Prepared {
+        upload_url: archive_url(ctx, &snapshot_id),
+        expires_at: record.expires_at,
+        object_store: common::topology::SNAPSHOT_ARCHIVES.to_string(),
+        object_name: snapshot_id.clone(),
+        chunk_bytes: ctx.settings.snapshots.chunk_bytes,
+        max_bytes: ctx.settings.snapshots.max_archive_bytes,
+        snapshot_id,
+    })
+}
+
+/// The sha256 (hex) and size of a stored object, read back in full.
+pub async fn digest_object(store: &ObjectStore, name: &str) -> Result<Option<(String, u64)>, OpError> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    let mut object = match store.get(name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(OpError::internal(e)),
+    };
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = object.read(&mut buf).await.map_err(OpError::internal)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Some((hex::encode(hasher.finalize()), size)))
+}
+
+async fn delete_archive(ctx: &ServiceContext, snapshot_id: &str) -> Result<bool, OpError> {
+    match ctx.buckets.snapshot_archives.delete(snapshot_id).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == DeleteErrorKind::NotFound => Ok(false),
+        Err(e) => Err(OpError::internal(e)),
+    }
+}
+
+/// Writes `record` over the version read, or reports the lost race as a conflict.
+async fn save(
+    ctx: &ServiceContext,
+    current: &Versioned<SnapshotRecord>,
+    record: &SnapshotRecord,
+) -> Result<(), OpError> {
+    match ctx.buckets.snapshots.update(&record.snapshot_id, record, current.revision).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::Conflict { .. }) => {
+            Err(OpError::conflict(format!("snapshot '{}' changed concurrently; retry", record.snapshot_id)))
+        }
+        Err(e) => Err(OpError::internal(e)),
+    }
+}
+
+async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> Result<bool, OpError> {
+    let worker_id = required("workerId", &args.worker_id)?;
+    caller.require_worker(&worker_id)?;
+    let Some(current) = load(ctx, args.snapshot_id.trim()).await? else { return Ok(false) };
+    let mut record = current.value.clone();
+    if record.worker_id != worker_id {
+        return Ok(false);
+    }
+    let expected = args.sha256.trim().to_ascii_lowercase();
+    match record.status {
+        SnapshotStatus::Uploading => {}
+        // A retried finalize whose first reply was lost.
+        SnapshotStatus::Ready if record.sha256.as_deref() == Some(expected.as_str()) => return Ok(true),
+        status => {
+            return Err(OpError::conflict(format!(
+                "snapshot '{}' is {} and cannot be finalized",
+                record.snapshot_id,
+                serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            )));
+        }
+    }
+    if args.storage_id.as_deref().is_some_and(|s| !s.is_empty() && s != record.snapshot_id) {
+        return Err(OpError::invalid("storageId must be the snapshotId (archives are stored under the snapshot id)"));
+    }
+    let now = ctx.clock.now_ms();
+    let failure = match digest_object(&ctx.buckets.snapshot_archives, &record.snapshot_id).await? {
+        None => Some("no archive was uploaded".to_string()),
+        Some((sha, size)) if sha != expected || size != args.size_bytes => Some(format!(
+            "archive checksum mismatch: reported sha256 {expected} and {} bytes, stored archive has sha256 {sha} and {size} bytes",
+            args.size_bytes
+        )),
+        Some(_) => None,
+    };
+    if let Some(error) = failure {
+        record.status = SnapshotStatus::Failed;
+        record.error = Some(error.clone());
+        record.completed_at = Some(now);
+        save(ctx, &current, &record).await?;
+        delete_archive(ctx, &record.snapshot_id).await?;
+        return Err(OpError::invalid(error));
+    }
+    record.status = SnapshotStatus::Ready;
+    record.sha256 = Some(expected);
+    record.size_bytes = Some(args.size_bytes);
+    record.completed_at = Some(now);
+    save(ctx, &current, &record).await?;
+    crate::internal_call::<serde_json::Value>(
+        ctx,
+        "recordWorkerSnapshot",
+        &serde_json::json!({"workerId": record.worker_id, "snapshotId": record.snapshot_id}),
+    )
+    .await?;
+    Ok(true)
+}
+
+async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailArgs) -> Result<bool, OpError> {
+    let worker_id = required("workerId", &args.worker_id)?;
+    caller.require_worker(&worker_id)?;
+    let Some(current) = load(ctx, args.snapshot_id.trim()).await? else { return Ok(false) };
+    let mut record = current.value.clone();
+    if record.worker_id != worker_id {
+        return Ok(false);
+    }
+    if record.status != SnapshotStatus::Uploading {
+        return Ok(record.status == SnapshotStatus::Failed);
+    }
+    record.status = SnapshotStatus::Failed;
+    record.error = Some(args.error.chars().take(2000).collect());
+    record.completed_at = Some(ctx.clock.now_ms());
+    save(ctx, &current, &record).await?;
+    delete_archive(ctx, &record.snapshot_id).await?;
+    Ok(true)
+}
+
+/// A conversation's snapshots, newest first.
+async fn for_conversation(ctx: &ServiceContext, conversation_id: &str) -> Result<Vec<SnapshotRecord>, OpError> {
+    let found = ctx.buckets.snapshots.scan::<SnapshotRecord>(&format!("{}.*", escape(conversation_id))).await;
+    let mut records: Vec<SnapshotRecord> =
+        found.map_err(OpError::internal)?.into_iter().map(|(_, v)| v.value).collect();
+    records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
+    Ok(records)
+}
+
+async fn restore_target(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    args: RestoreArgs,
+) -> Result<Option<RestoreTarget>, OpError> {
+    let conversation_id = required_conversation(args.conversation_id.as_deref())?;
+    let agent_key = required("agentKey", &args.agent_key)?;
+    let workspace_id = args.workspace_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(|| DEFAULT_WORKSPACE.into());
+    require_owner(ctx, caller, &conversation_id).await?;
+    let now = ctx.clock.now_ms();
+    let newest_ready = for_conversation(ctx, &conversation_id)
+        .await?
+        .into_iter()
+        .find(|r| r.workspace_id == workspace_id && r.agent_key == agent_key && r.restorable(now));
+    Ok(newest_ready.map(|r| RestoreTarget {
+        download_url: archive_url(ctx, &r.snapshot_id),
+        object_store: common::topology::SNAPSHOT_ARCHIVES.to_string(),
+        object_name: r.snapshot_id.clone(),
+        snapshot_id: r.snapshot_id,
+        sha256: r.sha256,
+        size_bytes: r.size_bytes,
+        created_at: r.created_at,
+    }))
+}
+
+async fn list_views(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    conversation_id: &str,
+    filter: Option<(&str, &str)>,
+    limit: Option<usize>,
+) -> Result<Vec<SnapshotView>, OpError> {
+    let limit = limit.unwrap_or(DEFAULT_LIST).clamp(1, MAX_LIST);
+    let now = ctx.clock.now_ms();
+    let links = caller.role == Role::Admin;
+    Ok(for_conversation(ctx, conversation_id)
+        .await?
+        .into_iter()
+        .filter(|r| filter.is_none_or(|(workspace, agent)| r.workspace_id == workspace && r.agent_key == agent))
+        .take(limit)
+        .map(|r| SnapshotView {
+            download_url: (links && r.restorable(now)).then(|| archive_url(ctx, &r.snapshot_id)),
+            snapshot_id: r.snapshot_id,
+            created_at: r.created_at,
+            size_bytes: r.size_bytes,
+            sha256: r.sha256,
+            status: r.status,
+            conversation_id: r.conversation_id,
+            workspace_id: r.workspace_id,
+            agent_key: r.agent_key,
+            reason: r.reason,
+            error: r.error,
+        })
+        .collect())
+}
+
+async fn user_agent_views(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    args: UserAgentArgs,
+) -> Result<Vec<SnapshotView>, OpError> {
+    let consumer = required("consumerUserId", &args.consumer_user_id)?;
+    let agent_key = required("agentKey", &args.agent_key)?;
+    let target = bindings::user_agent_target(ctx, &consumer, &agent_key, false).await?;
+    list_views(ctx, caller, &target.conversation_id, Some((DEFAULT_WORKSPACE, &agent_key)), args.limit).await
+}
+
+/// What ingress may do with a snapshot archive for `caller`.
+pub(crate) async fn authorize(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    snapshot_id: &str,
+    write: bool,
+) -> Result<SnapshotRecord, OpError> {
+    let record =
+        load(ctx, snapshot_id).await?.ok_or_else(|| OpError::not_found(format!("no snapshot '{snapshot_id}'")))?.value;
+    match caller.role {
+        Role::Admin => {}
+        Role::Worker if write => caller.require_worker(&record.worker_id)?,
+        Role::Worker => require_owner(ctx, caller, &record.conversation_id).await?,
+        _ => return Err(OpError::forbidden("snapshot archives are for admins and the owning worker only")),
+    }
+    if write && record.status != SnapshotStatus::Uploading {
+        return Err(OpError::conflict(format!("snapshot '{snapshot_id}' is no longer accepting an upload")));
+    }
+    if !write && !record.restorable(ctx.clock.now_ms()) {
+        return Err(OpError::not_found(format!("snapshot '{snapshot_id}' is not ready or has expired")));
+    }
+    Ok(record)
+}
+
+async fn sweep(ctx: &ServiceContext, limit: usize) -> Result<SweepResult, OpError> {
+    let now = ctx.clock.now_ms();
+    let abandoned_before = now - ctx.settings.snapshots.upload_timeout_ms;
+    let records = ctx.buckets.snapshots.scan::<SnapshotRecord>(">").await.map_err(OpError::internal)?;
+    let mut result = SweepResult::default();
+    let mut live = std::collections::HashSet::new();
+    for (_, current) in &records {
+        let r = &current.value;
+        let next = match r.status {
+            SnapshotStatus::Ready if r.expires_at <= now => (SnapshotStatus::Expired, None),
+            SnapshotStatus::Uploading if r.created_at <= abandoned_before => {
+                (SnapshotStatus::Failed, Some("upload abandoned: not finalized in time".to_string()))
+            }
+            SnapshotStatus::Uploading | SnapshotStatus::Ready => {
+                live.insert(r.snapshot_id.clone());
+                continue;
+            }
+            // Ended snapshots are kept as history for one more retention period, then purged.
+            SnapshotStatus::Expired | SnapshotStatus::Failed => {
+                let ended = r.completed_at.unwrap_or(r.created_at);
+                if ended + ctx.settings.snapshots.retention_ms <= now && result.purged < limit {
+                    match ctx.buckets.snapshots.delete(&r.snapshot_id, current.revision).await {
+                        Ok(()) => result.purged += 1,
+                        Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(OpError::internal(e)),
+                    }
+                }
+                continue;
+            }
+        };
+        if result.expired + result.abandoned >= limit {
+            live.insert(r.snapshot_id.clone()); // Not handled this pass: leave its archive.
+            continue;
+        }
+        // Record first: a reader must never be handed a link to an archive being deleted.
+        let mut record = r.clone();
+        record.status = next.0;
+        record.error = next.1.or(record.error);
+        record.completed_at = record.completed_at.or(Some(now));
+        match save(ctx, current, &record).await {
+            Ok(()) if next.0 == SnapshotStatus::Expired => result.expired += 1,
+            Ok(()) => result.abandoned += 1,
+            Err(e) if e.code == common::ErrorCode::Conflict => {
+                live.insert(r.snapshot_id.clone());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Every archive without a live record goes: the ones just ended, and any a crashed sweep
+    // or fail() left behind between its record write and its delete.
+    let mut objects = ctx.buckets.snapshot_archives.list().await.map_err(OpError::internal)?;
+    let mut doomed = Vec::new();
+    while let Some(info) = futures::StreamExt::next(&mut objects).await {
+        let info = info.map_err(OpError::internal)?;
+        if !info.deleted && !live.contains(&info.name) {
+            doomed.push(info.name);
+        }
+    }
+    for name in doomed {
+        // An upload prepared after the scan is live although the scan did not see it.
+        if load(ctx, &name)
+            .await?
+            .is_some_and(|v| matches!(v.value.status, SnapshotStatus::Uploading | SnapshotStatus::Ready))
+        {
+            continue;
+        }
+        if delete_archive(ctx, &name).await? {
+            result.archives_deleted += 1;
+        }
+    }
+    Ok(result)
+}

@@ -1,12 +1,14 @@
 //! The HTTP front door. It authenticates nothing itself and stores nothing: every
 //! `POST /v1/ops/<name>` is forwarded over NATS with the caller's Authorization header, and the
 //! owning service authenticates and answers. Besides the operations it serves the catalogue
-//! (`GET /v1/ops`), liveness (`/healthz`), readiness (`/readyz`) and Prometheus metrics
-//! (`/metrics`).
+//! (`GET /v1/ops`), liveness (`/healthz`), readiness (`/readyz`), Prometheus metrics
+//! (`/metrics`) and the file shim for snapshot archives and media ([`blobs`]).
 //!
 //! Ingress rejects on its own only what it can judge without state: an unknown operation (404),
 //! a request without credentials (401) and a body over `http.max_body_bytes` (413). Everything
 //! else, malformed JSON included, is judged by the owning service.
+
+mod blobs;
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, S
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use common::ErrorCode;
 use common::OpError;
 use common::service::ServiceContext;
@@ -61,6 +63,10 @@ pub fn router(ctx: ServiceContext) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        // File transfers stream their bodies under their own limits (see blobs.rs).
+        .route("/v1/snapshots/{id}/archive", put(blobs::put_snapshot).get(blobs::get_snapshot))
+        .route("/v1/media", post(blobs::post_media))
+        .route("/v1/media/{id}", get(blobs::get_media))
         .layer(middleware::from_fn(trace_request))
         .with_state(ctx)
 }

@@ -192,6 +192,12 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
         required(&args.worker_id, "workerId")?;
         d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
     });
+    route!("recordWorkerSnapshot", RecordSnapshotArgs, |_caller, args, d, _js| {
+        required(&args.worker_id, "workerId")?;
+        required(&args.snapshot_id, "snapshotId")?;
+        let (worker_id, snapshot_id) = (args.worker_id, args.snapshot_id);
+        d.ask(|reply| Command::RecordSnapshot { worker_id, snapshot_id, reply }).await
+    });
     route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
         let message_id = args.message_id;
         d.ask(|reply| Command::RequeueDeadLetter { message_id, reply }).await

@@ -10,6 +10,6 @@ mod queue;
 mod queue_concurrency;
 mod skills;
 mod smoke;
-mod snapshots;
+pub(crate) mod snapshots;
 mod tidy;
 mod worker_kit;

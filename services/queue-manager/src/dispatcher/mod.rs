@@ -97,6 +97,11 @@ pub enum Command {
         args: Box<UpsertWorkerArgs>,
         reply: Reply,
     },
+    RecordSnapshot {
+        worker_id: String,
+        snapshot_id: String,
+        reply: Reply,
+    },
     RequeueDeadLetter {
         message_id: String,
         reply: Reply,
@@ -291,7 +296,10 @@ struct WorkerEntry {
     revision: Option<u64>,
     writing: bool,
     dirty: bool,
+    /// Callers waiting for the row's next write to start.
     waiters: Vec<Reply>,
+    /// Callers whose change is in the write under way: answered when it lands.
+    in_flight: Vec<Reply>,
 }
 
 struct Parked {
@@ -349,7 +357,14 @@ impl State {
             let row = v.value;
             workers.insert(
                 row.worker_id.clone(),
-                WorkerEntry { row, revision: Some(v.revision), writing: false, dirty: false, waiters: Vec::new() },
+                WorkerEntry {
+                    row,
+                    revision: Some(v.revision),
+                    writing: false,
+                    dirty: false,
+                    waiters: Vec::new(),
+                    in_flight: Vec::new(),
+                },
             );
         }
         let mut convs = HashMap::new();

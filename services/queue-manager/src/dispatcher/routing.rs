@@ -139,6 +139,9 @@ impl State {
                 let _ = reply.send(to_value(rows));
             }
             Command::UpsertWorker { args, reply } => self.upsert_worker(*args, reply),
+            Command::RecordSnapshot { worker_id, snapshot_id, reply } => {
+                self.record_snapshot(worker_id, snapshot_id, reply)
+            }
             Command::RequeueDeadLetter { message_id, reply } => self.requeue_dead_letter(message_id, reply),
             Command::PurgeDeadLetter { message_id, reply } => self.purge_dead_letter(message_id, reply),
             Command::WorkerOf { worker_id, reply } => {

@@ -33,6 +33,7 @@ impl State {
             writing: false,
             dirty: true,
             waiters: Vec::new(),
+            in_flight: Vec::new(),
         });
         let row = &mut entry.row;
         let same = row.assignment.as_ref().filter(|a| a.conversation_id == conversation_id);
@@ -112,6 +113,7 @@ impl State {
             writing: false,
             dirty: true,
             waiters: Vec::new(),
+            in_flight: Vec::new(),
         });
         entry.row = row;
         entry.dirty = true;
@@ -131,6 +133,26 @@ impl State {
         }
     }
 
+    /// A snapshot of the worker's conversation became ready (`finalizeDataSnapshotUpload`):
+    /// remember it, and let a draining worker proceed to `stopping` (the scheduler's snapshot
+    /// gate). Unknown workers are left alone (`null`).
+    pub(super) fn record_snapshot(&mut self, worker_id: String, snapshot_id: String, reply: Reply) {
+        let now = self.now();
+        let Some(entry) = self.workers.get_mut(&worker_id) else {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        };
+        let row = &mut entry.row;
+        row.last_snapshot_id = Some(snapshot_id);
+        if row.status == WorkerStatus::Draining {
+            row.status = WorkerStatus::Stopping;
+            row.stopped_at = row.stopped_at.or(Some(now));
+        }
+        entry.dirty = true;
+        entry.waiters.push(reply);
+        self.flush_worker(&worker_id);
+    }
+
     pub(super) fn flush_worker(&mut self, worker_id: &str) {
         let Some(entry) = self.workers.get_mut(worker_id) else {
             return;
@@ -140,6 +162,8 @@ impl State {
         }
         entry.writing = true;
         entry.dirty = false;
+        let waiters = std::mem::take(&mut entry.waiters);
+        entry.in_flight.extend(waiters);
         let row = entry.row.clone();
         let revision = entry.revision;
         let store = self.ctx.buckets.workers.clone();
@@ -160,7 +184,7 @@ impl State {
                 entry.revision = Some(revision);
                 entry.writing = false;
                 let row = entry.row.clone();
-                for waiter in entry.waiters.drain(..) {
+                for waiter in entry.in_flight.drain(..) {
                     let _ = waiter.send(to_value(&row));
                 }
                 if entry.dirty && !entry.waiters.is_empty() {
@@ -179,7 +203,7 @@ impl State {
                 tracing::error!(worker = %worker_id, error = %e, "worker row write failed");
                 entry.writing = false;
                 entry.dirty = true;
-                for waiter in entry.waiters.drain(..) {
+                for waiter in entry.in_flight.drain(..).chain(entry.waiters.drain(..)) {
                     let _ = waiter.send(Err(OpError::unavailable("the worker store is unavailable; retry")));
                 }
             }
