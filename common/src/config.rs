@@ -29,6 +29,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub snapshots: SnapshotSettings,
     pub attachments: AttachmentSettings,
+    pub providers: ProviderSettings,
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -168,6 +169,26 @@ pub struct AttachmentSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Base URL of the Fly Machines API (a fake server in tests).
+    pub fly_base_url: String,
+    /// Timeout of one provider HTTP request.
+    pub http_timeout_ms: u64,
+    /// Attempts of a provider request that meets 429, 5xx or a network error.
+    pub retry_attempts: u32,
+    /// First backoff delay between those attempts (doubles each time).
+    pub retry_base_delay_ms: u64,
+    /// Longest wait for a stopped machine before destroy is attempted anyway.
+    pub stop_wait_ms: u64,
+    /// Local provider: directory holding one sub-directory (volume) per worker; empty =
+    /// `<data_dir>/workers`.
+    pub local_dir: String,
+    /// Local provider: the worker program; empty = `af-worker` next to the running executable.
+    pub worker_binary: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     pub max_string_bytes: usize,
     pub max_list_items: usize,
@@ -279,6 +300,16 @@ impl Settings {
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
             return fail("queue.max_message_bytes", "must be between 1024 and 1000000");
+        }
+        let p = &self.providers;
+        if !p.fly_base_url.starts_with("http://") && !p.fly_base_url.starts_with("https://") {
+            return fail("providers.fly_base_url", "must start with http:// or https://");
+        }
+        if p.http_timeout_ms < 100 {
+            return fail("providers.http_timeout_ms", "must be at least 100");
+        }
+        if !(1..=20).contains(&p.retry_attempts) {
+            return fail("providers.retry_attempts", "must be between 1 and 20");
         }
         if self.loops.retention_interval_ms < 10 {
             return fail("loops.retention_interval_ms", "must be at least 10");

@@ -1,6 +1,8 @@
 //! The scheduler service. In this release it provisions the topology, joins NATS and answers health
 //! pings; its loops arrive with later issues.
 
+pub mod provider;
+
 use common::service::ServiceContext;
 use tokio_util::sync::CancellationToken;
 
