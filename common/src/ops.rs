@@ -192,6 +192,20 @@ impl OpRegistry {
         self
     }
 
+    /// Registers `name` with a handler that gets its own clone of `state` (usually the
+    /// `ServiceContext`) per call, so modules need no clone-then-move dance per operation.
+    pub fn register_with<S, A, R, F, Fut>(&mut self, state: &S, name: &'static str, handler: F) -> &mut Self
+    where
+        S: Clone + Send + Sync + 'static,
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + 'static,
+        F: Fn(S, Caller, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, OpError>> + Send + 'static,
+    {
+        let state = state.clone();
+        self.register(name, move |caller, args| handler(state.clone(), caller, args))
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         let mut names: Vec<_> = self.handlers.keys().copied().collect();
         names.sort_unstable();

@@ -281,3 +281,17 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| project_root().join("target"));
     target.join("debug").join(name)
 }
+
+/// `len` incompressible bytes, the same for the same seed (archives for snapshot tests and
+/// benchmarks).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

@@ -97,20 +97,16 @@ pub struct SweepResult {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("attachMessageMedia", move |_: Caller, args: AttachArgs| {
-        let ctx = c.clone();
-        async move { attach(&ctx, args).await }
+    ops.register_with(
+        ctx,
+        "attachMessageMedia",
+        |ctx, _: Caller, args: AttachArgs| async move { attach(&ctx, args).await },
+    );
+    ops.register_with(ctx, "listMessageAttachments", |ctx, _: Caller, args: MessageArgs| async move {
+        for_message(&ctx, args.message_id.trim()).await
     });
-    let c = ctx.clone();
-    ops.register("listMessageAttachments", move |_: Caller, args: MessageArgs| {
-        let ctx = c.clone();
-        async move { for_message(&ctx, args.message_id.trim()).await }
-    });
-    let c = ctx.clone();
-    ops.register("expireOldTelegramAttachments", move |_: Caller, args: SweepArgs| {
-        let ctx = c.clone();
-        async move { sweep(&ctx, args.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await }
+    ops.register_with(ctx, "expireOldTelegramAttachments", |ctx, _: Caller, args: SweepArgs| async move {
+        sweep(&ctx, args.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await
     });
 }
 

@@ -260,37 +260,21 @@ struct ResolveResult {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("bindUserAgent", move |_: Caller, args: BindArgs| {
-        let ctx = c.clone();
-        async move { bind(&ctx, args).await }
+    ops.register_with(ctx, "bindUserAgent", |ctx, _: Caller, args: BindArgs| async move { bind(&ctx, args).await });
+    ops.register_with(ctx, "revokeUserAgentBinding", |ctx, _: Caller, args: ConsumerArgs| async move {
+        validate_id("consumerUserId", &args.consumer_user_id)?;
+        let revoked = revoke(&ctx, &args.consumer_user_id).await?;
+        Ok(RevokeResult { revoked })
     });
-    let c = ctx.clone();
-    ops.register("revokeUserAgentBinding", move |_: Caller, args: ConsumerArgs| {
-        let ctx = c.clone();
-        async move {
-            validate_id("consumerUserId", &args.consumer_user_id)?;
-            let revoked = revoke(&ctx, &args.consumer_user_id).await?;
-            Ok(RevokeResult { revoked })
-        }
+    ops.register_with(ctx, "resolveAgentForUser", |ctx, _: Caller, args: ConsumerArgs| async move {
+        validate_id("consumerUserId", &args.consumer_user_id)?;
+        let active = active_binding(&ctx, &args.consumer_user_id).await?;
+        Ok(ResolveResult { agent_key: active.map(|b| b.agent_key), consumer_user_id: args.consumer_user_id })
     });
-    let c = ctx.clone();
-    ops.register("resolveAgentForUser", move |_: Caller, args: ConsumerArgs| {
-        let ctx = c.clone();
-        async move {
-            validate_id("consumerUserId", &args.consumer_user_id)?;
-            let active = active_binding(&ctx, &args.consumer_user_id).await?;
-            Ok(ResolveResult { agent_key: active.map(|b| b.agent_key), consumer_user_id: args.consumer_user_id })
-        }
-    });
-    let c = ctx.clone();
-    ops.register("getUserAgentBinding", move |_: Caller, args: ConsumerArgs| {
-        let ctx = c.clone();
-        async move {
-            validate_id("consumerUserId", &args.consumer_user_id)?;
-            let active = active_binding(&ctx, &args.consumer_user_id).await?;
-            Ok(active.map(|b| BindingView::new(&args.consumer_user_id, &b)))
-        }
+    ops.register_with(ctx, "getUserAgentBinding", |ctx, _: Caller, args: ConsumerArgs| async move {
+        validate_id("consumerUserId", &args.consumer_user_id)?;
+        let active = active_binding(&ctx, &args.consumer_user_id).await?;
+        Ok(active.map(|b| BindingView::new(&args.consumer_user_id, &b)))
     });
 }
 

@@ -48,10 +48,8 @@ pub struct Transfer {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("authorizeBlobTransfer", move |caller: Caller, args: TransferArgs| {
-        let ctx = c.clone();
-        async move { authorize(&ctx, &caller, args).await }
+    ops.register_with(ctx, "authorizeBlobTransfer", |ctx, caller: Caller, args: TransferArgs| async move {
+        authorize(&ctx, &caller, args).await
     });
 }
 

@@ -83,15 +83,14 @@ pub struct BridgeRuntimeConfig {
 struct NoArgs {}
 
 pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
-    let (c, k) = (ctx.clone(), cipher.clone());
-    ops.register("getHydrationBundleForClaimedJob", move |caller: Caller, args: BundleArgs| {
-        let (ctx, cipher) = (c.clone(), k.clone());
-        async move { bundle(&ctx, &cipher, &caller, args).await }
-    });
-    let (c, k) = (ctx.clone(), cipher);
-    ops.register("getWorkerSpawnOpenClawEnv", move |_: Caller, _: NoArgs| {
-        let (ctx, cipher) = (c.clone(), k.clone());
-        async move { spawn_env(&ctx, &cipher).await }
+    let state = (ctx.clone(), cipher);
+    ops.register_with(
+        &state,
+        "getHydrationBundleForClaimedJob",
+        |(ctx, cipher), caller: Caller, args: BundleArgs| async move { bundle(&ctx, &cipher, &caller, args).await },
+    );
+    ops.register_with(&state, "getWorkerSpawnOpenClawEnv", |(ctx, cipher), _: Caller, _: NoArgs| async move {
+        spawn_env(&ctx, &cipher).await
     });
 }
 

@@ -133,15 +133,11 @@ struct HistoryPage {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("appendConversationMessages", move |caller: Caller, args: AppendArgs| {
-        let ctx = c.clone();
-        async move { append(&ctx, &caller, args).await }
+    ops.register_with(ctx, "appendConversationMessages", |ctx, caller: Caller, args: AppendArgs| async move {
+        append(&ctx, &caller, args).await
     });
-    let c = ctx.clone();
-    ops.register("getConversationHistory", move |_: Caller, args: HistoryArgs| {
-        let ctx = c.clone();
-        async move { page(&ctx, args).await }
+    ops.register_with(ctx, "getConversationHistory", |ctx, _: Caller, args: HistoryArgs| async move {
+        page(&ctx, args).await
     });
 }
 

@@ -47,24 +47,16 @@ struct AgentKeyArgs {
 struct NoArgs {}
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("upsertAgentProfile", move |_: Caller, args: UpsertArgs| {
-        let ctx = c.clone();
-        async move { upsert(&ctx, args).await }
+    ops.register_with(
+        ctx,
+        "upsertAgentProfile",
+        |ctx, _: Caller, args: UpsertArgs| async move { upsert(&ctx, args).await },
+    );
+    ops.register_with(ctx, "getAgentProfile", |ctx, _: Caller, args: AgentKeyArgs| async move {
+        validate_agent_key(&args.agent_key)?;
+        get_profile(&ctx, &args.agent_key).await
     });
-    let c = ctx.clone();
-    ops.register("getAgentProfile", move |_: Caller, args: AgentKeyArgs| {
-        let ctx = c.clone();
-        async move {
-            validate_agent_key(&args.agent_key)?;
-            get_profile(&ctx, &args.agent_key).await
-        }
-    });
-    let c = ctx.clone();
-    ops.register("listAgentProfiles", move |_: Caller, _: NoArgs| {
-        let ctx = c.clone();
-        async move { list(&ctx).await }
-    });
+    ops.register_with(ctx, "listAgentProfiles", |ctx, _: Caller, _: NoArgs| async move { list(&ctx).await });
 }
 
 /// Creates or patches the profile and returns its id, which is the agentKey itself: profiles

@@ -47,30 +47,20 @@ pub struct MessageConfigInput {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("providerRuntimeConfig", move |_: Caller, _: NoArgs| {
-        let ctx = c.clone();
-        async move { read::<ProviderConfig>(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await }
+    ops.register_with(ctx, "providerRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
+        read::<ProviderConfig>(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
     });
-    let c = ctx.clone();
-    ops.register("setProviderRuntimeConfig", move |_: Caller, args: SetProviderArgs| {
-        let ctx = c.clone();
-        async move {
-            let now = ctx.clock.now_ms();
-            write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await?;
-            tracing::info!("provider runtime config stored");
-            Ok(())
-        }
+    ops.register_with(ctx, "setProviderRuntimeConfig", |ctx, _: Caller, args: SetProviderArgs| async move {
+        let now = ctx.clock.now_ms();
+        write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await?;
+        tracing::info!("provider runtime config stored");
+        Ok(())
     });
-    let c = ctx.clone();
-    ops.register("messageRuntimeConfig", move |_: Caller, _: NoArgs| {
-        let ctx = c.clone();
-        async move { read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await }
+    ops.register_with(ctx, "messageRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
+        read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
     });
-    let c = ctx.clone();
-    ops.register("setMessageRuntimeConfig", move |_: Caller, args: SetMessageArgs| {
-        let ctx = c.clone();
-        async move { set_message_config(&ctx, args.message_config).await }
+    ops.register_with(ctx, "setMessageRuntimeConfig", |ctx, _: Caller, args: SetMessageArgs| async move {
+        set_message_config(&ctx, args.message_config).await
     });
 }
 

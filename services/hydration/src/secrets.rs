@@ -131,16 +131,13 @@ struct SecretStatus {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("importPlaintextSecret", move |_: Caller, args: ImportArgs| {
-        let ctx = c.clone();
-        let cipher = cipher.clone();
-        async move { import(&ctx, &cipher, args).await }
-    });
-    let c = ctx.clone();
-    ops.register("getSecretsStatus", move |_: Caller, args: StatusArgs| {
-        let ctx = c.clone();
-        async move { status(&ctx, args.secret_refs).await }
+    ops.register_with(
+        &(ctx.clone(), cipher),
+        "importPlaintextSecret",
+        |(ctx, cipher), _: Caller, args: ImportArgs| async move { import(&ctx, &cipher, args).await },
+    );
+    ops.register_with(ctx, "getSecretsStatus", |ctx, _: Caller, args: StatusArgs| async move {
+        status(&ctx, args.secret_refs).await
     });
 }
 

@@ -291,36 +291,26 @@ struct ManifestArgs {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("deployGlobalSkill", move |_: Caller, args: DeployArgs| {
-        let ctx = c.clone();
-        async move { deploy(&ctx, args).await }
+    ops.register_with(
+        ctx,
+        "deployGlobalSkill",
+        |ctx, _: Caller, args: DeployArgs| async move { deploy(&ctx, args).await },
+    );
+    ops.register_with(ctx, "listGlobalSkills", |ctx, _: Caller, args: ListArgs| async move { list(&ctx, args).await });
+    ops.register_with(ctx, "setGlobalSkillStatus", |ctx, _: Caller, args: StatusArgs| async move {
+        set_status(&ctx, args).await
     });
-    let c = ctx.clone();
-    ops.register("listGlobalSkills", move |_: Caller, args: ListArgs| {
-        let ctx = c.clone();
-        async move { list(&ctx, args).await }
-    });
-    let c = ctx.clone();
-    ops.register("setGlobalSkillStatus", move |_: Caller, args: StatusArgs| {
-        let ctx = c.clone();
-        async move { set_status(&ctx, args).await }
-    });
-    let c = ctx.clone();
-    ops.register("deleteGlobalSkill", move |_: Caller, args: SlugArgs| {
-        let ctx = c.clone();
-        async move { delete(&ctx, args).await }
-    });
-    let c = ctx.clone();
-    ops.register("getWorkerGlobalSkillsManifest", move |caller: Caller, args: ManifestArgs| {
-        let ctx = c.clone();
-        async move {
-            // The original ignored workerId; here a worker may only ask as itself.
-            if let Some(worker_id) = &args.worker_id {
-                caller.require_worker(worker_id)?;
-            }
-            manifest(&ctx, args).await
+    ops.register_with(
+        ctx,
+        "deleteGlobalSkill",
+        |ctx, _: Caller, args: SlugArgs| async move { delete(&ctx, args).await },
+    );
+    ops.register_with(ctx, "getWorkerGlobalSkillsManifest", |ctx, caller: Caller, args: ManifestArgs| async move {
+        // The original ignored workerId; here a worker may only ask as itself.
+        if let Some(worker_id) = &args.worker_id {
+            caller.require_worker(worker_id)?;
         }
+        manifest(&ctx, args).await
     });
 }
 

@@ -202,29 +202,30 @@ pub struct SweepResult {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    macro_rules! op {
-        ($name:literal, $args:ty, |$ctx:ident, $caller:ident, $a:ident| $body:expr) => {{
-            let c = ctx.clone();
-            ops.register($name, move |$caller: Caller, $a: $args| {
-                let $ctx = c.clone();
-                async move { $body }
-            });
-        }};
-    }
-    op!("prepareDataSnapshotUpload", PrepareArgs, |ctx, caller, a| prepare(&ctx, &caller, a).await);
-    op!("finalizeDataSnapshotUpload", FinalizeArgs, |ctx, caller, a| finalize(&ctx, &caller, a).await);
-    op!("failDataSnapshotUpload", FailArgs, |ctx, caller, a| fail(&ctx, &caller, a).await);
-    op!("getLatestDataSnapshotForRestore", RestoreArgs, |ctx, caller, a| restore_target(&ctx, &caller, a).await);
-    op!("listSnapshotsForConversation", ListArgs, |ctx, caller, a| {
+    ops.register_with(ctx, "prepareDataSnapshotUpload", |ctx, caller: Caller, a: PrepareArgs| async move {
+        prepare(&ctx, &caller, a).await
+    });
+    ops.register_with(ctx, "finalizeDataSnapshotUpload", |ctx, caller: Caller, a: FinalizeArgs| async move {
+        finalize(&ctx, &caller, a).await
+    });
+    ops.register_with(ctx, "failDataSnapshotUpload", |ctx, caller: Caller, a: FailArgs| async move {
+        fail(&ctx, &caller, a).await
+    });
+    ops.register_with(ctx, "getLatestDataSnapshotForRestore", |ctx, caller: Caller, a: RestoreArgs| async move {
+        restore_target(&ctx, &caller, a).await
+    });
+    ops.register_with(ctx, "listSnapshotsForConversation", |ctx, caller: Caller, a: ListArgs| async move {
         let conversation_id = required_conversation(a.conversation_id.as_deref())?;
         list_views(&ctx, &caller, &conversation_id, None, a.limit).await
     });
-    op!("listSnapshotsForUserAgent", UserAgentArgs, |ctx, caller, a| user_agent_views(&ctx, &caller, a).await);
-    op!("getLatestSnapshotForUserAgent", UserAgentArgs, |ctx, caller, a| {
+    ops.register_with(ctx, "listSnapshotsForUserAgent", |ctx, caller: Caller, a: UserAgentArgs| async move {
+        user_agent_views(&ctx, &caller, a).await
+    });
+    ops.register_with(ctx, "getLatestSnapshotForUserAgent", |ctx, caller: Caller, a: UserAgentArgs| async move {
         let mut views = user_agent_views(&ctx, &caller, UserAgentArgs { limit: Some(1), ..a }).await?;
         Ok::<_, OpError>(views.pop())
     });
-    op!("expireOldDataSnapshots", SweepArgs, |ctx, _caller, a| {
+    ops.register_with(ctx, "expireOldDataSnapshots", |ctx, _caller: Caller, a: SweepArgs| async move {
         sweep(&ctx, a.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await
     });
 }
@@ -365,14 +366,24 @@ async fn save(
     }
 }
 
-async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> Result<bool, OpError> {
-    let worker_id = required("workerId", &args.worker_id)?;
+/// The snapshot `snapshot_id` when `worker_id` (which the caller must be) prepared it; `None`
+/// for an unknown or another worker's snapshot, which finalize and fail answer with `false`.
+async fn own_snapshot(
+    ctx: &ServiceContext,
+    caller: &Caller,
+    worker_id: &str,
+    snapshot_id: &str,
+) -> Result<Option<Versioned<SnapshotRecord>>, OpError> {
+    let worker_id = required("workerId", worker_id)?;
     caller.require_worker(&worker_id)?;
-    let Some(current) = load(ctx, args.snapshot_id.trim()).await? else { return Ok(false) };
-    let mut record = current.value.clone();
-    if record.worker_id != worker_id {
+    Ok(load(ctx, snapshot_id.trim()).await?.filter(|current| current.value.worker_id == worker_id))
+}
+
+async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> Result<bool, OpError> {
+    let Some(current) = own_snapshot(ctx, caller, &args.worker_id, &args.snapshot_id).await? else {
         return Ok(false);
-    }
+    };
+    let mut record = current.value.clone();
     let expected = args.sha256.trim().to_ascii_lowercase();
     match record.status {
         SnapshotStatus::Uploading => {}
@@ -421,13 +432,10 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
 }
 
 async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailArgs) -> Result<bool, OpError> {
-    let worker_id = required("workerId", &args.worker_id)?;
-    caller.require_worker(&worker_id)?;
-    let Some(current) = load(ctx, args.snapshot_id.trim()).await? else { return Ok(false) };
-    let mut record = current.value.clone();
-    if record.worker_id != worker_id {
+    let Some(current) = own_snapshot(ctx, caller, &args.worker_id, &args.snapshot_id).await? else {
         return Ok(false);
-    }
+    };
+    let mut record = current.value.clone();
     if record.status != SnapshotStatus::Uploading {
         return Ok(record.status == SnapshotStatus::Failed);
     }

@@ -51,28 +51,21 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
 }
 
 fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    let c = ctx.clone();
-    ops.register("getTestClock", move |_caller: Caller, _args: Value| {
-        let c = c.clone();
-        async move { Ok(common::system::get_test_clock(&c)) }
+    use common::system::{AdvanceTestClockArgs, SetTestClockArgs};
+    ops.register_with(
+        ctx,
+        "getTestClock",
+        |c, _: Caller, _: Value| async move { Ok(common::system::get_test_clock(&c)) },
+    );
+    ops.register_with(ctx, "setTestClock", |c, _: Caller, args: SetTestClockArgs| async move {
+        common::system::set_test_clock(&c, args).await
     });
-    let c = ctx.clone();
-    ops.register("setTestClock", move |_caller: Caller, args: common::system::SetTestClockArgs| {
-        let c = c.clone();
-        async move { common::system::set_test_clock(&c, args).await }
+    ops.register_with(ctx, "advanceTestClock", |c, _: Caller, args: AdvanceTestClockArgs| async move {
+        common::system::advance_test_clock(&c, args).await
     });
-    let c = ctx.clone();
-    ops.register("advanceTestClock", move |_caller: Caller, args: common::system::AdvanceTestClockArgs| {
-        let c = c.clone();
-        async move { common::system::advance_test_clock(&c, args).await }
-    });
-    let c = ctx.clone();
-    ops.register("issueWorkerToken", move |_caller: Caller, args: WorkerIdArgs| {
-        let c = c.clone();
-        async move {
-            let worker_id = required(&args.worker_id, "workerId")?;
-            Ok(serde_json::json!({ "token": c.auth.mint_worker_token(&worker_id)? }))
-        }
+    ops.register_with(ctx, "issueWorkerToken", |c, _: Caller, args: WorkerIdArgs| async move {
+        let worker_id = required(&args.worker_id, "workerId")?;
+        Ok(serde_json::json!({ "token": c.auth.mint_worker_token(&worker_id)? }))
     });
 }
 

@@ -29,18 +29,6 @@ struct Args {
     runs: usize,
 }
 
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -56,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.mib > 0 && args.runs > 0, "--mib and --runs must be positive");
     eprintln!("starting nats-server and the stack ...");
     let stack = TestStack::start_with(&[("telemetry.log_filter", "error")]).await;
-    let data = pseudo_random(args.mib * 1024 * 1024);
+    let data = tests::pseudo_random(args.mib * 1024 * 1024, 0x9e37_79b9_7f4a_7c15);
     let sha = hex::encode(Sha256::digest(&data));
     let chunk = stack.ctx.settings.snapshots.chunk_bytes;
     let admin = stack.admin();
@@ -72,8 +60,11 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let store = stack.ctx.buckets.snapshot_archives.clone();
 
-    let mut rows: Vec<(&str, Vec<Duration>, Vec<Duration>)> =
-        vec![("raw object store", vec![], vec![]), ("agent-factory, NATS", vec![], vec![]), ("agent-factory, HTTP shim", vec![], vec![])];
+    let mut rows: Vec<(&str, Vec<Duration>, Vec<Duration>)> = vec![
+        ("raw object store", vec![], vec![]),
+        ("agent-factory, NATS", vec![], vec![]),
+        ("agent-factory, HTTP shim", vec![], vec![]),
+    ];
     for run in 1..=args.runs {
         eprintln!("run {run}/{}", args.runs);
         // Raw baseline, with the same chunk size the service uses.

@@ -4,20 +4,7 @@
 use common::ErrorCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tests::{MANUAL, T0, TestStack};
-
-/// `len` incompressible bytes, the same for the same seed.
-pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use tests::{MANUAL, T0, TestStack, pseudo_random};
 
 pub(crate) fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

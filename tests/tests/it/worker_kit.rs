@@ -10,7 +10,8 @@ use serde_json::json;
 use tests::{MANUAL, TestStack, message, seed_profile};
 use worker_kit::client::{SnapshotScope, WorkerClient};
 
-use crate::snapshots::{assign, pseudo_random};
+use crate::snapshots::assign;
+use tests::pseudo_random;
 
 /// Every regular file under `root` with its contents, by relative path.
 fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
