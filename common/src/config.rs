@@ -30,6 +30,7 @@ pub struct Settings {
     pub snapshots: SnapshotSettings,
     pub attachments: AttachmentSettings,
     pub providers: ProviderSettings,
+    pub scheduler: SchedulerSettings,
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -102,6 +103,8 @@ pub struct LoopSettings {
     /// Retention sweeps (expired snapshots and attachments, abandoned uploads), cleanup service.
     pub retention: bool,
     pub retention_interval_ms: u64,
+    /// The worker-pool reconcile: triggered by enqueues and periodically (scheduler service).
+    pub reconcile: bool,
 }
 
 impl LoopSettings {
@@ -185,6 +188,21 @@ pub struct ProviderSettings {
     pub local_dir: String,
     /// Local provider: the worker program; empty = `af-worker` next to the running executable.
     pub worker_binary: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// Provider used while no provider runtime config is stored: `local` (the one-machine
+    /// stack) or `none` (nothing is spawned until an operator stores one).
+    pub default_provider: String,
+    /// The scaling policy used while none is stored (`setScalingRuntimeConfig`).
+    pub max_workers: u32,
+    pub spawn_step: u32,
+    pub reconcile_interval_ms: i64,
+    pub drain_deadline_ms: i64,
+    /// Enqueues within this window are served by one reconcile.
+    pub debounce_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +318,19 @@ impl Settings {
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
             return fail("queue.max_message_bytes", "must be between 1024 and 1000000");
+        }
+        let sch = &self.scheduler;
+        if !["local", "none"].contains(&sch.default_provider.as_str()) {
+            return fail("scheduler.default_provider", "must be \"local\" or \"none\"");
+        }
+        if sch.spawn_step == 0 {
+            return fail("scheduler.spawn_step", "must be at least 1");
+        }
+        if sch.reconcile_interval_ms < 100 {
+            return fail("scheduler.reconcile_interval_ms", "must be at least 100");
+        }
+        if sch.drain_deadline_ms < 1000 {
+            return fail("scheduler.drain_deadline_ms", "must be at least 1000");
         }
         let p = &self.providers;
         if !p.fly_base_url.starts_with("http://") && !p.fly_base_url.starts_with("https://") {

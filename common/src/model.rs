@@ -72,6 +72,27 @@ pub struct ProviderConfig {
     pub volume_size_gb: Option<f64>,
 }
 
+/// Key of the scaling policy row in `af_runtime_config`.
+pub const SCALING_CONFIG_KEY: &str = "scaling";
+
+/// How the worker pool scales (spec §2.1 `scaling`). Stored as runtime configuration so every
+/// reconcile — triggered, periodic or called — uses the same policy (fix L4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScalingPolicy {
+    /// Most live worker machines (a hard cap, fix L5).
+    pub max_workers: u32,
+    /// Most workers spawned per reconcile.
+    pub spawn_step: u32,
+    /// A worker idle this long is drained.
+    pub idle_timeout_ms: i64,
+    /// Time between periodic reconciles while there is work or teardown pending.
+    pub reconcile_interval_ms: i64,
+    /// A draining worker that has not delivered its final snapshot by then is torn down anyway
+    /// (fix L10).
+    pub drain_deadline_ms: i64,
+}
+
 /// A stored runtime configuration row with its last update time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -67,7 +67,7 @@ impl OpSpec {
 }
 
 use Role::{Admin, App, Worker};
-use Service::{Hydration, QueueManager};
+use Service::{Cleanup, Hydration, QueueManager, Scheduler};
 
 const fn op(name: &'static str, service: Service, roles: &'static [Role], summary: &'static str) -> OpSpec {
     OpSpec { name, service, roles, summary, max_string_bytes: None }
@@ -96,6 +96,19 @@ pub const CATALOGUE: &[OpSpec] = &[
     op("getWorkerStats", QueueManager, &[Admin, App], "active workers and their load"),
     op("upsertWorkerState", QueueManager, &[Admin], "create or move a worker row through its lifecycle"),
     op("listWorkersForScheduler", QueueManager, &[Admin], "every worker row"),
+    op(
+        "getActiveConversationsForScheduler",
+        QueueManager,
+        &[Admin],
+        "conversations with work claimable now or in flight",
+    ),
+    op("getActiveConversationCountForScheduler", QueueManager, &[Admin], "how many conversations need a worker"),
+    op(
+        "getReadyConversationCountForScheduler",
+        QueueManager,
+        &[Admin],
+        "how many conversations have a job claimable now",
+    ),
     op("recordWorkerSnapshot", QueueManager, &[Admin], "note a worker's ready snapshot; draining becomes stopping"),
     op("issueWorkerToken", QueueManager, &[Admin], "mint the bearer token a worker uses"),
     // Test clock.
@@ -110,8 +123,16 @@ pub const CATALOGUE: &[OpSpec] = &[
     op("getSecretsStatus", Hydration, &[Admin], "which secret refs have an active version"),
     op("providerRuntimeConfig", Hydration, &[Admin], "the stored provider configuration"),
     op("setProviderRuntimeConfig", Hydration, &[Admin], "store the provider configuration"),
+    op("scalingRuntimeConfig", Hydration, &[Admin], "the stored scaling policy of the worker pool"),
+    op("setScalingRuntimeConfig", Hydration, &[Admin], "store the scaling policy of the worker pool"),
     op("messageRuntimeConfig", Hydration, &[Admin], "the stored message configuration"),
     op("setMessageRuntimeConfig", Hydration, &[Admin], "store the message configuration"),
+    // Worker pool.
+    op("reconcileWorkerPool", Scheduler, &[Admin], "bring the worker pool to the demand: spawn, drain, tear down"),
+    op("checkIdleShutdowns", Scheduler, &[Admin], "drain idle workers and tear down drained ones"),
+    op("runFlyCleanup", Cleanup, &[Admin], "destroy every machine and volume of the Fly app, with a report"),
+    op("deleteFlyVolume", Cleanup, &[Admin], "delete one Fly volume by id"),
+    op("reapOrphans", Cleanup, &[Admin], "remove provider machines and volumes no worker row accounts for"),
     // Conversation history and hydration.
     op("appendConversationMessages", Hydration, &[Admin, Worker], "append to a conversation's history (lease-fenced)"),
     op("getConversationHistory", Hydration, &[Admin, App], "a conversation's history, newest first, in pages"),

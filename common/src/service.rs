@@ -37,6 +37,8 @@ pub struct ServiceContextInner {
     pub auth: Arc<Authenticator>,
     pub buckets: Buckets,
     pub ops: OpClient,
+    /// The NATS URL this process connected to (handed to the workers it spawns locally).
+    pub nats_url: String,
 }
 
 /// The key of the manual clock record in the `af_system` bucket.
@@ -67,7 +69,8 @@ impl ServiceContext {
         ));
         let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
             .with_clock(clock.clone());
-        Ok(Self(Arc::new(ServiceContextInner { nats, js, clock, settings, auth, buckets, ops })))
+        let nats_url = url.to_string();
+        Ok(Self(Arc::new(ServiceContextInner { nats, js, clock, settings, auth, buckets, ops, nats_url })))
     }
 }
 

@@ -31,6 +31,8 @@ pub const LEASE_EXPIRIES: &str = "af_lease_expiries_total";
 pub const DEAD_LETTERS: &str = "af_dead_letters_total";
 /// Jobs enqueued.
 pub const ENQUEUED: &str = "af_enqueued_total";
+/// Draining workers torn down at the drain deadline without their final snapshot (L10).
+pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 

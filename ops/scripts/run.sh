@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 bin="$(ops/scripts/install-nats.sh)"
-cargo build --release -p launcher -p cli
+cargo build --release -p launcher -p cli -p worker
 export AF_NATS_SERVER_BIN="$bin"
 exec target/release/agent-factory "$@"

@@ -15,6 +15,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+pub mod fake_fly;
 pub mod workload;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -268,11 +269,12 @@ pub fn message(conversation: &str, agent: &str, text: &str) -> Value {
     })
 }
 
-/// Path of a workspace binary, building it first (tests that run services as processes).
-pub fn workspace_binary(name: &str) -> PathBuf {
+/// Path of binary `name` of workspace package `package`, building it first (tests that run
+/// services or workers as processes). Call it before starting a stack: the build blocks.
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "-p", name, "--bin", name])
+        .args(["build", "--quiet", "-p", package, "--bin", name])
         .current_dir(project_root())
         .status()
         .expect("cargo runs");

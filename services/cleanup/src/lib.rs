@@ -3,11 +3,19 @@
 //! are failed and their partial archives removed — once per `loops.retention_interval_ms` of the
 //! business clock, on one replica at a time (leader lease `cleanup-retention`).
 //!
+//! It also owns billing protection at the provider ([`provider_cleanup`]): `runFlyCleanup`,
+//! `deleteFlyVolume`, and the orphan reaper, which the same loop runs.
+//!
 //! The sweep itself is hydration's (`expireOldDataSnapshots`, `expireOldTelegramAttachments`):
 //! the data and its rules live there, and an operator can run the same steps by hand when
 //! `loops.manual` pauses this loop.
 
+pub mod provider_cleanup;
+
+use common::auth::Caller;
+use common::ops::OpRegistry;
 use common::service::ServiceContext;
+use provider_cleanup::{CleanupArgs, DeleteVolumeArgs, ReapArgs};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +27,17 @@ const SWEEP_BATCH: usize = 500;
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut ops = OpRegistry::new();
+    ops.register_with(&ctx, "runFlyCleanup", |ctx, _: Caller, args: CleanupArgs| async move {
+        provider_cleanup::run_fly_cleanup(&ctx, args).await
+    });
+    ops.register_with(&ctx, "deleteFlyVolume", |ctx, _: Caller, args: DeleteVolumeArgs| async move {
+        provider_cleanup::delete_fly_volume(&ctx, args).await
+    });
+    ops.register_with(&ctx, "reapOrphans", |ctx, _: Caller, args: ReapArgs| async move {
+        provider_cleanup::reap_orphans(&ctx, args).await
+    });
+    let serve = ops.serve(ctx.clone(), shutdown.clone());
     let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
     let retention = async {
         if !ctx.settings.loops.enabled(ctx.settings.loops.retention) {
@@ -33,7 +52,7 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
         .await;
         Ok(())
     };
-    tokio::try_join!(health, retention)?;
+    tokio::try_join!(serve, health, retention)?;
     Ok(())
 }
 
@@ -60,5 +79,9 @@ pub async fn sweep_once(ctx: &ServiceContext) {
             Ok(result) => tracing::debug!(op, %result, "retention step done"),
             Err(e) => tracing::warn!(op, error = %e, "retention step failed; retrying next pass"),
         }
+    }
+    match provider_cleanup::reap_orphans(ctx, Default::default()).await {
+        Ok(report) => tracing::debug!(?report, "orphan reaper done"),
+        Err(e) => tracing::warn!(error = %e, "orphan reaper failed; retrying next pass"),
     }
 }

@@ -8,7 +8,10 @@
 use common::OpError;
 use common::auth::Caller;
 use common::clock::Millis;
-use common::model::{MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow};
+use common::model::{
+    MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, SCALING_CONFIG_KEY,
+    ScalingPolicy,
+};
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use common::store::JsonStore;
@@ -27,6 +30,12 @@ struct NoArgs {}
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SetProviderArgs {
     provider_config: ProviderConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetScalingArgs {
+    scaling_policy: ScalingPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,12 +65,43 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         tracing::info!("provider runtime config stored");
         Ok(())
     });
+    ops.register_with(ctx, "scalingRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
+        read::<ScalingPolicy>(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY).await
+    });
+    ops.register_with(ctx, "setScalingRuntimeConfig", |ctx, _: Caller, args: SetScalingArgs| async move {
+        validate_scaling(&args.scaling_policy)?;
+        let now = ctx.clock.now_ms();
+        write(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY, args.scaling_policy, now).await?;
+        tracing::info!("scaling runtime config stored");
+        Ok(())
+    });
     ops.register_with(ctx, "messageRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
         read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
     });
     ops.register_with(ctx, "setMessageRuntimeConfig", |ctx, _: Caller, args: SetMessageArgs| async move {
         set_message_config(&ctx, args.message_config).await
     });
+}
+
+/// Bounds that keep a scaling policy meaningful; the error names the field.
+pub fn validate_scaling(p: &ScalingPolicy) -> Result<(), OpError> {
+    let fail = |field: &str, why: &str| Err(OpError::invalid(format!("scalingPolicy.{field}: {why}")));
+    if p.max_workers > 100_000 {
+        return fail("maxWorkers", "at most 100000");
+    }
+    if p.spawn_step == 0 || p.spawn_step > 1000 {
+        return fail("spawnStep", "between 1 and 1000");
+    }
+    if p.idle_timeout_ms < 1000 {
+        return fail("idleTimeoutMs", "at least 1000");
+    }
+    if p.reconcile_interval_ms < 100 {
+        return fail("reconcileIntervalMs", "at least 100");
+    }
+    if p.drain_deadline_ms < 1000 {
+        return fail("drainDeadlineMs", "at least 1000");
+    }
+    Ok(())
 }
 
 /// The stored message configuration, or `None` when no row exists.

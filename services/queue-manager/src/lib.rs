@@ -108,15 +108,13 @@ fn required(value: &str, field: &str) -> Result<String, OpError> {
 
 fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::jetstream::Context) {
     macro_rules! route {
-        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident, $js:ident| $body:expr) => {{
-            let $d = d.clone();
-            let $js = js.clone();
-            ops.register($name, move |$caller: Caller, $a: $args| {
-                let $d = $d.clone();
-                let $js = $js.clone();
-                async move { $body }
-            });
-        }};
+        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident, $js:ident| $body:expr) => {
+            ops.register_with(
+                &(d.clone(), js.clone()),
+                $name,
+                |($d, $js), $caller: Caller, $a: $args| async move { $body },
+            );
+        };
     }
     route!("claimNextJob", ClaimArgs, |caller, args, d, js| {
         caller.require_worker(&args.worker_id)?;
@@ -184,6 +182,17 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
     route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d, _js| {
         required(&args.worker_id, "workerId")?;
         d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
+    });
+    route!("getActiveConversationsForScheduler", DemandArgs, |_caller, args, d, js| {
+        let mut rows = d.demand(&js).await?;
+        rows.truncate(args.limit.unwrap_or(usize::MAX));
+        serde_json::to_value(rows).map_err(OpError::internal)
+    });
+    route!("getActiveConversationCountForScheduler", Value, |_caller, _args, d, js| {
+        Ok(Value::from(d.demand(&js).await?.len()))
+    });
+    route!("getReadyConversationCountForScheduler", Value, |_caller, _args, d, js| {
+        Ok(Value::from(d.demand(&js).await?.iter().filter(|r| r.ready).count()))
     });
     route!("recordWorkerSnapshot", RecordSnapshotArgs, |_caller, args, d, _js| {
         required(&args.worker_id, "workerId")?;

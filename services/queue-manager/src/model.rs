@@ -250,3 +250,21 @@ pub struct WorkerStatsRow {
     pub machine_id: Option<String>,
     pub app_name: Option<String>,
 }
+
+/// One conversation the worker pool must serve (`getActiveConversationsForScheduler`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DemandRow {
+    pub conversation_id: String,
+    pub agent_key: String,
+    /// A job is claimable now.
+    pub ready: bool,
+    /// A job is in flight.
+    pub leased: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DemandArgs {
+    pub limit: Option<usize>,
+}

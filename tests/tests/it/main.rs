@@ -3,11 +3,14 @@
 
 mod bindings;
 mod cli;
+mod fly_provider;
 mod hydration;
 mod ingress;
 mod profiles;
 mod queue;
 mod queue_concurrency;
+mod reference_worker;
+mod scheduler;
 mod skills;
 mod smoke;
 pub(crate) mod snapshots;

@@ -82,7 +82,7 @@ impl Replica {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leading_replica_mid_run_loses_nothing_and_completes_nothing_twice() {
-    let binary = tests::workspace_binary("queue-manager");
+    let binary = tests::workspace_binary("queue-manager", "queue-manager");
     let nats = TestNats::start().await;
     let mut replicas = [Replica::spawn(&binary, nats.url()), Replica::spawn(&binary, nats.url())];
     let dir = tempfile::tempdir().expect("dir");

@@ -90,6 +90,9 @@ pub enum Command {
     WorkerStats {
         reply: Reply,
     },
+    Demand {
+        reply: oneshot::Sender<Vec<DemandRow>>,
+    },
     ListWorkers {
         reply: Reply,
     },
@@ -161,6 +164,14 @@ impl Dispatcher {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx)).await?;
         rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))?
+    }
+
+    /// The scheduler's demand, read after every enqueue so far has been indexed.
+    pub async fn demand(&self, js: &async_nats::jetstream::Context) -> Result<Vec<DemandRow>, OpError> {
+        self.barrier(js).await?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Demand { reply: tx }).await?;
+        rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
     }
 
     /// Read-your-writes: waits until the index has seen every message the inbox held when

@@ -126,6 +126,31 @@ impl State {
         });
     }
 
+    /// The scheduler's demand (spec §3.15.2 step 7): conversations with a job claimable now
+    /// (`ready`) or in flight (`leased`), sorted by agent and conversation.
+    pub(super) fn demand(&self) -> Vec<DemandRow> {
+        let now = self.now();
+        let mut rows: Vec<DemandRow> = self
+            .convs
+            .values()
+            .filter_map(|conv| {
+                let first = conv.pending.front()?;
+                let head = conv.head();
+                let leased = head.is_some_and(|h| h.lease.is_some());
+                let due = first.job.scheduled_for.max(head.and_then(|h| h.not_before).unwrap_or(Millis::MIN));
+                let ready = !leased && due <= now;
+                (leased || ready).then(|| DemandRow {
+                    conversation_id: conv.conversation_id.clone(),
+                    agent_key: conv.agent_key.clone(),
+                    ready,
+                    leased,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.agent_key, &a.conversation_id).cmp(&(&b.agent_key, &b.conversation_id)));
+        rows
+    }
+
     pub(super) fn worker_stats(&self) -> WorkerStatsView {
         let mut rows: Vec<WorkerStatsRow> = self
             .workers

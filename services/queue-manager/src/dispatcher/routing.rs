@@ -133,6 +133,9 @@ impl State {
             Command::WorkerStats { reply } => {
                 let _ = reply.send(to_value(self.worker_stats()));
             }
+            Command::Demand { reply } => {
+                let _ = reply.send(self.demand());
+            }
             Command::ListWorkers { reply } => {
                 let mut rows: Vec<&WorkerRow> = self.workers.values().map(|w| &w.row).collect();
                 rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
@@ -163,6 +166,12 @@ impl State {
         if worker.as_ref().is_some_and(|w| w.status != WorkerStatus::Active) {
             let _ = reply.send(Ok(Value::Null));
             return;
+        }
+        // Presence (fix L1): a worker that keeps polling is alive even while idle, so its idle
+        // deadline, not the stale-heartbeat rule, decides when it drains. Written lazily.
+        if let Some(entry) = self.workers.get_mut(&args.worker_id) {
+            entry.row.heartbeat_at = now;
+            entry.dirty = true;
         }
         let assignment = worker.as_ref().and_then(|w| w.assignment.clone());
         if let (Some(a), Some(filter)) = (&assignment, &args.conversation_id)

@@ -25,7 +25,8 @@ pub enum MachineStatus {
 }
 
 /// Fly machine states that map to `Active` (spec §3.16); every other state is `Stopped`.
-pub const ACTIVE_STATES: [&str; 7] = ["creating", "created", "starting", "started", "restarting", "updating", "replacing"];
+pub const ACTIVE_STATES: [&str; 7] =
+    ["creating", "created", "starting", "started", "restarting", "updating", "replacing"];
 
 pub fn status_of(raw_state: &str) -> MachineStatus {
     if ACTIVE_STATES.contains(&raw_state) { MachineStatus::Active } else { MachineStatus::Stopped }
@@ -149,8 +150,11 @@ pub trait Provider: Send + Sync {
 /// The dedicated volume name of a worker (spec §3.16 `buildDedicatedVolumeName`).
 pub fn dedicated_volume_name(prefix: &str, worker_id: &str) -> String {
     fn sanitize(s: &str) -> String {
-        let mapped: String =
-            s.to_lowercase().chars().map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' }).collect();
+        let mapped: String = s
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' })
+            .collect();
         let mut out = String::with_capacity(mapped.len());
         for c in mapped.chars() {
             if !(c == '_' && out.ends_with('_')) {

@@ -1,0 +1,393 @@
+//! Billing protection at the provider (spec §3.17, fix L14):
+//!
+//! - `runFlyCleanup` destroys every machine and volume of the Fly app with bounded concurrency,
+//!   verifies by listing again, and reports exactly as the original. With `safe: true` it first
+//!   drains the app's live workers and waits (bounded) for their final snapshots.
+//! - `deleteFlyVolume` deletes one volume by hand.
+//! - `reapOrphans` removes machines and volumes no worker row accounts for, once they have been
+//!   seen unaccounted for longer than the grace period (first sightings are kept in
+//!   `af_system` under `orphan.<kind>.<app>.<id>`, so the grace survives restarts).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::OpError;
+use common::clock::Millis;
+use common::model::{PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, WorkerRow, WorkerStatus};
+use common::service::ServiceContext;
+use common::token::escape;
+use futures::StreamExt;
+use scheduler::provider::{Provider, ProviderError, dedicated_volume_name};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const DEFAULT_MACHINE_CONCURRENCY: usize = 6;
+const DEFAULT_VOLUME_CONCURRENCY: usize = 16;
+/// How long a safe cleanup waits for drained workers to deliver their snapshots.
+const SAFE_DRAIN_WAIT: Duration = Duration::from_secs(120);
+/// Orphans are removed after being seen unaccounted for this long (business time).
+pub const ORPHAN_GRACE_MS: Millis = 30 * 60 * 1000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CleanupArgs {
+    fly_api_token: Option<String>,
+    machine_concurrency: Option<f64>,
+    volume_concurrency: Option<f64>,
+    provider_config: Option<ProviderConfig>,
+    /// Drain and snapshot the app's live workers before destroying anything (L14).
+    #[serde(default)]
+    safe: bool,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupReport {
+    app_name: String,
+    machines_found: usize,
+    machines_deleted: usize,
+    machines_remaining: usize,
+    machine_ids_deleted: Vec<String>,
+    machine_ids_remaining: Vec<String>,
+    volumes_found: usize,
+    volumes_deleted: usize,
+    volumes_remaining: usize,
+    volume_ids_deleted: Vec<String>,
+    volume_ids_remaining: Vec<String>,
+    warnings: Vec<String>,
+    errors: Vec<String>,
+    /// Safe mode only: workers drained first, and whether all delivered their snapshot in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drained_workers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_complete: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteVolumeArgs {
+    app_name: String,
+    volume_id: String,
+    fly_api_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReapArgs {
+    grace_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReapReport {
+    pub machines_removed: Vec<String>,
+    pub volumes_removed: Vec<String>,
+    /// Unaccounted for, but not yet past the grace period.
+    pub waiting: usize,
+    pub errors: Vec<String>,
+}
+
+async fn admin_call<R: serde::de::DeserializeOwned>(
+    ctx: &ServiceContext,
+    name: &str,
+    args: serde_json::Value,
+) -> Result<R, OpError> {
+    use secrecy::ExposeSecret;
+    let token = ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
+        OpError::internal(format!("auth.admin_token is not configured; cleanup needs it for '{name}'"))
+    })?;
+    ctx.ops.call(name, token.expose_secret(), &args).await
+}
+
+async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {
+    match given.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        Some(t) => Ok(t),
+        None => scheduler::active_secret(ctx, "fly.apiToken")
+            .await?
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| OpError::invalid(missing.to_string())),
+    }
+}
+
+fn fly(ctx: &ServiceContext, token: &str) -> scheduler::provider::fly::FlyProvider {
+    let providers = &ctx.settings.providers;
+    scheduler::provider::fly::FlyProvider::new(&providers.fly_base_url, token, providers)
+}
+
+fn concurrency(given: Option<f64>, default: usize) -> usize {
+    given.filter(|v| v.is_finite() && *v >= 1.0).map(|v| v.floor() as usize).unwrap_or(default)
+}
+
+pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<CleanupReport, OpError> {
+    let config = match args.provider_config {
+        Some(c) => Some(c),
+        None => {
+            let stored = ctx.buckets.runtime_config.get::<RuntimeConfigRow<ProviderConfig>>(PROVIDER_CONFIG_KEY).await;
+            stored.map_err(OpError::internal)?.map(|r| r.value.config)
+        }
+    }
+    .unwrap_or_default();
+    if config.kind.as_deref().unwrap_or("fly") != "fly" {
+        return Err(OpError::invalid("Fly cleanup requires a Fly provider configuration."));
+    }
+    let app = config.app_name.as_deref().map(str::trim).unwrap_or_default().to_string();
+    if app.is_empty() {
+        return Err(OpError::invalid("Fly cleanup requires a non-empty Fly app name."));
+    }
+    let token = fly_token(
+        ctx,
+        args.fly_api_token,
+        "Missing active 'fly.apiToken' secret. Import it before running Fly cleanup.",
+    )
+    .await?;
+    let provider = fly(ctx, &token);
+    let (machine_n, volume_n) = (
+        concurrency(args.machine_concurrency, DEFAULT_MACHINE_CONCURRENCY),
+        concurrency(args.volume_concurrency, DEFAULT_VOLUME_CONCURRENCY),
+    );
+    provider.check_app(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    let mut report = CleanupReport { app_name: app.clone(), ..Default::default() };
+    if args.safe {
+        let (drained, complete) = drain_first(ctx, &app).await?;
+        report.drained_workers = Some(drained);
+        report.drain_complete = Some(complete);
+        if !complete {
+            report.warnings.push("some drained workers did not deliver a snapshot in time".to_string());
+        }
+    }
+
+    let machines = provider.list_machines(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    report.machines_found = machines.len();
+    let provider_ref = &provider;
+    let app_ref = app.as_str();
+    let wait = Duration::from_millis(ctx.settings.providers.stop_wait_ms);
+    let outcomes: Vec<(String, Vec<String>, Option<String>)> = futures::stream::iter(machines)
+        .map(|m| async move {
+            let id = m.machine_id;
+            let mut warnings = Vec::new();
+            // A machine already gone at any step counts as deleted, not as a warning.
+            let warn = |r: Result<(), ProviderError>, step: &str| match r {
+                Err(e) if !e.is_not_found() => Some(format!("Machine {id}: {step} warning ({e})")),
+                _ => None,
+            };
+            warnings.extend(warn(provider_ref.cordon(app_ref, &id).await, "cordon"));
+            let stop = provider_ref.stop(app_ref, &id).await;
+            let gone = matches!(&stop, Err(e) if e.is_not_found());
+            warnings.extend(warn(stop, "stop"));
+            if !gone {
+                let _ = provider_ref.wait_for_state(app_ref, &id, "stopped", wait).await;
+            }
+            let error = match provider_ref.destroy(app_ref, &id).await {
+                Ok(()) => None,
+                Err(e) if e.is_not_found() => None,
+                Err(e) => Some(format!("Machine {id}: destroy failed ({e})")),
+            };
+            (id, warnings, error)
+        })
+        .buffer_unordered(machine_n)
+        .collect()
+        .await;
+    for (id, warnings, error) in outcomes {
+        report.warnings.extend(warnings);
+        match error {
+            None => report.machine_ids_deleted.push(id),
+            Some(e) => report.errors.push(e),
+        }
+    }
+    let left = provider.list_machines(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    report.machine_ids_remaining = left.into_iter().map(|m| m.machine_id).collect();
+    if !report.machine_ids_remaining.is_empty() {
+        report.warnings.push(format!(
+            "Fly cleanup left {} machine(s) after verification: {}",
+            report.machine_ids_remaining.len(),
+            report.machine_ids_remaining.join(", ")
+        ));
+    }
+
+    let volumes = provider.list_volumes(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    report.volumes_found = volumes.len();
+    let outcomes: Vec<(String, Option<String>)> = futures::stream::iter(volumes)
+        .map(|v| async move {
+            match provider_ref.delete_volume(app_ref, &v.id).await {
+                Ok(()) => (v.id, None),
+                Err(e) if e.is_not_found() => (v.id, None),
+                Err(e) => (v.id.clone(), Some(format!("Volume {}: destroy failed ({e})", v.id))),
+            }
+        })
+        .buffer_unordered(volume_n)
+        .collect()
+        .await;
+    for (id, error) in outcomes {
+        match error {
+            None => report.volume_ids_deleted.push(id),
+            Some(e) => report.errors.push(e),
+        }
+    }
+    let left = provider.list_volumes(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    report.volume_ids_remaining = left.into_iter().map(|v| v.id).collect();
+    if !report.volume_ids_remaining.is_empty() {
+        report.warnings.push(format!(
+            "Fly cleanup left {} volume(s) after verification: {}",
+            report.volume_ids_remaining.len(),
+            report.volume_ids_remaining.join(", ")
+        ));
+    }
+    report.machine_ids_deleted.sort();
+    report.volume_ids_deleted.sort();
+    report.machines_deleted = report.machine_ids_deleted.len();
+    report.machines_remaining = report.machine_ids_remaining.len();
+    report.volumes_deleted = report.volume_ids_deleted.len();
+    report.volumes_remaining = report.volume_ids_remaining.len();
+    Ok(report)
+}
+
+/// Safe mode: asks every live worker of `app` to drain (it snapshots, then its row becomes
+/// `stopping`), and waits until none is left draining or the wait runs out.
+async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), OpError> {
+    let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+    let ours = |r: &WorkerRow| r.machine_ref.as_ref().is_some_and(|m| m.app_name == app);
+    let live: Vec<&WorkerRow> = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Active).collect();
+    for row in &live {
+        let args = json!({"workerId": row.worker_id, "provider": row.provider, "status": "draining", "load": row.load});
+        admin_call::<serde_json::Value>(ctx, "upsertWorkerState", args).await?;
+    }
+    let deadline = tokio::time::Instant::now() + SAFE_DRAIN_WAIT;
+    loop {
+        let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+        let waiting = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Draining).count();
+        if waiting == 0 {
+            return Ok((live.len(), true));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok((live.len(), false));
+        }
+        // Real time: this waits for worker processes, not for business time.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> Result<serde_json::Value, OpError> {
+    let (app, volume) = (args.app_name.trim(), args.volume_id.trim());
+    if app.is_empty() || volume.is_empty() {
+        return Err(OpError::invalid("appName and volumeId are required."));
+    }
+    let token = fly_token(
+        ctx,
+        args.fly_api_token,
+        "flyApiToken is missing: pass it, or import an active 'fly.apiToken' secret.",
+    )
+    .await?;
+    match fly(ctx, &token).delete_volume(app, volume).await {
+        Ok(()) => Ok(json!({"ok": true, "message": "Volume deleted."})),
+        Err(e) => Err(OpError::unavailable(format!("Delete volume failed: {e}"))),
+    }
+}
+
+/// The provider the pool uses now (stored config or the configured default).
+async fn current_provider(ctx: &ServiceContext) -> Result<Option<scheduler::ResolvedProvider>, OpError> {
+    scheduler::resolve_provider(ctx, None, None).await
+}
+
+pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapReport, OpError> {
+    let grace = args.grace_ms.unwrap_or(ORPHAN_GRACE_MS).max(0);
+    let Some(resolved) = current_provider(ctx).await? else { return Ok(ReapReport::default()) };
+    let app = resolved.config.app_name.clone();
+    let provider = resolved.provider.as_ref();
+    let now = ctx.clock.now_ms();
+    // Everything some row not yet stopped may own, by machine id, worker name and volume.
+    let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+    let live: Vec<&WorkerRow> = rows.iter().filter(|r| r.status != WorkerStatus::Stopped).collect();
+    let owned_machines: HashSet<String> = live
+        .iter()
+        .flat_map(|r| [Some(r.worker_id.clone()), r.machine_ref.as_ref().map(|m| m.machine_id.clone())])
+        .flatten()
+        .collect();
+    let owned_volumes: HashSet<String> = live
+        .iter()
+        .flat_map(|r| [r.volume_id.clone(), Some(dedicated_volume_name(&resolved.config.volume_name, &r.worker_id))])
+        .flatten()
+        .collect();
+    let machines = provider.list_machines(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    let volumes = provider.list_volumes(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    let mut report = ReapReport::default();
+    let orphan_machines: Vec<_> = machines
+        .into_iter()
+        .filter(|m| !owned_machines.contains(&m.machine_id) && !owned_machines.contains(&m.worker_id))
+        .collect();
+    let attached: HashSet<String> = orphan_machines.iter().flat_map(|m| m.volume_ids.clone()).collect();
+    for m in &orphan_machines {
+        if !past_grace(ctx, "machine", &app, &m.machine_id, now, grace).await? {
+            report.waiting += 1;
+            continue;
+        }
+        let _ = provider.stop(&app, &m.machine_id).await;
+        let wait = Duration::from_millis(ctx.settings.providers.stop_wait_ms);
+        let _ = provider.wait_for_state(&app, &m.machine_id, "stopped", wait).await;
+        match provider.destroy(&app, &m.machine_id).await {
+            Ok(()) => {
+                forget(ctx, "machine", &app, &m.machine_id).await;
+                report.machines_removed.push(m.machine_id.clone());
+            }
+            Err(e) => report.errors.push(format!("machine {}: {e}", m.machine_id)),
+        }
+    }
+    for v in volumes {
+        let owned = owned_volumes.contains(&v.id) || owned_volumes.contains(&v.name);
+        // A volume still attached to a live machine waits for that machine's fate.
+        let busy =
+            v.attached_machine_id.as_ref().is_some_and(|m| owned_machines.contains(m)) || attached.contains(&v.id);
+        if owned || (busy && !report.machines_removed.iter().any(|m| Some(m) == v.attached_machine_id.as_ref())) {
+            continue;
+        }
+        if !past_grace(ctx, "volume", &app, &v.id, now, grace).await? {
+            report.waiting += 1;
+            continue;
+        }
+        match provider.delete_volume(&app, &v.id).await {
+            Ok(()) => {
+                forget(ctx, "volume", &app, &v.id).await;
+                report.volumes_removed.push(v.id);
+            }
+            Err(e) => report.errors.push(format!("volume {}: {e}", v.id)),
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Sighting {
+    first_seen_at: Millis,
+}
+
+fn sighting_key(kind: &str, app: &str, id: &str) -> String {
+    format!("orphan.{kind}.{}.{}", escape(app), escape(id))
+}
+
+/// Records the first sighting (create-only) and says whether the grace period has passed.
+async fn past_grace(
+    ctx: &ServiceContext,
+    kind: &str,
+    app: &str,
+    id: &str,
+    now: Millis,
+    grace: Millis,
+) -> Result<bool, OpError> {
+    let key = sighting_key(kind, app, id);
+    let store = &ctx.buckets.system;
+    if let Some(seen) = store.get::<Sighting>(&key).await.map_err(OpError::internal)? {
+        return Ok(now - seen.value.first_seen_at >= grace);
+    }
+    match store.create(&key, &Sighting { first_seen_at: now }).await {
+        Ok(_) => Ok(grace == 0),
+        Err(e) if e.is_conflict() => Ok(false), // Another sweeper recorded it just now.
+        Err(e) => Err(OpError::internal(e)),
+    }
+}
+
+async fn forget(ctx: &ServiceContext, kind: &str, app: &str, id: &str) {
+    let key = sighting_key(kind, app, id);
+    if let Ok(Some(v)) = ctx.buckets.system.get::<serde_json::Value>(&key).await {
+        let _ = ctx.buckets.system.delete(&key, v.revision).await;
+    }
+}
