@@ -115,12 +115,11 @@ impl Scheduler {
         // F: idle drain. A snapshot taken before the drain does not count: the worker may
         // have worked since, so a fresh one is awaited (spec §3.15.3 F).
         let mut idle_drained = 0;
-        for row in rows.iter().filter(|r| {
-            scoped(r)
-                && r.status == WorkerStatus::Active
-                && r.load == 0
-                && r.scheduled_shutdown_at.is_some_and(|t| t <= now)
-        }) {
+        for row in rows
+            .iter()
+            .filter(|r| scoped(r) && r.status == WorkerStatus::Active && r.load == 0)
+            .filter(|r| idle_deadline(r, idle_ms).is_some_and(|t| t <= now))
+        {
             let extra = json!({"clearLastSnapshotId": row.last_claim_at.is_some()});
             self.set_status(row, WorkerStatus::Draining, now, extra).await?;
             result.deactivated += 1;
@@ -435,6 +434,14 @@ pub const DEFAULT_WORKER_RUNTIME_ENV: [(&str, &str); 19] = [
     ("SKILLS_RELEASE_CHANNEL", "stable"),
     ("OPENCLAW_SKILLS_DIR", "/data/workspace/skills"),
 ];
+
+/// When an idle worker is due to drain: its row's deadline (set by queue-manager from
+/// `queue.idle_timeout_ms`), or earlier when the stored policy's idle timeout counted from its
+/// last claim says so — the policy is the operator's runtime setting and wins.
+fn idle_deadline(row: &WorkerRow, idle_timeout_ms: Millis) -> Option<Millis> {
+    let deadline = row.scheduled_shutdown_at?;
+    Some(row.last_claim_at.map_or(deadline, |claimed| deadline.min(claimed + idle_timeout_ms)))
+}
 
 async fn list_machines(provider: &dyn Provider, app: &str) -> Result<HashMap<String, Machine>, OpError> {
     let machines = provider

@@ -6,6 +6,7 @@ mod cli;
 mod fly_provider;
 mod hydration;
 mod ingress;
+mod local_pool;
 mod profiles;
 mod queue;
 mod queue_concurrency;
