@@ -31,6 +31,10 @@ pub const LEASE_EXPIRIES: &str = "af_lease_expiries_total";
 pub const DEAD_LETTERS: &str = "af_dead_letters_total";
 /// Jobs enqueued.
 pub const ENQUEUED: &str = "af_enqueued_total";
+/// Reconciles of the worker pool run (by the loop or called).
+pub const RECONCILES: &str = "af_scheduler_reconciles_total";
+/// Conversations needing a worker, as the last reconcile saw them.
+pub const POOL_DEMAND: &str = "af_scheduler_demand";
 /// Draining workers torn down at the drain deadline without their final snapshot (L10).
 pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
 

@@ -203,6 +203,8 @@ impl Scheduler {
         };
         let scaling = self.scaling(args.scaling_policy).await?;
         let demand: Vec<Demand> = self.internal("getActiveConversationsForScheduler", json!({})).await?;
+        metrics::counter!(common::telemetry::RECONCILES).increment(1);
+        metrics::gauge!(common::telemetry::POOL_DEMAND).set(demand.len() as f64);
         let workspace_id = args.workspace_id.unwrap_or_else(|| "default".to_string());
         let input = CycleInput {
             now: self.ctx.clock.now_ms(),

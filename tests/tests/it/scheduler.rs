@@ -2,6 +2,8 @@
 //! spec §3.15.5 and the required fixes, on a manual clock with every loop paused, so each
 //! reconcile is called by the test.
 
+use std::time::Duration;
+
 use common::ErrorCode;
 use serde_json::{Value, json};
 use tests::fake_fly::FakeFly;
@@ -15,10 +17,15 @@ struct Pool {
 }
 
 async fn pool(max_workers: u32, spawn_step: u32) -> Pool {
+    pool_with(max_workers, spawn_step, MANUAL).await
+}
+
+/// A pool whose stack starts with `base` overrides (MANUAL: manual clock, loops paused).
+async fn pool_with(max_workers: u32, spawn_step: u32, base: &[(&str, &str)]) -> Pool {
     let fake = FakeFly::start().await;
     fake.add_app(APP);
     let url = fake.base_url();
-    let mut overrides: Vec<(&str, &str)> = MANUAL.to_vec();
+    let mut overrides: Vec<(&str, &str)> = base.to_vec();
     overrides.extend([
         ("providers.fly_base_url", url.as_str()),
         ("providers.retry_base_delay_ms", "1"),
@@ -362,4 +369,73 @@ async fn scheduler_fly_cleanup_reports_and_the_reaper_waits_for_its_grace() {
     assert_eq!(err.message, "Fly cleanup requires a non-empty Fly app name.");
     let err = admin.err("runFlyCleanup", json!({"providerConfig": {"kind": "fly", "appName": APP}})).await;
     assert_eq!(err.message, "Missing active 'fly.apiToken' secret. Import it before running Fly cleanup.");
+}
+
+#[tokio::test]
+async fn scheduler_self_registered_worker_is_drained_at_its_idle_deadline() {
+    let p = pool(5, 2).await;
+    p.enqueue("conv-a").await;
+    // A worker nobody spawned claims (it registers itself), completes a minute later.
+    let job = p.stack.worker("w-self").ok("claimNextJob", json!({"workerId": "w-self"})).await;
+    assert_eq!(job["conversationId"], "conv-a");
+    p.advance(60_000).await;
+    let done = json!({"workerId": "w-self", "messageId": job["messageId"], "leaseId": job["leaseId"]});
+    p.stack.worker("w-self").ok("completeJob", done).await;
+    p.advance(1_800_000 - 60_000 + 1).await;
+    let result = p.idle_check().await;
+    assert_eq!(result["stopped"], 1);
+    let row = p.row("w-self").await;
+    assert_eq!(row["status"], "draining");
+    assert_eq!(row["scheduledShutdownAt"], T0 + 1_800_000);
+    assert!(row.get("stoppedAt").is_none_or(Value::is_null), "{row}");
+    let control = p.stack.worker("w-self").ok("getWorkerControlState", json!({"workerId": "w-self"})).await;
+    assert_eq!(control["shouldStop"], true);
+    p.enqueue("conv-a").await;
+    let claim = p.stack.worker("w-self").ok("claimNextJob", json!({"workerId": "w-self"})).await;
+    assert_eq!(claim, Value::Null, "a draining worker gets no new work");
+}
+
+#[tokio::test]
+async fn scheduler_overdue_worker_whose_machine_is_gone_is_stopped_and_its_volume_deleted() {
+    let p = pool(5, 2).await;
+    p.enqueue("conv-a").await;
+    p.reconcile().await;
+    let worker = format!("afw-{T0}-0");
+    let machine = p.fake.machines(APP)[0].id.clone();
+    // The machine vanishes behind our back (destroyed at the provider).
+    p.fake.set_machine_state(APP, &machine, "destroyed");
+    p.advance(1_800_001).await;
+    p.fake.clear_requests();
+    let result = p.idle_check().await;
+    assert_eq!(result["pending"], 0);
+    assert_eq!(p.row(&worker).await["status"], "stopped");
+    assert!(p.fake.volumes(APP).is_empty(), "the volume is deleted by id");
+    let detail = format!("/apps/{APP}/machines/{machine}");
+    assert_eq!(p.fake.count_requests("GET", &detail), 0, "no machine detail was fetched");
+}
+
+#[tokio::test]
+async fn scheduler_burst_of_enqueues_is_served_by_a_handful_of_reconciles() {
+    // Real clock and the automatic loop on; maxWorkers 0 so nothing is spawned, only counted.
+    let p = pool_with(0, 1, &[]).await;
+    let app = p.stack.app();
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
+        let calls = chunk.iter().map(|i| app.call("enqueueMessage", message(&format!("c-{i}"), "agent-a", "hi")));
+        for r in futures::future::join_all(calls).await {
+            r.expect("enqueue");
+        }
+    }
+    let metric = |name: &str| {
+        let text = common::telemetry::metrics_handle().render();
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    tests::wait_until("a reconcile saw all 1000 conversations", Duration::from_secs(30), || async {
+        (metric(common::telemetry::POOL_DEMAND)? >= 1000.0).then_some(())
+    })
+    .await;
+    let reconciles = metric(common::telemetry::RECONCILES).unwrap_or(0.0);
+    assert!((1.0..=50.0).contains(&reconciles), "{reconciles} reconciles for 1000 enqueues");
 }
