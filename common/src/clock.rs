@@ -170,3 +170,37 @@ mod tests {
         assert!(clock.apply_manual(ManualTime { now_ms: 1, revision: 1 }).is_err());
     }
 }
+
+/// Milliseconds since the epoch as RFC 3339 UTC with milliseconds (`2026-01-01T09:00:00.000Z`).
+/// Out-of-range values (beyond year 9999) print as the raw number.
+pub fn iso_utc(ms: Millis) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// The UTC calendar date (`YYYY-MM-DD`) of a time in milliseconds since the epoch.
+pub fn utc_date(ms: Millis) -> String {
+    iso_utc(ms).chars().take(10).collect()
+}
+
+/// The UTC time of day (`HH:MM:SS`) of a time in milliseconds since the epoch.
+pub fn utc_time(ms: Millis) -> String {
+    iso_utc(ms).chars().skip(11).take(8).collect()
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting_of_known_instants() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_utc(1_767_258_000_000), "2026-01-01T09:00:00.000Z");
+        assert_eq!(iso_utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso_utc(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(utc_date(1_767_258_000_000), "2026-01-01");
+        assert_eq!(utc_time(1_767_258_000_000), "09:00:00");
+    }
+}

@@ -835,19 +835,9 @@ fn image_ref(image: &str) -> Value {
 
 /// `2026-01-01T09:00:00Z` plus `seq` seconds, as RFC 3339.
 fn timestamp(seq: u64) -> String {
-    let total = CLOCK_ORIGIN + i64::try_from(seq).unwrap_or(0);
-    let (days, secs) = (total.div_euclid(86_400), total.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    let ms = (CLOCK_ORIGIN + i64::try_from(seq).unwrap_or(0)) * 1000;
+    // Fly answers whole seconds.
+    format!("{}Z", common::clock::iso_utc(ms).trim_end_matches('Z').trim_end_matches(".000"))
 }
 
 // ---------------------------------------------------------------------------------------------

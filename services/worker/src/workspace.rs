@@ -40,31 +40,7 @@ pub fn is_meaningful(state_dir: &Path, workspace_dir: &Path) -> bool {
     }
 }
 
-/// `YYYY-MM-DD` (UTC) of a Unix time in milliseconds.
-pub fn utc_date(ms: i64) -> String {
-    let (y, m, d) = civil_from_days(ms.div_euclid(86_400_000));
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
-pub fn utc_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
+pub use common::clock::{utc_date, utc_time};
 
 /// Creates the memory files when missing: `MEMORY.md` and today's `memory/<date>.md`.
 pub fn seed_memory(workspace_dir: &Path, now_ms: i64) -> io::Result<()> {
