@@ -83,6 +83,12 @@ pub const CATALOGUE: &[OpSpec] = &[
     op("claimNextJob", QueueManager, &[Admin, Worker], "lease the next job for a worker, optionally waiting"),
     op("heartbeatJob", QueueManager, &[Admin, Worker], "extend the lease of a processing job"),
     op("completeJob", QueueManager, &[Admin, Worker], "mark a leased job done"),
+    op(
+        "completeAndClaimNext",
+        QueueManager,
+        &[Admin, Worker],
+        "complete a job and claim the next one, in one round trip",
+    ),
     op("failJob", QueueManager, &[Admin, Worker], "fail a leased job: retry with backoff or dead-letter"),
     op("releaseStuckJobs", QueueManager, &[Admin], "recover jobs whose lease expired"),
     op("getQueueStats", QueueManager, &[Admin, App], "counts of ready, processing and dead-lettered jobs"),

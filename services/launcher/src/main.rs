@@ -110,7 +110,9 @@ async fn start_nats(settings: &Settings) -> anyhow::Result<NatsServer> {
 
 /// Runs the services until a signal or until one of them ends (an early end is a failure).
 async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedded: bool) -> anyhow::Result<ExitCode> {
-    let shutdown = common::service::shutdown_on_signals();
+    let signals = common::service::shutdown_on_signals();
+    // Services stop only after the local workers did: a worker's final snapshot needs them.
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let ctx = ServiceContext::connect(Arc::new(settings.clone()), url, "agent-factory").await?;
     let listener = tokio::net::TcpListener::bind(&settings.http.bind)
         .await
@@ -121,9 +123,8 @@ async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedd
 
     let mut ok = true;
     tokio::select! {
-        _ = shutdown.cancelled() => {}
-        // A service that stops because shutdown began did not end early.
-        Some(joined) = tasks.join_next() => ok = report(joined, !shutdown.is_cancelled()),
+        _ = signals.cancelled() => stop_local_workers(settings).await,
+        Some(joined) = tasks.join_next() => ok = report(joined, true),
     }
     shutdown.cancel();
     let drain = async {
@@ -142,6 +143,36 @@ async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedd
         true => ExitCode::SUCCESS,
         false => ExitCode::FAILURE,
     })
+}
+
+/// Asks the workers this machine runs (local provider) to stop — each finishes its job and
+/// snapshots its workspace — and waits for them, bounded, so Ctrl-C leaves no process behind.
+async fn stop_local_workers(settings: &Settings) {
+    use scheduler::provider::{MachineStatus, Provider};
+    let root = match settings.providers.local_dir.trim() {
+        "" => settings.data_dir.join("workers"),
+        dir => dir.into(),
+    };
+    if !root.exists() {
+        return;
+    }
+    let provider =
+        scheduler::provider::local::LocalProvider::new(root, settings.providers.worker_binary.clone().into());
+    let Ok(machines) = provider.list_machines(scheduler::LOCAL_APP).await else { return };
+    let running: Vec<_> = machines.into_iter().filter(|m| m.status == MachineStatus::Active).collect();
+    if running.is_empty() {
+        return;
+    }
+    tracing::info!(workers = running.len(), "stopping local workers (each snapshots its workspace)");
+    let stops = running.iter().map(|m| {
+        let provider = &provider;
+        async move {
+            let _ = provider.stop(scheduler::LOCAL_APP, &m.machine_id).await;
+            let _ =
+                provider.wait_for_state(scheduler::LOCAL_APP, &m.machine_id, "stopped", Duration::from_secs(20)).await;
+        }
+    });
+    futures::future::join_all(stops).await;
 }
 
 type Joined = Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>;

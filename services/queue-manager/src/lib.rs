@@ -134,6 +134,17 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Complete { args, reply }).await
     });
+    route!("completeAndClaimNext", CompleteAndClaimArgs, |caller, args, d, _js| {
+        caller.require_worker(&args.worker_id)?;
+        let claim = ClaimArgs { worker_id: args.worker_id.clone(), conversation_id: None, wait_ms: args.wait_ms };
+        let lease = LeaseArgs {
+            worker_id: args.worker_id,
+            message_id: args.message_id,
+            lease_id: args.lease_id,
+            provider_config: None,
+        };
+        d.ask(|reply| Command::CompleteAndClaim { args: lease, claim, reply }).await
+    });
     route!("failJob", FailArgs, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Fail { args, reply }).await

@@ -75,6 +75,16 @@ pub struct LeaseArgs {
     pub provider_config: Option<serde_json::Value>,
 }
 
+/// `completeAndClaimNext`: a lease to complete, and how long to wait for the next job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteAndClaimArgs {
+    pub worker_id: String,
+    pub message_id: String,
+    pub lease_id: String,
+    pub wait_ms: Option<u64>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailArgs {

@@ -329,11 +329,14 @@ fn report(result: &CycleResult) -> Result<(), OpError> {
     if result.errors.is_empty() { Ok(()) } else { Err(OpError::unavailable(result.errors.join("; "))) }
 }
 
+/// The app name of the local provider's default configuration.
+pub const LOCAL_APP: &str = "local";
+
 /// The provider config of the one-machine stack: workers as child processes.
 fn local_default() -> ValidProviderConfig {
     ValidProviderConfig {
         kind: "local".to_string(),
-        app_name: "local".to_string(),
+        app_name: LOCAL_APP.to_string(),
         image: "af-worker".to_string(),
         region: "local".to_string(),
         volume_name: "openclaw_data".to_string(),

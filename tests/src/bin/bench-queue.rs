@@ -4,7 +4,8 @@
 //!
 //! - Throughput (T): C conversations x M messages, one worker per conversation (as in
 //!   production, where each worker serves one conversation), at most `in_flight` enqueues in
-//!   flight. e2e = messages / (last completion - first enqueue).
+//!   flight; workers complete a job and claim the next in one call (`completeAndClaimNext`).
+//!   e2e = messages / (last completion - first enqueue).
 //! - Dispatch latency (L): idle long-polling workers; one message every `interval_ms`, each on
 //!   a new conversation; dispatch = worker has the job - enqueue call returned.
 //!
@@ -193,15 +194,20 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
         let api = clients.worker(stack, &id);
         let (done, finished, per) = (done.clone(), finished.clone(), args.messages);
         workers.spawn(async move {
+            // Claim once, then complete each job and claim the next in one call, as a
+            // worker serving one conversation does.
             let mut mine = 0;
+            let mut job = Value::Null;
             while mine < per {
-                let claim = json!({ "workerId": id, "conversationId": conversation, "waitMs": 5000 });
-                let job = retry(&api, "claimNextJob", claim).await;
                 if job.is_null() {
+                    let claim = json!({ "workerId": id, "conversationId": conversation, "waitMs": 5000 });
+                    job = retry(&api, "claimNextJob", claim).await;
                     continue;
                 }
-                let complete = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"] });
-                retry(&api, "completeJob", complete).await;
+                let next = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"],
+                                   "waitMs": if mine + 1 < per { 5000 } else { 0 } });
+                let answer = retry(&api, "completeAndClaimNext", next).await;
+                job = answer["next"].clone();
                 mine += 1;
                 if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == total {
                     finished.cancel();

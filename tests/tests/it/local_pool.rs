@@ -54,6 +54,15 @@ async fn rows(stack: &TestStack) -> Vec<Value> {
     stack.admin().ok("listWorkersForScheduler", json!({})).await.as_array().cloned().unwrap_or_default()
 }
 
+/// Waits until `worker` has finished its jobs (its completion landed: load 0).
+async fn idle(stack: &TestStack, worker: &str) {
+    wait_until(&format!("{worker} finished its job"), Duration::from_secs(60), || async {
+        let row = rows(stack).await.into_iter().find(|r| r["workerId"] == worker)?;
+        (row["load"] == 0 && row["lastClaimAt"].is_number()).then_some(())
+    })
+    .await;
+}
+
 async fn history(stack: &TestStack, conversation: &str) -> Vec<String> {
     let page = stack.admin().ok("getConversationHistory", json!({"conversationId": conversation, "limit": 50})).await;
     page["items"]
@@ -119,6 +128,7 @@ async fn local_pool_spawns_replies_drains_snapshots_and_restores() {
     assert!(pid_alive(pid));
 
     // Idle past its deadline: drained, it snapshots (its row becomes stopping), then is torn down.
+    idle(&stack, &first_id).await;
     admin.ok("advanceTestClock", json!({"ms": 60_001})).await;
     let check = admin.ok("checkIdleShutdowns", json!({})).await;
     assert_eq!(check["stopped"], 1);
@@ -153,6 +163,7 @@ async fn local_pool_spawns_replies_drains_snapshots_and_restores() {
     assert!(text.contains("remember the blue door"), "{text}");
 
     // Tear the second worker down too, through the same protocol.
+    idle(&stack, second["workerId"].as_str().expect("id")).await;
     let drain = json!({"workerId": second["workerId"], "provider": "local", "status": "draining", "load": 0});
     admin.ok("upsertWorkerState", drain).await;
     wait_until("the second worker delivered its snapshot", Duration::from_secs(60), || async {

@@ -460,3 +460,50 @@ async fn the_test_clock_can_go_back_in_time() {
     assert_eq!(view, json!({ "mode": "manual", "nowMs": 1_000 }));
     assert_eq!(stack.ctx.clock.now_ms(), 1_000);
 }
+
+#[tokio::test]
+async fn complete_and_claim_next_hands_over_the_next_job_in_one_call() {
+    let stack = stack().await;
+    for text in ["one", "two"] {
+        enqueue(&stack, "c1", text).await;
+    }
+    let job = claim(&stack, "w1").await;
+    let next = |job: &Value, wait: u64| json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": wait});
+    let answer = stack.worker("w1").ok("completeAndClaimNext", next(&job, 0)).await;
+    assert_eq!(answer["completed"], true);
+    let second = answer["next"].clone();
+    assert_eq!(second["payload"]["messageText"], "two");
+    assert_eq!(second["attempts"], 0);
+    assert_ne!(second["leaseId"], job["leaseId"]);
+    // The lease of the first job is spent: completing it again is the idempotent `true`, and
+    // the hand-over does not happen twice.
+    let again = stack.worker("w1").ok("completeAndClaimNext", next(&job, 0)).await;
+    assert_eq!(again, json!({"completed": true, "next": null}));
+    // Nothing left: the answer carries no job after a zero wait, and the queue is empty.
+    let answer = stack.worker("w1").ok("completeAndClaimNext", next(&second, 0)).await;
+    assert_eq!(answer, json!({"completed": true, "next": null}));
+    let stats = stack.admin().ok("getQueueStats", json!({})).await;
+    assert_eq!((stats["queuedTotal"].as_u64(), stats["processing"].as_u64()), (Some(0), Some(0)));
+    // Another worker's token cannot use w1's lease.
+    let err = stack.worker("w2").err("completeAndClaimNext", next(&second, 0)).await;
+    assert_eq!(err.code, common::ErrorCode::Forbidden);
+}
+
+#[tokio::test]
+async fn complete_and_claim_next_waits_for_a_later_job() {
+    let stack = stack().await;
+    enqueue(&stack, "c1", "one").await;
+    let job = claim(&stack, "w1").await;
+    let args = json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": 20_000});
+    let worker = stack.worker("w1");
+    let call = tokio::spawn(async move { worker.ok("completeAndClaimNext", args).await });
+    tests::wait_until("the claim is parked", std::time::Duration::from_secs(10), || async {
+        let stats = stack.admin().ok("getQueueStats", json!({})).await;
+        (stats["parkedClaims"] == 1).then_some(())
+    })
+    .await;
+    enqueue(&stack, "c1", "later").await;
+    let answer = call.await.expect("join");
+    assert_eq!(answer["completed"], true);
+    assert_eq!(answer["next"]["payload"]["messageText"], "later");
+}

@@ -50,28 +50,82 @@ impl State {
     pub(super) fn complete(&mut self, args: LeaseArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
             LeaseCheck::Mismatch => {
-                let repeated = self.convs.values().any(|c| {
-                    c.state.last_completed.as_ref().is_some_and(|l| {
-                        l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
-                    })
-                });
-                let _ = reply.send(Ok(Value::Bool(repeated)));
+                let _ = reply.send(Ok(Value::Bool(self.completed_before(&args))));
             }
             LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
             LeaseCheck::Held(token) => {
-                let Some(conv) = self.convs.get(&token) else {
-                    return;
-                };
-                let mut state = conv.state.clone();
-                state.done_seq = conv.pending.front().map(|p| p.seq).unwrap_or(state.done_seq);
-                state.head = None;
-                state.last_completed = Some(CompletedLease {
-                    message_id: args.message_id.clone(),
-                    lease_id: args.lease_id.clone(),
-                    worker_id: args.worker_id.clone(),
-                });
+                let Some(state) = self.completed_state(&token, &args) else { return };
                 self.write_conv(&token, state, After::Complete { worker_id: args.worker_id, reply });
             }
+        }
+    }
+
+    /// `completeAndClaimNext`: when the worker's conversation has its next job claimable now,
+    /// the completion and that job's lease are one state write and one answer; otherwise the
+    /// completion is written and then the worker claims as usual (long poll included).
+    pub(super) fn complete_and_claim(&mut self, args: LeaseArgs, claim: ClaimArgs, reply: Reply) {
+        match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
+            LeaseCheck::Mismatch => {
+                let completed = self.completed_before(&args);
+                let _ = reply.send(Ok(serde_json::json!({ "completed": completed, "next": Value::Null })));
+            }
+            LeaseCheck::Busy(token) => self.defer(&token, Command::CompleteAndClaim { args, claim, reply }),
+            LeaseCheck::Held(token) => {
+                let Some(mut state) = self.completed_state(&token, &args) else { return };
+                let now = self.now();
+                let active = self.workers.get(&args.worker_id).is_none_or(|w| w.row.status == WorkerStatus::Active);
+                let next = self.convs.get(&token).and_then(|c| c.pending.get(1)).filter(|p| p.job.scheduled_for <= now);
+                match next {
+                    Some(next) if active => {
+                        state.head = Some(HeadState {
+                            seq: next.seq,
+                            message_id: next.job.message_id.clone(),
+                            attempts: 0,
+                            not_before: None,
+                            last_error: None,
+                            lease: Some(self.new_lease(&args.worker_id, now)),
+                        });
+                        self.write_conv(&token, state, After::CompleteAndLease { worker_id: args.worker_id, reply });
+                    }
+                    _ => {
+                        let after = After::CompleteThenClaim { worker_id: args.worker_id, reply, claim };
+                        self.write_conv(&token, state, after);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether this exact lease already completed its job (a retry whose first answer was lost).
+    fn completed_before(&self, args: &LeaseArgs) -> bool {
+        self.convs.values().any(|c| {
+            c.state.last_completed.as_ref().is_some_and(|l| {
+                l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
+            })
+        })
+    }
+
+    /// The conversation's state once its head job is done.
+    fn completed_state(&self, token: &str, args: &LeaseArgs) -> Option<QueueState> {
+        let conv = self.convs.get(token)?;
+        let mut state = conv.state.clone();
+        state.done_seq = conv.pending.front().map(|p| p.seq).unwrap_or(state.done_seq);
+        state.head = None;
+        state.last_completed = Some(CompletedLease {
+            message_id: args.message_id.clone(),
+            lease_id: args.lease_id.clone(),
+            worker_id: args.worker_id.clone(),
+        });
+        Some(state)
+    }
+
+    /// A fresh lease for `worker_id` starting at `now`.
+    pub(super) fn new_lease(&self, worker_id: &str, now: Millis) -> Lease {
+        Lease {
+            lease_id: format!("{now}-{}", common::crypto::random_base36(8)),
+            worker_id: worker_id.to_string(),
+            expires_at: now + self.q().lease_ms,
+            claimed_at: now,
         }
     }
 
@@ -241,7 +295,7 @@ impl State {
             }
         }
         let new_lease = conv.lease().cloned();
-        let (conversation_id, agent_key) = (conv.conversation_id.clone(), conv.agent_key.clone());
+        let conversation_id = conv.conversation_id.clone();
         let deferred: Vec<Command> = conv.deferred.drain(..).collect();
         let head_job = conv.pending.front().cloned();
         for p in &finished {
@@ -250,28 +304,30 @@ impl State {
         if let Some(lease) = &new_lease {
             self.leased.insert((lease.expires_at, token.clone()));
         }
+        let mut follow_up = None;
         match after {
             After::Claim { worker_id, reply, .. } => {
-                let (Some(lease), Some(job)) = (new_lease, head_job) else {
-                    return;
-                };
-                self.owner_of.insert(token.clone(), worker_id.clone());
-                self.worker_claimed(&worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
-                metrics::counter!(common::telemetry::CLAIMS).increment(1);
-                let attempts = self.convs.get(&token).and_then(|c| c.head()).map(|h| h.attempts).unwrap_or(0);
-                let claim = Claim {
-                    message_id: job.job.message_id.clone(),
-                    conversation_id,
-                    agent_key,
-                    lease_id: lease.lease_id,
-                    lease_expires_at: lease.expires_at,
-                    payload: job.job.payload.clone(),
-                    attempts,
-                };
+                let Some(claim) = self.claimed(&token, &worker_id, new_lease, head_job, now) else { return };
                 if let Err(Ok(_)) = reply.send(to_value(claim)) {
                     // The worker gave up waiting; its lease will expire and count as an attempt.
                     tracing::debug!(worker = %worker_id, "claim reply dropped");
                 }
+            }
+            After::CompleteAndLease { worker_id, reply } => {
+                self.worker_released(&worker_id, &conversation_id, now, true, false);
+                let next = self.claimed(&token, &worker_id, new_lease, head_job, now);
+                let next = serde_json::to_value(&next).unwrap_or(Value::Null);
+                let _ = reply.send(Ok(serde_json::json!({ "completed": true, "next": next })));
+            }
+            After::CompleteThenClaim { worker_id, reply, claim } => {
+                self.worker_released(&worker_id, &conversation_id, now, true, false);
+                // The claim answers on its own channel; forward it inside the combined answer.
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    let next = rx.await.unwrap_or(Ok(Value::Null));
+                    let _ = reply.send(next.map(|next| serde_json::json!({ "completed": true, "next": next })));
+                });
+                follow_up = Some(Command::Claim { args: claim, reply: tx });
             }
             After::Heartbeat { worker_id, reply } => {
                 if let Some(w) = self.workers.get_mut(&worker_id)
@@ -305,9 +361,36 @@ impl State {
             }
         }
         self.evaluate(&token);
-        for command in deferred {
+        for command in deferred.into_iter().chain(follow_up) {
             self.command(command);
         }
+    }
+
+    /// Records a claim whose lease write landed and builds the worker's answer.
+    fn claimed(
+        &mut self,
+        token: &str,
+        worker_id: &str,
+        lease: Option<Lease>,
+        job: Option<Pending>,
+        now: Millis,
+    ) -> Option<Claim> {
+        let (lease, job) = (lease?, job?);
+        let conv = self.convs.get(token)?;
+        let (conversation_id, agent_key) = (conv.conversation_id.clone(), conv.agent_key.clone());
+        let attempts = conv.head().map(|h| h.attempts).unwrap_or(0);
+        self.owner_of.insert(token.to_string(), worker_id.to_string());
+        self.worker_claimed(worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
+        metrics::counter!(common::telemetry::CLAIMS).increment(1);
+        Some(Claim {
+            message_id: job.job.message_id.clone(),
+            conversation_id,
+            agent_key,
+            lease_id: lease.lease_id,
+            lease_expires_at: lease.expires_at,
+            payload: job.job.payload.clone(),
+            attempts,
+        })
     }
 
     pub(super) fn on_conv_write_failed(&mut self, token: String, error: StoreError, after: After) {
@@ -318,7 +401,10 @@ impl State {
                 tracing::warn!(conversation = %conv.conversation_id, "queue state changed under us; reloading");
                 match after {
                     After::Claim { args, reply, .. } => conv.deferred.push_front(Command::Claim { args, reply }),
-                    After::Heartbeat { reply, .. } | After::Complete { reply, .. } => {
+                    After::Heartbeat { reply, .. }
+                    | After::Complete { reply, .. }
+                    | After::CompleteAndLease { reply, .. }
+                    | After::CompleteThenClaim { reply, .. } => {
                         let _ = reply.send(Err(OpError::conflict("the lease changed concurrently; retry")));
                     }
                     After::Fail { reply, .. } => {
@@ -346,6 +432,8 @@ impl State {
             After::Claim { reply, .. }
             | After::Heartbeat { reply, .. }
             | After::Complete { reply, .. }
+            | After::CompleteAndLease { reply, .. }
+            | After::CompleteThenClaim { reply, .. }
             | After::Fail { reply, .. } => {
                 let _ = reply.send(unavailable());
             }

@@ -60,6 +60,12 @@ pub enum Command {
         args: LeaseArgs,
         reply: Reply,
     },
+    /// Complete, then claim the worker's next job, answered together (one round trip).
+    CompleteAndClaim {
+        args: LeaseArgs,
+        claim: ClaimArgs,
+        reply: Reply,
+    },
     Fail {
         args: FailArgs,
         reply: Reply,
@@ -138,11 +144,40 @@ enum Event {
 
 /// What to do once a conversation write is acknowledged.
 enum After {
-    Claim { worker_id: String, reply: Reply, args: ClaimArgs },
-    Heartbeat { worker_id: String, reply: Reply },
-    Complete { worker_id: String, reply: Reply },
-    Fail { worker_id: String, reply: Reply, outcome: FailOutcome },
-    Recover { worker_id: String, dead: bool, batch: Option<u64> },
+    Claim {
+        worker_id: String,
+        reply: Reply,
+        args: ClaimArgs,
+    },
+    Heartbeat {
+        worker_id: String,
+        reply: Reply,
+    },
+    Complete {
+        worker_id: String,
+        reply: Reply,
+    },
+    /// The completion and the next job's lease, written as one state change.
+    CompleteAndLease {
+        worker_id: String,
+        reply: Reply,
+    },
+    /// The completion alone (nothing claimable right away); the claim follows once it lands.
+    CompleteThenClaim {
+        worker_id: String,
+        reply: Reply,
+        claim: ClaimArgs,
+    },
+    Fail {
+        worker_id: String,
+        reply: Reply,
+        outcome: FailOutcome,
+    },
+    Recover {
+        worker_id: String,
+        dead: bool,
+        batch: Option<u64>,
+    },
 }
 
 /// A cheap handle to the running dispatcher.

@@ -114,6 +114,7 @@ impl State {
             Command::Claim { args, reply } => self.claim(args, reply),
             Command::Heartbeat { args, reply } => self.heartbeat(args, reply),
             Command::Complete { args, reply } => self.complete(args, reply),
+            Command::CompleteAndClaim { args, claim, reply } => self.complete_and_claim(args, claim, reply),
             Command::Fail { args, reply } => self.fail(args, reply),
             Command::Release { limit, reply } => self.release(limit, reply),
             Command::Stats { reply } => {
@@ -250,8 +251,7 @@ impl State {
     /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.
     pub(super) fn lease_to(&mut self, token: &str, args: ClaimArgs, reply: Reply) {
         let now = self.now();
-        let lease_ms = self.q().lease_ms;
-        let Some(conv) = self.convs.get_mut(token) else {
+        let Some(conv) = self.convs.get(token) else {
             let _ = reply.send(Ok(Value::Null));
             return;
         };
@@ -259,13 +259,8 @@ impl State {
             let _ = reply.send(Ok(Value::Null));
             return;
         };
-        head.lease = Some(Lease {
-            lease_id: format!("{now}-{}", common::crypto::random_base36(8)),
-            worker_id: args.worker_id.clone(),
-            expires_at: now + lease_ms,
-            claimed_at: now,
-        });
         let mut state = conv.state.clone();
+        head.lease = Some(self.new_lease(&args.worker_id, now));
         state.head = Some(head);
         let worker_id = args.worker_id.clone();
         self.write_conv(token, state, After::Claim { worker_id, reply, args });
