@@ -75,7 +75,8 @@ impl Drop for TestNats {
 /// caller's overrides (`("queue.lease_ms", "1000")`).
 pub fn test_settings(data_dir: &Path, overrides: &[(&str, &str)]) -> Settings {
     let data = data_dir.display().to_string();
-    let mut all: Vec<(&str, &str)> = vec![("data_dir", data.as_str())];
+    // No worker pool unless a test asks for one: spawning needs a provider the test controls.
+    let mut all: Vec<(&str, &str)> = vec![("data_dir", data.as_str()), ("scheduler.default_provider", "none")];
     all.extend_from_slice(overrides);
     let mut settings = Settings::from_overrides(&all).expect("valid test settings");
     settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));

@@ -168,7 +168,9 @@ impl Scheduler {
             })
         };
         let debounce = std::time::Duration::from_millis(self.ctx.settings.scheduler.debounce_ms);
-        let mut next_tick: Millis = self.ctx.clock.now_ms();
+        // The first periodic pass waits one interval: at start-up the queue may not lead yet,
+        // and an enqueue triggers a reconcile anyway.
+        let mut next_tick: Millis = self.ctx.clock.now_ms() + self.ctx.settings.scheduler.reconcile_interval_ms;
         loop {
             tokio::select! {
                 _ = lead.cancelled() => break,

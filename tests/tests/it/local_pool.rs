@@ -95,7 +95,11 @@ async fn local_pool_spawns_replies_drains_snapshots_and_restores() {
     let root_str = root.path().display().to_string();
     let binary_str = binary.display().to_string();
     let mut overrides: Vec<(&str, &str)> = MANUAL.to_vec();
-    overrides.extend([("providers.local_dir", root_str.as_str()), ("providers.worker_binary", binary_str.as_str())]);
+    overrides.extend([
+        ("scheduler.default_provider", "local"),
+        ("providers.local_dir", root_str.as_str()),
+        ("providers.worker_binary", binary_str.as_str()),
+    ]);
     let stack = TestStack::start_with(&overrides).await;
     seed_profile(&stack.ctx, "agent-a").await;
     let admin = stack.admin();
