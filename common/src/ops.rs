@@ -27,6 +27,10 @@ pub const SUBJECT_PREFIX: &str = "af.op";
 pub const HEADER_STATUS: &str = "af-status";
 pub const HEADER_AUTHORIZATION: &str = "authorization";
 pub const HEADER_CLOCK_REVISION: &str = "af-clock-rev";
+/// How an unanswered request's error starts: nobody serves the operation at this moment.
+const NO_RESPONDERS: &str = "no service is serving";
+/// How long a service-to-service call waits out a leader failover (the leader lease lives 3 s).
+pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -209,8 +213,12 @@ impl OpRegistry {
             Arc::new(move |caller, value| {
                 let handler = handler.clone();
                 Box::pin(async move {
-                    let args: A = serde_json::from_value(value)
-                        .map_err(|e| OpError::invalid(format!("invalid arguments for {name}: {e}")))?;
+                    // The error names the argument's path (`payload.priority: invalid type: …`).
+                    let args: A = serde_path_to_error::deserialize(value).map_err(|e| {
+                        let path = e.path().to_string();
+                        let at = if path == "." { String::new() } else { format!("{path}: ") };
+                        OpError::invalid(format!("invalid arguments for {name}: {at}{}", e.into_inner()))
+                    })?;
                     let result = handler(caller, args).await?;
                     serde_json::to_value(result).map_err(OpError::internal)
                 })
@@ -410,7 +418,7 @@ impl OpClient {
             Err(e) => {
                 let err = match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => {
-                        OpError::unavailable(format!("no service is serving '{name}' right now; retry shortly"))
+                        OpError::unavailable(format!("{NO_RESPONDERS} '{name}' right now; retry shortly"))
                     }
                     async_nats::RequestErrorKind::TimedOut => {
                         OpError::unavailable(format!("'{name}' timed out; it may or may not have been applied"))
@@ -425,6 +433,30 @@ impl OpClient {
                     async_nats::RequestErrorKind::Other => OpError::unavailable(format!("'{name}' failed: {e}")),
                 };
                 (err.http_status(), Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()))
+            }
+        }
+    }
+
+    /// Like [`OpClient::call`], but rides out a failover: while no process serves `name` (a
+    /// leader is being elected), it retries for up to `patience`. Only "no responders" is
+    /// retried — such a request reached nobody, so a retry cannot apply it twice.
+    pub async fn call_through_failover<A: Serialize, R: DeserializeOwned>(
+        &self,
+        name: &str,
+        token: &str,
+        args: &A,
+        patience: Duration,
+    ) -> Result<R, OpError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.call(name, token, args).await {
+                Err(e) if e.message.starts_with(NO_RESPONDERS) && tokio::time::Instant::now() < deadline => {
+                    // Real time: this waits for a process to take over, not for business time.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
             }
         }
     }

@@ -96,7 +96,7 @@ async fn admin_call<R: serde::de::DeserializeOwned>(
     let token = ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
         OpError::internal(format!("auth.admin_token is not configured; cleanup needs it for '{name}'"))
     })?;
-    ctx.ops.call(name, token.expose_secret(), &args).await
+    ctx.ops.call_through_failover(name, token.expose_secret(), &args, common::ops::FAILOVER_PATIENCE).await
 }
 
 async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {

@@ -50,7 +50,7 @@ pub(crate) async fn internal_call<R: serde::de::DeserializeOwned>(
     let token = ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
         common::OpError::internal(format!("auth.admin_token is not configured; hydration needs it to call '{name}'"))
     })?;
-    ctx.ops.call(name, token.expose_secret(), args).await
+    ctx.ops.call_through_failover(name, token.expose_secret(), args, common::ops::FAILOVER_PATIENCE).await
 }
 
 /// Registers this service's operations.

@@ -387,8 +387,11 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
     let expected = args.sha256.trim().to_ascii_lowercase();
     match record.status {
         SnapshotStatus::Uploading => {}
-        // A retried finalize whose first reply was lost.
-        SnapshotStatus::Ready if record.sha256.as_deref() == Some(expected.as_str()) => return Ok(true),
+        // A retried finalize whose first answer was lost: make sure the worker row heard of it.
+        SnapshotStatus::Ready if record.sha256.as_deref() == Some(expected.as_str()) => {
+            record_on_worker(ctx, &record).await?;
+            return Ok(true);
+        }
         status => {
             return Err(OpError::conflict(format!(
                 "snapshot '{}' is {} and cannot be finalized",
@@ -422,13 +425,15 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
     record.size_bytes = Some(args.size_bytes);
     record.completed_at = Some(now);
     save(ctx, &current, &record).await?;
-    crate::internal_call::<serde_json::Value>(
-        ctx,
-        "recordWorkerSnapshot",
-        &serde_json::json!({"workerId": record.worker_id, "snapshotId": record.snapshot_id}),
-    )
-    .await?;
+    record_on_worker(ctx, &record).await?;
     Ok(true)
+}
+
+/// Tells queue-manager (which owns worker rows) about a ready snapshot: it remembers it and lets
+/// a draining worker proceed to stopping. Idempotent, so a retried finalize repeats it.
+async fn record_on_worker(ctx: &ServiceContext, record: &SnapshotRecord) -> Result<(), OpError> {
+    let args = serde_json::json!({"workerId": record.worker_id, "snapshotId": record.snapshot_id});
+    crate::internal_call::<serde_json::Value>(ctx, "recordWorkerSnapshot", &args).await.map(|_| ())
 }
 
 async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailArgs) -> Result<bool, OpError> {

@@ -143,7 +143,7 @@ impl Scheduler {
         let token = self.ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
             OpError::internal(format!("auth.admin_token is not configured; the scheduler needs it to call '{name}'"))
         })?;
-        self.ctx.ops.call(name, token.expose_secret(), &args).await
+        self.ctx.ops.call_through_failover(name, token.expose_secret(), &args, common::ops::FAILOVER_PATIENCE).await
     }
 
     async fn reconcile_loop(&self, lead: CancellationToken) {

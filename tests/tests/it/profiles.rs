@@ -152,8 +152,9 @@ async fn profiles_invalid_input_is_refused_naming_the_field() {
             with(json!({"bridgeConfig": {"enabled": true, "serviceKeySecretRef": ""}})),
             "bridgeConfig.serviceKeySecretRef",
         ),
-        // serde reports a wrong type without the field's path; the message names the type.
-        (with(json!({"enabled": "yes"})), "expected a boolean"),
+        // A wrong type names the argument's path and the expected type.
+        (with(json!({"enabled": "yes"})), "enabled: invalid type: string \"yes\", expected a boolean"),
+        (with(json!({"bridgeConfig": {"enabled": 1}})), "bridgeConfig.enabled: invalid type"),
         (with(json!({"surprise": 1})), "surprise"),
         (json!({"agentKey": "a", "version": "1", "enabled": true}), "secretsRef"),
     ];
