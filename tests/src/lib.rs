@@ -195,8 +195,10 @@ pub struct Api {
 }
 
 impl Api {
+    /// Calls `op`; like every well-behaved client, rides out a leader failover (a loaded CI
+    /// machine can make a leader miss a lease renewal).
     pub async fn call(&self, op: &str, args: Value) -> Result<Value, OpError> {
-        Box::pin(self.ops.call(op, &self.token, &args)).await
+        Box::pin(self.ops.call_through_failover(op, &self.token, &args, common::ops::FAILOVER_PATIENCE)).await
     }
 
     /// Calls and panics with the error if the call fails.
