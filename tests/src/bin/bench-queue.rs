@@ -46,6 +46,26 @@ struct Args {
     runs: usize,
 }
 
+/// Mean time each operation spent inside its service (from the request's arrival to the reply),
+/// over the whole benchmark, from the stack's own `af_op_duration_seconds` histogram. Compared
+/// with the latency a client sees, it tells transport and queueing from handling.
+fn server_side_times() {
+    let text = common::telemetry::metrics_handle().render();
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    println!("\n| operation (status 200) | calls | mean time in the service (ms) |\n|---|---|---|");
+    for op in ["enqueueMessage", "claimNextJob", "completeAndClaimNext", "completeJob"] {
+        let label = format!("{{op=\"{op}\",status=\"200\"}}");
+        let find = |suffix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{}{suffix}{label}", common::telemetry::OP_DURATION)))
+                .and_then(value)
+        };
+        if let (Some(sum), Some(count)) = (find("_sum"), find("_count")) {
+            println!("| {op} | {count:.0} | {:.3} |", sum / count.max(1.0) * 1000.0);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -101,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         let raw = col(&|r| f(&r.3));
         println!("| {name} | {q:.3} | {raw:.3} | {:.2} |", q / raw.max(1e-9));
     }
+    server_side_times();
     stack.stop().await;
     Ok(())
 }
