@@ -18,6 +18,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::archive::{self, ArchiveSummary};
 
+/// Default bound of one operation call over HTTP.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// What a worker snapshots of its data directory (format 1, spec §1.7).
 pub const SNAPSHOT_ENTRIES: [&str; 2] = [".clawdbot", "workspace"];
 
@@ -43,7 +46,7 @@ enum Transport {
     /// object store.
     Nats { ops: OpClient, js: Box<jetstream::Context> },
     /// A worker that only reaches ingress.
-    Http { base_url: String },
+    Http { base_url: String, request_timeout: Duration },
 }
 
 /// A worker's connection to the control plane, authenticated as one workerId.
@@ -103,9 +106,20 @@ impl WorkerClient {
         Self::new(worker_id, token, Transport::Nats { ops: OpClient::new(nats, timeout), js: Box::new(js) })
     }
 
-    /// A client over ingress HTTP at `base_url` (e.g. `http://127.0.0.1:8080`).
+    /// A client over ingress HTTP at `base_url` (e.g. `http://127.0.0.1:8080`); each operation
+    /// call may take 20 s (plus a long poll's `waitMs`), see [`WorkerClient::with_request_timeout`].
     pub fn over_http(base_url: &str, worker_id: &str, token: &str) -> Self {
-        Self::new(worker_id, token, Transport::Http { base_url: base_url.trim_end_matches('/').to_string() })
+        let base_url = base_url.trim_end_matches('/').to_string();
+        Self::new(worker_id, token, Transport::Http { base_url, request_timeout: DEFAULT_HTTP_TIMEOUT })
+    }
+
+    /// Bounds each HTTP operation call (a long poll gets its `waitMs` on top). File transfers
+    /// are not bounded by it: archives take as long as they take.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        if let Transport::Http { request_timeout, .. } = &mut self.transport {
+            *request_timeout = timeout;
+        }
+        self
     }
 
     fn new(worker_id: &str, token: &str, transport: Transport) -> Self {
@@ -133,10 +147,12 @@ impl WorkerClient {
     pub async fn call<R: DeserializeOwned>(&self, op: &str, args: &Value) -> Result<R, OpError> {
         match &self.transport {
             Transport::Nats { ops, .. } => ops.call(op, &self.token, args).await,
-            Transport::Http { base_url } => {
+            Transport::Http { base_url, request_timeout } => {
+                let wait = args.get("waitMs").and_then(Value::as_u64).map(Duration::from_millis).unwrap_or_default();
                 let response = self
                     .http
                     .post(format!("{base_url}/v1/ops/{op}"))
+                    .timeout(*request_timeout + wait)
                     .bearer_auth(&self.token)
                     .json(args)
                     .send()

@@ -132,7 +132,8 @@ pub async fn connect(config: &WorkerConfig) -> Result<WorkerClient, WorkerError>
                 .map_err(|e| WorkerError::new(format!("cannot connect to NATS at {url}: {e}")))?;
             Ok(WorkerClient::over_nats(nats, &config.worker_id, &config.token, config.request_timeout))
         }
-        Transport::Http { base_url } => Ok(WorkerClient::over_http(base_url, &config.worker_id, &config.token)),
+        Transport::Http { base_url } => Ok(WorkerClient::over_http(base_url, &config.worker_id, &config.token)
+            .with_request_timeout(config.request_timeout)),
     }
 }
 
