@@ -315,6 +315,14 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
         .filter(|m| !owned_machines.contains(&m.machine_id) && !owned_machines.contains(&m.worker_id))
         .collect();
     let attached: HashSet<String> = orphan_machines.iter().flat_map(|m| m.volume_ids.clone()).collect();
+    let unowned_volumes: HashSet<String> = volumes
+        .iter()
+        .filter(|v| !owned_volumes.contains(&v.id) && !owned_volumes.contains(&v.name))
+        .map(|v| sighting_key("volume", &app, &v.id))
+        .collect();
+    let unowned: HashSet<String> =
+        orphan_machines.iter().map(|m| sighting_key("machine", &app, &m.machine_id)).chain(unowned_volumes).collect();
+    forget_accounted(ctx, &app, &unowned).await?;
     for m in &orphan_machines {
         if !past_grace(ctx, "machine", &app, &m.machine_id, now, grace).await? {
             report.waiting += 1;
@@ -383,6 +391,19 @@ async fn past_grace(
         Err(e) if e.is_conflict() => Ok(false), // Another sweeper recorded it just now.
         Err(e) => Err(OpError::internal(e)),
     }
+}
+
+/// Drops the sightings of this app's resources that are no longer unaccounted for (a row took
+/// them over, or they are gone), so a later orphaning starts a fresh grace period.
+async fn forget_accounted(ctx: &ServiceContext, app: &str, unowned: &HashSet<String>) -> Result<(), OpError> {
+    let sightings = ctx.buckets.system.scan::<Sighting>(&format!("orphan.*.{}.*", escape(app))).await;
+    for (key, seen) in sightings.map_err(OpError::internal)? {
+        if !unowned.contains(&key) {
+            // A lost race means someone recorded it again just now: leave that record.
+            let _ = ctx.buckets.system.delete(&key, seen.revision).await;
+        }
+    }
+    Ok(())
 }
 
 async fn forget(ctx: &ServiceContext, kind: &str, app: &str, id: &str) {

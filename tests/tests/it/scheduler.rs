@@ -351,6 +351,19 @@ async fn scheduler_fly_cleanup_reports_and_the_reaper_waits_for_its_grace() {
     let reaped = p.stack.admin().ok("reapOrphans", json!({})).await;
     assert_eq!(reaped["volumesRemoved"], json!([orphan.id]));
     assert_eq!(p.fake.volumes(APP).len(), 2, "the workers' own volumes are accounted for");
+    // A stray that goes away before its grace period leaves no sighting behind.
+    let passing = p.fake.add_volume(APP, "passing_volume", "iad", 1);
+    assert_eq!(p.stack.admin().ok("reapOrphans", json!({})).await["waiting"], 1);
+    let sightings = |ctx: common::service::ServiceContext| async move {
+        let keys = ctx.buckets.system.keys().await.expect("keys");
+        keys.into_iter().filter(|k| k.starts_with("orphan.")).count()
+    };
+    assert_eq!(sightings(p.stack.ctx.clone()).await, 1);
+    let provider =
+        scheduler::provider::fly::FlyProvider::new(&p.fake.base_url(), p.fake.token(), &p.stack.ctx.settings.providers);
+    scheduler::provider::Provider::delete_volume(&provider, APP, &passing.id).await.expect("delete");
+    assert_eq!(p.stack.admin().ok("reapOrphans", json!({})).await["waiting"], 0);
+    assert_eq!(sightings(p.stack.ctx.clone()).await, 0);
 
     let report = p.stack.admin().ok("runFlyCleanup", json!({})).await;
     assert_eq!(report["appName"], APP);
