@@ -452,3 +452,23 @@ async fn scheduler_burst_of_enqueues_is_served_by_a_handful_of_reconciles() {
     let reconciles = metric(common::telemetry::RECONCILES).unwrap_or(0.0);
     assert!((1.0..=50.0).contains(&reconciles), "{reconciles} reconciles for 1000 enqueues");
 }
+
+#[tokio::test]
+async fn scheduler_idle_worker_that_keeps_polling_lives_until_its_idle_timeout_not_the_stale_cutoff() {
+    let p = pool(5, 2).await;
+    p.enqueue("conv-a").await;
+    let job = p.stack.worker("w-idle").ok("claimNextJob", json!({"workerId": "w-idle"})).await;
+    let done = json!({"workerId": "w-idle", "messageId": job["messageId"], "leaseId": job["leaseId"]});
+    p.stack.worker("w-idle").ok("completeJob", done).await;
+    // 25 minutes of idle polling, one claim every 5 minutes: well past the 7-minute stale cutoff.
+    for _ in 0..5 {
+        p.advance(5 * 60_000).await;
+        let claim = p.stack.worker("w-idle").ok("claimNextJob", json!({"workerId": "w-idle"})).await;
+        assert_eq!(claim, Value::Null);
+        p.idle_check().await;
+        assert_eq!(p.row("w-idle").await["status"], "active", "presence keeps an idle poller alive (L1)");
+    }
+    p.advance(5 * 60_000 + 1).await;
+    p.idle_check().await;
+    assert_eq!(p.row("w-idle").await["status"], "draining", "the idle timeout (30 min) drains it");
+}
