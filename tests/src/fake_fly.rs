@@ -33,8 +33,8 @@
 //!
 //! Faults are injected by the test: [`FakeFly::fail_next`] (a status such as 500, 503 or 429
 //! with `Retry-After: 0` for the next matching requests, before they take effect),
-//! [`FakeFly::delay_next`] (the next matching requests take effect at once but their answer is
-//! held back, so a client that times out cannot tell whether they happened) and
+//! [`FakeFly::withhold_next`] (the next matching requests take effect at once but their answer
+//! never comes, so a client that times out cannot tell whether they happened) and
 //! [`FakeFly::fail_create`] (machine creation fails with a 422 placement error). Every request,
 //! including rejected ones, is logged for [`FakeFly::requests`].
 //!
@@ -249,9 +249,10 @@ impl FakeFly {
     }
 
     /// The next `times` matching requests (as [`FakeFly::fail_next`]) take effect at once, but
-    /// their response is sent only after `delay` (if the client is still there).
-    pub fn delay_next(&self, method: &str, path_prefix: &str, delay: Duration, times: usize) {
-        self.add_rule(method, path_prefix, times, Action::Delay(delay));
+    /// their response is withheld until the client gives up and disconnects: the slowest answer
+    /// there is, with no guess about how slow is slow enough.
+    pub fn withhold_next(&self, method: &str, path_prefix: &str, times: usize) {
+        self.add_rule(method, path_prefix, times, Action::Withhold);
     }
 
     /// The next `times` machine creations that pass validation fail with 422 and create nothing.
@@ -367,7 +368,7 @@ struct Rule {
 
 enum Action {
     Fail { status: u16, body: Option<String> },
-    Delay(Duration),
+    Withhold,
 }
 
 /// An API error: a status and the `{"error": message}` body.
@@ -879,21 +880,21 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
     };
     let expected = format!("Bearer {}", shared.token);
     let authorized = request.headers().get(header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == expected.as_bytes());
-    let (delay, fault) = {
+    let (withhold, fault) = {
         let mut world = shared.world();
         world.requests.push((method.clone(), logged));
         if authorized {
-            let delay = world.take_rule(&method, &path, |a| match a {
-                Action::Delay(d) => Some(*d),
+            let withhold = world.take_rule(&method, &path, |a| match a {
+                Action::Withhold => Some(()),
                 Action::Fail { .. } => None,
             });
             let fault = world.take_rule(&method, &path, |a| match a {
                 Action::Fail { status, body } => Some((*status, body.clone())),
-                Action::Delay(_) => None,
+                Action::Withhold => None,
             });
-            (delay, fault)
+            (withhold.is_some(), fault)
         } else {
-            (None, None)
+            (false, None)
         }
     };
     if !authorized {
@@ -903,9 +904,10 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
         Some((status, body)) => fault_response(status, body),
         None => next.run(request).await,
     };
-    if let Some(delay) = delay {
-        // Injected latency: the request already took effect, only the answer is late.
-        tokio::time::sleep(delay).await;
+    if withhold {
+        // The request took effect; its answer never leaves. The future is dropped when the
+        // client disconnects.
+        std::future::pending::<()>().await;
     }
     response
 }

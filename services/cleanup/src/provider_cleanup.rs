@@ -244,6 +244,8 @@ pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<
 /// Safe mode: asks every live worker of `app` to drain (it snapshots, then its row becomes
 /// `stopping`), and waits until none is left draining or the wait runs out.
 async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), OpError> {
+    // Watch the worker rows before asking anyone to drain, so no change is missed.
+    let mut changes = ctx.buckets.workers.raw().watch_all().await.map_err(OpError::internal)?;
     let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
     let ours = |r: &WorkerRow| r.machine_ref.as_ref().is_some_and(|m| m.app_name == app);
     let live: Vec<&WorkerRow> = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Active).collect();
@@ -254,15 +256,15 @@ async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), O
     let deadline = tokio::time::Instant::now() + SAFE_DRAIN_WAIT;
     loop {
         let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
-        let waiting = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Draining).count();
-        if waiting == 0 {
+        if !rows.iter().any(|r| ours(r) && r.status == WorkerStatus::Draining) {
             return Ok((live.len(), true));
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok((live.len(), false));
+        // A delivered snapshot moves its worker to stopping, which is a row change: wait for
+        // the next one, up to the deadline.
+        match tokio::time::timeout_at(deadline, changes.next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Ok((live.len(), false)),
         }
-        // Real time: this waits for worker processes, not for business time.
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

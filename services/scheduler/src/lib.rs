@@ -175,9 +175,13 @@ impl Scheduler {
             tokio::select! {
                 _ = lead.cancelled() => break,
                 _ = trigger.notified() => {
-                    // Real time: batching enqueues that arrive together is about load, not
-                    // about business time.
-                    tokio::time::sleep(debounce).await;
+                    // Let the burst end: go once `debounce` passes without another enqueue, or
+                    // after ten windows, so a steady stream is still served. Real time:
+                    // batching enqueues is about load, not about business time.
+                    let until = tokio::time::Instant::now() + debounce * 10;
+                    while tokio::time::timeout(debounce, trigger.notified()).await.is_ok()
+                        && tokio::time::Instant::now() < until
+                    {}
                 }
                 _ = self.ctx.clock.sleep_until(next_tick) => {}
             }

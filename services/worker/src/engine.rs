@@ -328,7 +328,7 @@ mod tests {
     async fn command_engine_failures_are_errors() {
         let err = command(&["-c", "echo 'model overloaded' >&2; exit 3"]).reply(&job("x")).await.unwrap_err();
         assert!(err.0.contains("failed (exit status: 3): model overloaded"), "{err}");
-        let slow = CommandEngine { timeout: Duration::from_millis(100), ..command(&["-c", "sleep 5"]) };
+        let slow = CommandEngine { timeout: Duration::from_millis(100), ..command(&["-c", "exec tail -f /dev/null"]) };
         let err = slow.reply(&job("x")).await.unwrap_err();
         assert!(err.0.contains("timed out after 100 ms"), "{err}");
         let missing = CommandEngine { program: "/nonexistent/engine".to_string(), ..command(&[]) };

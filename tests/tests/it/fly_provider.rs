@@ -403,12 +403,12 @@ async fn slow_answers_time_out_are_retried_then_unavailable() {
     let fake = fake().await;
     let provider = provider(&fake, 200);
     let list_path = format!("/apps/{APP}/machines");
-    fake.delay_next("GET", &list_path, Duration::from_secs(30), ATTEMPTS as usize);
+    fake.withhold_next("GET", &list_path, ATTEMPTS as usize);
     let err = provider.list_machines(APP).await.unwrap_err();
     assert!(matches!(&err, ProviderError::Unavailable(m) if m.contains("timed out after 200 ms")), "{err:?}");
     assert_eq!(fake.count_requests("GET", &list_path), ATTEMPTS as usize);
-    // A slow answer that arrives within the attempts is just slow.
-    fake.delay_next("GET", &list_path, Duration::from_secs(30), 1);
+    // An answer withheld once is retried and the next attempt succeeds.
+    fake.withhold_next("GET", &list_path, 1);
     assert!(provider.list_machines(APP).await.unwrap().is_empty());
 }
 
@@ -418,12 +418,12 @@ async fn a_create_whose_answer_is_lost_is_found_not_repeated() {
     let provider = provider(&fake, 200);
     // The fake creates at once but answers too late: the provider cannot tell whether the
     // create happened, looks, and finds it instead of creating a second one.
-    fake.delay_next("POST", &format!("/apps/{APP}/volumes"), Duration::from_secs(30), 1);
+    fake.withhold_next("POST", &format!("/apps/{APP}/volumes"), 1);
     let volume = ensure_worker_volume(&provider, APP, "w-lost", REGION, PREFIX, 1).await.unwrap();
     assert_eq!(fake.volumes(APP).len(), 1);
     assert_eq!(fake.volumes(APP)[0].id, volume.id);
 
-    fake.delay_next("POST", &format!("/apps/{APP}/machines"), Duration::from_secs(30), 1);
+    fake.withhold_next("POST", &format!("/apps/{APP}/machines"), 1);
     let machine = provider.spawn(APP, &spec("w-lost", &volume.id)).await.unwrap();
     let held = fake.machines(APP);
     assert_eq!(held.len(), 1);

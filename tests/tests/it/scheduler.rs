@@ -472,3 +472,42 @@ async fn scheduler_idle_worker_that_keeps_polling_lives_until_its_idle_timeout_n
     p.idle_check().await;
     assert_eq!(p.row("w-idle").await["status"], "draining", "the idle timeout (30 min) drains it");
 }
+
+#[tokio::test]
+async fn scheduler_safe_fly_cleanup_waits_for_the_drained_workers_snapshots() {
+    let p = pool(5, 2).await;
+    p.enqueue("conv-a").await;
+    p.reconcile().await;
+    let worker = format!("afw-{T0}-0");
+    let job = p.stack.worker(&worker).ok("claimNextJob", json!({"workerId": worker})).await;
+    let done = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"]});
+    p.stack.worker(&worker).ok("completeJob", done).await;
+    // The worker's part of the protocol: once drained, snapshot.
+    let (stack_worker, row_worker) = (p.stack.worker(&worker), worker.clone());
+    let ctx = p.stack.ctx.clone();
+    let admin = p.stack.admin();
+    let snapshotter = tokio::spawn(async move {
+        tests::wait_until("the worker is drained", Duration::from_secs(30), || async {
+            let rows = admin.ok("listWorkersForScheduler", json!({})).await;
+            rows.as_array()?
+                .iter()
+                .any(|r| r["workerId"] == row_worker.as_str() && r["status"] == "draining")
+                .then_some(())
+        })
+        .await;
+        let prepare =
+            json!({"workerId": row_worker, "agentKey": "agent-a", "conversationId": "conv-a", "reason": "drain"});
+        let prepared = stack_worker.ok("prepareDataSnapshotUpload", prepare).await;
+        let name = prepared["objectName"].as_str().expect("name").to_string();
+        ctx.buckets.snapshot_archives.put(name.as_str(), &mut &b"final"[..]).await.expect("put");
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"final"));
+        let finalize =
+            json!({"workerId": row_worker, "snapshotId": prepared["snapshotId"], "sha256": sha, "sizeBytes": 5});
+        stack_worker.ok("finalizeDataSnapshotUpload", finalize).await
+    });
+    let report = p.stack.admin().ok("runFlyCleanup", json!({"safe": true})).await;
+    assert_eq!(snapshotter.await.expect("join"), true);
+    assert_eq!((report["drainedWorkers"].as_u64(), report["drainComplete"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(report["machinesDeleted"], 1);
+    assert_eq!(p.row(&worker).await["status"], "stopping", "the snapshot arrived before anything was destroyed");
+}

@@ -36,11 +36,6 @@ const STOPPING: &str = "stopping";
 const STOPPED: &str = "stopped";
 const DESTROYED: &str = "destroyed";
 
-/// How often a wait re-checks a process. This paces polling of an OS process (there is no
-/// portable "pid exited" notification for a process we did not start), not business time, so it
-/// runs on real time rather than the injected clock.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
-
 /// How long a SIGKILLed worker may take to disappear before we report it as stuck.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -226,17 +221,18 @@ impl LocalProvider {
         }
     }
 
-    /// Waits up to `limit` for the worker process to be gone.
+    /// Waits up to `limit` for the worker process to be gone: the kernel says when (a pidfd
+    /// turns readable at exit), so there is no polling.
     async fn wait_dead(&self, record: &MachineRecord, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if !self.is_alive(record) {
-                return true;
+        if !self.is_alive(record) {
+            return true;
+        }
+        match process_exit(record.pid, limit).await {
+            Ok(exited) => exited,
+            Err(e) => {
+                tracing::warn!(pid = record.pid, error = %e, "cannot watch the worker process (Linux >= 5.3 has pidfd)");
+                !self.is_alive(record)
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
@@ -373,37 +369,37 @@ impl LocalProvider {
         state: &str,
         timeout: Duration,
     ) -> ProviderResult<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let record = self.read_machine(app, machine_id).await?;
-            let current = record.as_ref().map_or(DESTROYED, |r| self.observed_state(r));
-            if current == state {
-                if state == STOPPED {
-                    self.persist_stopped(app, machine_id).await?;
-                }
-                return Ok(());
+        let record = self.read_machine(app, machine_id).await?;
+        let current = record.as_ref().map_or(DESTROYED, |r| self.observed_state(r));
+        if current == state {
+            if state == STOPPED {
+                self.persist_stopped(app, machine_id).await?;
             }
-            let Some(record) = record else {
-                return Err(machine_not_found(app, machine_id));
-            };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                if state == STOPPED {
-                    // The worker ignored SIGTERM for the whole grace period: force it.
-                    tracing::warn!(app, machine_id, pid = record.pid, "worker did not stop in time; sending SIGKILL");
-                    self.signal_group(&record, libc::SIGKILL)?;
-                    if self.wait_dead(&record, KILL_GRACE).await {
-                        self.persist_stopped(app, machine_id).await?;
-                        return Ok(());
-                    }
-                }
-                return Err(ProviderError::Unavailable(format!(
-                    "machine '{machine_id}' did not reach state '{state}' within {} ms (it is '{current}')",
-                    timeout.as_millis()
-                )));
-            }
-            tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+            return Ok(());
         }
+        let Some(record) = record else {
+            return Err(machine_not_found(app, machine_id));
+        };
+        let unreachable = || {
+            ProviderError::Unavailable(format!(
+                "machine '{machine_id}' did not reach state '{state}' within {} ms (it is '{current}')",
+                timeout.as_millis()
+            ))
+        };
+        // A local machine changes state by itself only by exiting; any other state it could
+        // reach only through another call, so there is nothing to wait for.
+        if state != STOPPED {
+            return Err(unreachable());
+        }
+        if !self.wait_dead(&record, timeout).await {
+            // The worker ignored SIGTERM for the whole grace period: force it.
+            tracing::warn!(app, machine_id, pid = record.pid, "worker did not stop in time; sending SIGKILL");
+            self.signal_group(&record, libc::SIGKILL)?;
+            if !self.wait_dead(&record, KILL_GRACE).await {
+                return Err(unreachable());
+            }
+        }
+        self.persist_stopped(app, machine_id).await
     }
 
     async fn do_destroy(&self, app: &str, machine_id: &str) -> ProviderResult<()> {
@@ -670,6 +666,39 @@ fn kill(pid: i32, signal: libc::c_int) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Waits up to `limit` for process `pid` to exit; `Ok(true)` once it has (or was already gone).
+/// A pidfd becomes readable when its process terminates, so this is an event, not a poll.
+async fn process_exit(pid: u32, limit: Duration) -> std::io::Result<bool> {
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let fd = watch_readable(fd)?;
+    Ok(tokio::time::timeout(limit, fd.readable()).await.is_ok())
+}
+
+#[allow(unsafe_code)]
+fn watch_readable(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open and refers to the
+    // same pidfd until the AsyncFd is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+#[allow(unsafe_code)]
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
 /// Whether `pid` is a live (non-zombie) process running `binary`, for processes this scheduler
 /// process did not start itself (it restarted since). Without `/proc` the existence probe alone
 /// decides.
@@ -710,12 +739,13 @@ mod tests {
 
     const APP: &str = "test-app";
 
-    /// A worker stand-in: writes its env into its data dir, exits 0 on SIGTERM.
-    const POLITE_WORKER: &str =
-        "#!/bin/sh\nenv > \"$OPENCLAW_DATA_DIR/env.txt\"\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n";
+    /// A worker stand-in: writes its env into its data dir, says so through the `ready` FIFO
+    /// (when the test made one), and exits 0 on SIGTERM.
+    const POLITE_WORKER: &str = "#!/bin/sh\ntrap 'exit 0' TERM\nenv > \"$OPENCLAW_DATA_DIR/env.txt\"\n\
+                                 echo up > \"$OPENCLAW_DATA_DIR/ready\"\ntail -f /dev/null & wait $!\n";
     /// One that ignores SIGTERM.
     const STUBBORN_WORKER: &str =
-        "#!/bin/sh\ntrap '' TERM\ntouch \"$OPENCLAW_DATA_DIR/up\"\nwhile :; do sleep 0.05; done\n";
+        "#!/bin/sh\ntrap '' TERM\necho up > \"$OPENCLAW_DATA_DIR/ready\"\nexec tail -f /dev/null\n";
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
@@ -743,13 +773,19 @@ mod tests {
         }
     }
 
-    /// Polls `probe` for up to 10 s (process start-up is not instant).
-    async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !probe() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    /// A FIFO `ready` in the volume directory: the worker's `echo up` blocks until the test
+    /// reads it, so the test waits for exactly that moment.
+    fn ready_fifo(p: &LocalProvider, volume_id: &str) -> PathBuf {
+        let fifo = p.volume_dir(APP, volume_id).join("ready");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        fifo
+    }
+
+    /// Returns once the worker has written to its `ready` FIFO.
+    async fn ready(fifo: PathBuf) {
+        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo));
+        let text = tokio::time::timeout(Duration::from_secs(10), read).await.expect("worker ready").unwrap().unwrap();
+        assert_eq!(text.trim(), "up");
     }
 
     async fn only_machine(p: &LocalProvider) -> Machine {
@@ -767,6 +803,7 @@ mod tests {
         p.check_app(APP).await.unwrap();
         assert!(p.list_machines(APP).await.unwrap().is_empty());
         let volume = p.create_volume(APP, "openclaw_data_abc", "local", 1).await.unwrap();
+        let fifo = ready_fifo(&p, &volume.id);
         let machine = p.spawn(APP, &spec("w-1", &volume.id)).await.unwrap();
         assert_eq!((machine.worker_id.as_str(), machine.status), ("w-1", MachineStatus::Active));
         assert_eq!(machine.volume_ids, vec![volume.id.clone()]);
@@ -774,10 +811,7 @@ mod tests {
         // The env contract: spec keys win, mount paths point into the volume directory.
         let dir = p.volume_dir(APP, &volume.id);
         let env_file = dir.join("env.txt");
-        eventually("the worker wrote its env", || {
-            std::fs::read_to_string(&env_file).is_ok_and(|s| s.contains("PATH="))
-        })
-        .await;
+        ready(fifo).await; // The script wrote its env before it signalled.
         let env = std::fs::read_to_string(&env_file).unwrap();
         let d = dir.display();
         for line in [
@@ -879,9 +913,9 @@ mod tests {
         let binary = script(tmp.path(), "stubborn.sh", STUBBORN_WORKER);
         let p = LocalProvider::new(tmp.path().join("root"), binary);
         let volume = p.create_volume(APP, "v", "local", 1).await.unwrap();
+        let fifo = ready_fifo(&p, &volume.id);
         let machine = p.spawn(APP, &spec("w-1", &volume.id)).await.unwrap();
-        let up = p.volume_dir(APP, &volume.id).join("up");
-        eventually("the worker installed its trap", || up.exists()).await;
+        ready(fifo).await; // The trap is installed before the script signals.
 
         p.stop(APP, &machine.machine_id).await.unwrap();
         assert_eq!(only_machine(&p).await.raw_state, STOPPING);
