@@ -228,7 +228,14 @@ impl LocalProvider {
             return true;
         }
         match process_exit(record.pid, limit).await {
-            Ok(exited) => exited,
+            Ok(true) => {
+                // The kernel saw it exit; the task reaping our child may not have run yet.
+                if let Some(child) = self.children().get_mut(&record.id).filter(|c| c.pid == record.pid) {
+                    child.exited = true;
+                }
+                true
+            }
+            Ok(false) => false,
             Err(e) => {
                 tracing::warn!(pid = record.pid, error = %e, "cannot watch the worker process (Linux >= 5.3 has pidfd)");
                 !self.is_alive(record)
