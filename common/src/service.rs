@@ -51,6 +51,21 @@ pub struct TestClockRecord {
 }
 
 impl ServiceContext {
+    /// Calls another service's operation as this service, with the admin credential the
+    /// services share through configuration, riding out a leader failover. Without that
+    /// credential the cross-service step cannot run, and the error says so.
+    pub async fn call_service<R: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+    ) -> Result<R, crate::OpError> {
+        use secrecy::ExposeSecret;
+        let token = self.settings.auth.admin_token.as_ref().ok_or_else(|| {
+            crate::OpError::internal(format!("auth.admin_token is not configured; calling '{name}' needs it"))
+        })?;
+        self.ops.call_through_failover(name, token.expose_secret(), args, crate::ops::FAILOVER_PATIENCE).await
+    }
+
     /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology, and
     /// sets up the clock.
     pub async fn connect(settings: Arc<Settings>, url: &str, name: &str) -> anyhow::Result<Self> {

@@ -16,7 +16,6 @@ use common::auth::Caller;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use provider_cleanup::{CleanupArgs, DeleteVolumeArgs, ReapArgs};
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -70,12 +69,8 @@ async fn retention_loop(ctx: ServiceContext, lead: CancellationToken) {
 
 /// One pass of every retention step. Failures are logged and retried on the next pass.
 pub async fn sweep_once(ctx: &ServiceContext) {
-    let Some(token) = ctx.settings.auth.admin_token.as_ref() else {
-        tracing::error!("auth.admin_token is not configured; the retention sweep cannot call hydration");
-        return;
-    };
     for op in ["expireOldDataSnapshots", "expireOldTelegramAttachments"] {
-        match ctx.ops.call::<_, Value>(op, token.expose_secret(), &json!({"limit": SWEEP_BATCH})).await {
+        match ctx.call_service::<Value>(op, &json!({"limit": SWEEP_BATCH})).await {
             Ok(result) => tracing::debug!(op, %result, "retention step done"),
             Err(e) => tracing::warn!(op, error = %e, "retention step failed; retrying next pass"),
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::OpError;
 use common::clock::Millis;
-use common::model::{PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, WorkerRow, WorkerStatus};
+use common::model::{ProviderConfig, WorkerRow, WorkerStatus};
 use common::service::ServiceContext;
 use common::token::escape;
 use futures::StreamExt;
@@ -87,18 +87,6 @@ pub struct ReapReport {
     pub errors: Vec<String>,
 }
 
-async fn admin_call<R: serde::de::DeserializeOwned>(
-    ctx: &ServiceContext,
-    name: &str,
-    args: serde_json::Value,
-) -> Result<R, OpError> {
-    use secrecy::ExposeSecret;
-    let token = ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
-        OpError::internal(format!("auth.admin_token is not configured; cleanup needs it for '{name}'"))
-    })?;
-    ctx.ops.call_through_failover(name, token.expose_secret(), &args, common::ops::FAILOVER_PATIENCE).await
-}
-
 async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {
     match given.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
         Some(t) => Ok(t),
@@ -121,10 +109,7 @@ fn concurrency(given: Option<f64>, default: usize) -> usize {
 pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<CleanupReport, OpError> {
     let config = match args.provider_config {
         Some(c) => Some(c),
-        None => {
-            let stored = ctx.buckets.runtime_config.get::<RuntimeConfigRow<ProviderConfig>>(PROVIDER_CONFIG_KEY).await;
-            stored.map_err(OpError::internal)?.map(|r| r.value.config)
-        }
+        None => hydration::runtime_config::provider_config(ctx).await?,
     }
     .unwrap_or_default();
     if config.kind.as_deref().unwrap_or("fly") != "fly" {
@@ -246,16 +231,16 @@ pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<
 async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), OpError> {
     // Watch the worker rows before asking anyone to drain, so no change is missed.
     let mut changes = ctx.buckets.workers.raw().watch_all().await.map_err(OpError::internal)?;
-    let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+    let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
     let ours = |r: &WorkerRow| r.machine_ref.as_ref().is_some_and(|m| m.app_name == app);
     let live: Vec<&WorkerRow> = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Active).collect();
     for row in &live {
         let args = json!({"workerId": row.worker_id, "provider": row.provider, "status": "draining", "load": row.load});
-        admin_call::<serde_json::Value>(ctx, "upsertWorkerState", args).await?;
+        ctx.call_service::<serde_json::Value>("upsertWorkerState", &args).await?;
     }
     let deadline = tokio::time::Instant::now() + SAFE_DRAIN_WAIT;
     loop {
-        let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+        let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
         if !rows.iter().any(|r| ours(r) && r.status == WorkerStatus::Draining) {
             return Ok((live.len(), true));
         }
@@ -297,7 +282,7 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
     let provider = resolved.provider.as_ref();
     let now = ctx.clock.now_ms();
     // Everything some row not yet stopped may own, by machine id, worker name and volume.
-    let rows: Vec<WorkerRow> = admin_call(ctx, "listWorkersForScheduler", json!({})).await?;
+    let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
     let live: Vec<&WorkerRow> = rows.iter().filter(|r| r.status != WorkerStatus::Stopped).collect();
     let owned_machines: HashSet<String> = live
         .iter()

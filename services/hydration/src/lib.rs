@@ -39,20 +39,6 @@ pub fn cipher_from_settings(settings: &Settings) -> anyhow::Result<SecretCipher>
     SecretCipher::from_base64(key).map_err(|e| anyhow::anyhow!(e))
 }
 
-/// Calls an operation of another service as this service. Services share the admin credential
-/// of the configuration; without it the cross-service step cannot run.
-pub(crate) async fn internal_call<R: serde::de::DeserializeOwned>(
-    ctx: &ServiceContext,
-    name: &str,
-    args: &serde_json::Value,
-) -> Result<R, common::OpError> {
-    use secrecy::ExposeSecret;
-    let token = ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
-        common::OpError::internal(format!("auth.admin_token is not configured; hydration needs it to call '{name}'"))
-    })?;
-    ctx.ops.call_through_failover(name, token.expose_secret(), args, common::ops::FAILOVER_PATIENCE).await
-}
-
 /// Registers this service's operations.
 pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
     profiles::register(ctx, ops);

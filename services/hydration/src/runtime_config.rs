@@ -56,24 +56,24 @@ pub struct MessageConfigInput {
 }
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(ctx, "providerRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
-        read::<ProviderConfig>(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
-    });
+    ops.register_with(
+        ctx,
+        "providerRuntimeConfig",
+        |ctx, _: Caller, _: NoArgs| async move { provider_config(&ctx).await },
+    );
     ops.register_with(ctx, "setProviderRuntimeConfig", |ctx, _: Caller, args: SetProviderArgs| async move {
         let now = ctx.clock.now_ms();
-        write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await?;
-        tracing::info!("provider runtime config stored");
-        Ok(())
+        write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await
     });
-    ops.register_with(ctx, "scalingRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
-        read::<ScalingPolicy>(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY).await
-    });
+    ops.register_with(
+        ctx,
+        "scalingRuntimeConfig",
+        |ctx, _: Caller, _: NoArgs| async move { scaling_policy(&ctx).await },
+    );
     ops.register_with(ctx, "setScalingRuntimeConfig", |ctx, _: Caller, args: SetScalingArgs| async move {
         validate_scaling(&args.scaling_policy)?;
         let now = ctx.clock.now_ms();
-        write(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY, args.scaling_policy, now).await?;
-        tracing::info!("scaling runtime config stored");
-        Ok(())
+        write(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY, args.scaling_policy, now).await
     });
     ops.register_with(ctx, "messageRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
         read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
@@ -114,12 +114,16 @@ pub async fn provider_config(ctx: &ServiceContext) -> Result<Option<ProviderConf
     read(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
 }
 
+/// The stored scaling policy, or `None` when no row exists.
+pub async fn scaling_policy(ctx: &ServiceContext) -> Result<Option<ScalingPolicy>, OpError> {
+    read(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY).await
+}
+
 async fn set_message_config(ctx: &ServiceContext, input: MessageConfigInput) -> Result<(), OpError> {
     let store = &ctx.buckets.runtime_config;
     match normalise_message_config(&input)? {
         Some(config) => {
             write(store, MESSAGE_CONFIG_KEY, config, ctx.clock.now_ms()).await?;
-            tracing::info!("message runtime config stored");
         }
         None => {
             delete(store, MESSAGE_CONFIG_KEY).await?;
@@ -166,6 +170,7 @@ where
             Ok(Some(RuntimeConfigRow { config: config.clone(), updated_at: now }))
         })
         .await?;
+    tracing::info!(row = key, "runtime config stored");
     Ok(())
 }
 

@@ -433,7 +433,7 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
 /// a draining worker proceed to stopping. Idempotent, so a retried finalize repeats it.
 async fn record_on_worker(ctx: &ServiceContext, record: &SnapshotRecord) -> Result<(), OpError> {
     let args = serde_json::json!({"workerId": record.worker_id, "snapshotId": record.snapshot_id});
-    crate::internal_call::<serde_json::Value>(ctx, "recordWorkerSnapshot", &args).await.map(|_| ())
+    ctx.call_service::<serde_json::Value>("recordWorkerSnapshot", &args).await.map(|_| ())
 }
 
 async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailArgs) -> Result<bool, OpError> {

@@ -149,15 +149,10 @@ async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedd
 /// snapshots its workspace — and waits for them, bounded, so Ctrl-C leaves no process behind.
 async fn stop_local_workers(settings: &Settings) {
     use scheduler::provider::{MachineStatus, Provider};
-    let root = match settings.providers.local_dir.trim() {
-        "" => settings.data_dir.join("workers"),
-        dir => dir.into(),
-    };
-    if !root.exists() {
+    let provider = scheduler::local_provider(settings);
+    if !provider.root().exists() {
         return;
     }
-    let provider =
-        scheduler::provider::local::LocalProvider::new(root, settings.providers.worker_binary.clone().into());
     let Ok(machines) = provider.list_machines(scheduler::LOCAL_APP).await else { return };
     let running: Vec<_> = machines.into_iter().filter(|m| m.status == MachineStatus::Active).collect();
     if running.is_empty() {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use common::OpError;
 use common::auth::Caller;
 use common::clock::Millis;
-use common::model::{PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, SCALING_CONFIG_KEY, ScalingPolicy};
+use common::model::{ProviderConfig, ScalingPolicy};
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use futures::StreamExt;
@@ -134,18 +134,6 @@ async fn lead_pool(ctx: ServiceContext, lead: CancellationToken) {
 }
 
 impl Scheduler {
-    /// Calls another service's operation as this service.
-    pub(crate) async fn internal<R: serde::de::DeserializeOwned>(
-        &self,
-        name: &str,
-        args: serde_json::Value,
-    ) -> Result<R, OpError> {
-        let token = self.ctx.settings.auth.admin_token.as_ref().ok_or_else(|| {
-            OpError::internal(format!("auth.admin_token is not configured; the scheduler needs it to call '{name}'"))
-        })?;
-        self.ctx.ops.call_through_failover(name, token.expose_secret(), &args, common::ops::FAILOVER_PATIENCE).await
-    }
-
     async fn reconcile_loop(&self, lead: CancellationToken) {
         let trigger = Arc::new(Notify::new());
         let listener = {
@@ -208,7 +196,7 @@ impl Scheduler {
             return Ok(ReconcileResult::default());
         };
         let scaling = self.scaling(args.scaling_policy).await?;
-        let demand: Vec<Demand> = self.internal("getActiveConversationsForScheduler", json!({})).await?;
+        let demand: Vec<Demand> = self.ctx.call_service("getActiveConversationsForScheduler", &json!({})).await?;
         metrics::counter!(common::telemetry::RECONCILES).increment(1);
         metrics::gauge!(common::telemetry::POOL_DEMAND).set(demand.len() as f64);
         let workspace_id = args.workspace_id.unwrap_or_else(|| "default".to_string());
@@ -258,9 +246,8 @@ impl Scheduler {
         if let Some(policy) = explicit {
             return Ok(policy);
         }
-        let stored = self.ctx.buckets.runtime_config.get::<RuntimeConfigRow<ScalingPolicy>>(SCALING_CONFIG_KEY).await;
-        if let Some(row) = stored.map_err(OpError::internal)? {
-            return Ok(row.value.config);
+        if let Some(policy) = hydration::runtime_config::scaling_policy(&self.ctx).await? {
+            return Ok(policy);
         }
         let s = &self.ctx.settings;
         Ok(ScalingPolicy {
@@ -283,20 +270,17 @@ pub async fn resolve_provider(
 ) -> Result<Option<ResolvedProvider>, OpError> {
     let config = match explicit {
         Some(config) => validate_provider_config(&config)?,
-        None => {
-            let stored = ctx.buckets.runtime_config.get::<RuntimeConfigRow<ProviderConfig>>(PROVIDER_CONFIG_KEY).await;
-            match stored.map_err(OpError::internal)? {
-                Some(row) => match validate_provider_config(&row.value.config) {
-                    Ok(config) => config,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stored provider config is incomplete; nothing to reconcile");
-                        return Ok(None);
-                    }
-                },
-                None if ctx.settings.scheduler.default_provider == "local" => local_default(),
-                None => return Ok(None),
-            }
-        }
+        None => match hydration::runtime_config::provider_config(ctx).await? {
+            Some(stored) => match validate_provider_config(&stored) {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored provider config is incomplete; nothing to reconcile");
+                    return Ok(None);
+                }
+            },
+            None if ctx.settings.scheduler.default_provider == "local" => local_default(),
+            None => return Ok(None),
+        },
     };
     let settings = &ctx.settings;
     let provider: Box<dyn Provider> = match config.kind.as_str() {
@@ -311,13 +295,7 @@ pub async fn resolve_provider(
             };
             Box::new(provider::fly::FlyProvider::new(&settings.providers.fly_base_url, &token, &settings.providers))
         }
-        "local" => {
-            let root = match settings.providers.local_dir.trim() {
-                "" => settings.data_dir.join("workers"),
-                dir => dir.into(),
-            };
-            Box::new(provider::local::LocalProvider::new(root, worker_binary(&settings.providers.worker_binary)))
-        }
+        "local" => Box::new(local_provider(settings)),
         other => return Err(OpError::invalid(format!("Unsupported provider '{other}'"))),
     };
     Ok(Some(ResolvedProvider { config, provider }))
@@ -349,6 +327,16 @@ fn local_default() -> ValidProviderConfig {
         volume_path: "/data".to_string(),
         volume_size_gb: 1,
     }
+}
+
+/// The local provider as configured: volumes under `providers.local_dir` (default
+/// `<data_dir>/workers`), running `providers.worker_binary`.
+pub fn local_provider(settings: &common::config::Settings) -> provider::local::LocalProvider {
+    let root = match settings.providers.local_dir.trim() {
+        "" => settings.data_dir.join("workers"),
+        dir => dir.into(),
+    };
+    provider::local::LocalProvider::new(root, worker_binary(&settings.providers.worker_binary))
 }
 
 /// `providers.worker_binary`, or `af-worker` next to the running executable.

@@ -222,7 +222,8 @@ impl Scheduler {
         if to_spawn == 0 {
             return Ok(0);
         }
-        let bridge_env: BTreeMap<String, String> = self.internal("getWorkerSpawnOpenClawEnv", json!({})).await?;
+        let bridge_env: BTreeMap<String, String> =
+            self.ctx.call_service("getWorkerSpawnOpenClawEnv", &json!({})).await?;
         let targets: Vec<&Demand> = demand
             .iter()
             .filter(|d| !covered.contains(&key(&d.agent_key, &d.conversation_id)))
@@ -283,7 +284,8 @@ impl Scheduler {
         )
         .await
         .map_err(|e| format!("volume for {worker_id}: {e}"))?;
-        self.internal::<Value>("upsertWorkerState", register(json!({"volumeId": volume.id})))
+        self.ctx
+            .call_service::<Value>("upsertWorkerState", &register(json!({"volumeId": volume.id})))
             .await
             .map_err(|e| format!("pre-registering {worker_id}: {e}"))?;
         let env = self.worker_env(provider.kind(), worker_id, target, bridge_env, workspace_id, scaling);
@@ -299,7 +301,8 @@ impl Scheduler {
         match provider.spawn(&cfg.app_name, &spec).await {
             Ok(machine) => {
                 let extra = json!({"machineId": machine.machine_id, "region": machine.region.unwrap_or_else(|| cfg.region.clone()), "volumeId": volume.id});
-                self.internal::<Value>("upsertWorkerState", register(extra))
+                self.ctx
+                    .call_service::<Value>("upsertWorkerState", &register(extra))
                     .await
                     .map_err(|e| format!("recording the machine of {worker_id}: {e}"))?;
                 tracing::info!(worker = worker_id, conversation = %target.conversation_id, "worker spawned");
@@ -312,7 +315,7 @@ impl Scheduler {
                 for status in ["draining", "stopping", "stopped"] {
                     let args = json!({"workerId": worker_id, "provider": provider.kind(), "status": status, "load": 0,
                                       "clearMachineRef": true, "clearVolumeId": true});
-                    if let Err(e) = self.internal::<Value>("upsertWorkerState", args).await {
+                    if let Err(e) = self.ctx.call_service::<Value>("upsertWorkerState", &args).await {
                         tracing::warn!(worker = worker_id, error = %e, "could not retire the row of a failed spawn");
                     }
                 }
@@ -372,11 +375,11 @@ impl Scheduler {
             "scheduledShutdownAt": row.scheduled_shutdown_at.unwrap_or(now),
         });
         merge(&mut args, extra);
-        self.internal::<Value>("upsertWorkerState", args).await.map(|_| ())
+        self.ctx.call_service::<Value>("upsertWorkerState", &args).await.map(|_| ())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, OpError> {
-        self.internal("listWorkersForScheduler", json!({})).await
+        self.ctx.call_service("listWorkersForScheduler", &json!({})).await
     }
 
     /// The environment of a spawned worker (spec §2.4, later keys win): the runtime defaults,

@@ -90,6 +90,18 @@ impl Pool {
     }
 }
 
+/// What a drained worker of `conv-a` does last: prepare, upload (straight into the object
+/// store), finalize. Returns finalize's answer.
+async fn final_snapshot(ctx: &common::service::ServiceContext, api: &tests::Api, worker: &str) -> Value {
+    let prepare = json!({"workerId": worker, "agentKey": "agent-a", "conversationId": "conv-a", "reason": "drain"});
+    let prepared = api.ok("prepareDataSnapshotUpload", prepare).await;
+    let name = prepared["objectName"].as_str().expect("object name").to_string();
+    ctx.buckets.snapshot_archives.put(name.as_str(), &mut &b"final"[..]).await.expect("put");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"final"));
+    let finalize = json!({"workerId": worker, "snapshotId": prepared["snapshotId"], "sha256": sha, "sizeBytes": 5});
+    api.ok("finalizeDataSnapshotUpload", finalize).await
+}
+
 #[tokio::test]
 async fn scheduler_idle_unassigned_workers_cover_demand_without_spawning() {
     let p = pool(5, 2).await;
@@ -208,13 +220,7 @@ async fn scheduler_worker_that_claimed_waits_for_its_snapshot_then_goes() {
     assert_eq!(p.fake.count_requests("DELETE", "/apps"), 0, "no teardown before the snapshot");
 
     // The worker's final snapshot opens the gate: one machine DELETE, one volume DELETE.
-    let prepare = json!({"workerId": worker, "agentKey": "agent-a", "conversationId": "conv-a", "reason": "drain"});
-    let prepared = p.stack.worker(&worker).ok("prepareDataSnapshotUpload", prepare).await;
-    let name = prepared["objectName"].as_str().expect("name");
-    p.stack.ctx.buckets.snapshot_archives.put(name, &mut &b"archive"[..]).await.expect("put");
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"archive"));
-    let finalize = json!({"workerId": worker, "snapshotId": prepared["snapshotId"], "sha256": sha, "sizeBytes": 7});
-    assert_eq!(p.stack.worker(&worker).ok("finalizeDataSnapshotUpload", finalize).await, true);
+    assert_eq!(final_snapshot(&p.stack.ctx, &p.stack.worker(&worker), &worker).await, true);
     assert_eq!(p.row(&worker).await["status"], "stopping");
     let result = p.idle_check().await;
     assert_eq!(result["pending"], 0);
@@ -495,15 +501,7 @@ async fn scheduler_safe_fly_cleanup_waits_for_the_drained_workers_snapshots() {
                 .then_some(())
         })
         .await;
-        let prepare =
-            json!({"workerId": row_worker, "agentKey": "agent-a", "conversationId": "conv-a", "reason": "drain"});
-        let prepared = stack_worker.ok("prepareDataSnapshotUpload", prepare).await;
-        let name = prepared["objectName"].as_str().expect("name").to_string();
-        ctx.buckets.snapshot_archives.put(name.as_str(), &mut &b"final"[..]).await.expect("put");
-        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"final"));
-        let finalize =
-            json!({"workerId": row_worker, "snapshotId": prepared["snapshotId"], "sha256": sha, "sizeBytes": 5});
-        stack_worker.ok("finalizeDataSnapshotUpload", finalize).await
+        final_snapshot(&ctx, &stack_worker, &row_worker).await
     });
     let report = p.stack.admin().ok("runFlyCleanup", json!({"safe": true})).await;
     assert_eq!(snapshotter.await.expect("join"), true);
