@@ -13,6 +13,7 @@ pub struct NatsServer {
     child: Option<tokio::process::Child>,
     url: String,
     log_file: PathBuf,
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +87,7 @@ impl NatsServer {
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         let url = loop {
-            if let Some(url) = read_ports_file(&options.run_dir) {
+            if let Some(url) = read_ports(&options.run_dir, "nats") {
                 break url;
             }
             if let Some(status) = child.try_wait()? {
@@ -97,11 +98,16 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Ok(Self { child: Some(child), url, log_file })
+        Ok(Self { child: Some(child), url, log_file, run_dir: options.run_dir.clone() })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The HTTP monitoring endpoint (`/varz`, `/jsz`), on a port the server chose.
+    pub fn monitoring_url(&self) -> Option<String> {
+        read_ports(&self.run_dir, "monitoring")
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -126,11 +132,12 @@ impl NatsServer {
     }
 }
 
-fn read_ports_file(dir: &Path) -> Option<String> {
+/// The first `kind` ("nats", "monitoring") address in the server's ports file.
+fn read_ports(dir: &Path, kind: &str) -> Option<String> {
     let entry = std::fs::read_dir(dir).ok()?.flatten().find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
     let text = std::fs::read_to_string(entry.path()).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json.get("nats")?.as_array()?.first()?.as_str().map(str::to_string)
+    json.get(kind)?.as_array()?.first()?.as_str().map(str::to_string)
 }
 
 fn log_tail(path: &Path) -> String {

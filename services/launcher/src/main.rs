@@ -14,6 +14,11 @@ use common::nats_server::{NatsServer, NatsServerOptions};
 use common::service::{ServiceContext, local_secret_file};
 use secrecy::SecretString;
 
+/// glibc malloc took about a third of the stack's instructions under load (callgrind, see
+/// docs/benchmarks.md); mimalloc's thread-local free lists are much cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "agent-factory", version, about = "Run the agent-factory stack locally")]
 struct Args {

@@ -21,6 +21,11 @@ use serde_json::{Value, json};
 use tests::{Api, TestStack, seed_profile};
 use tokio_util::sync::CancellationToken;
 
+/// glibc malloc took about a third of the stack's instructions under load (callgrind, see
+/// docs/benchmarks.md); mimalloc's thread-local free lists are much cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug, Clone)]
 struct Args {
     /// Conversations in the throughput run.
@@ -44,6 +49,76 @@ struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Measure only the agent-factory throughput run (for profiling, e.g. under callgrind).
+    #[arg(long)]
+    profile_throughput: bool,
+}
+
+/// CPU time used by nats-server and by this process over a measured window, as % of one core.
+struct CpuSplit {
+    server: Option<u32>,
+    /// nats-server, the stack's threads, the benchmark's clients.
+    at: (u64, u64, u64),
+    varz: Option<String>,
+    msgs: (u64, u64),
+}
+
+impl CpuSplit {
+    async fn start(stack: &TestStack) -> Self {
+        let server = stack.nats.server.pid();
+        let varz = stack.nats.server.monitoring_url().map(|u| format!("{u}/varz"));
+        let msgs = server_msgs(varz.as_deref()).await;
+        let (stack, clients) = own_cpu_ticks();
+        Self { server, at: (server.map_or(0, cpu_ticks), stack, clients), varz, msgs }
+    }
+
+    /// Messages into and out of nats-server since `start`, per processed message.
+    async fn msgs_per(&self, processed: usize) -> (f64, f64) {
+        let (i, o) = server_msgs(self.varz.as_deref()).await;
+        let per = |now: u64, then: u64| now.saturating_sub(then) as f64 / processed.max(1) as f64;
+        (per(i, self.msgs.0), per(o, self.msgs.1))
+    }
+
+    /// % of one core used by nats-server, the stack and the clients since `start`.
+    fn busy(&self, elapsed: Duration) -> (f64, f64, f64) {
+        let pct = |now: u64, then: u64| now.saturating_sub(then) as f64 / USER_HZ / elapsed.as_secs_f64() * 100.0;
+        let (stack, clients) = own_cpu_ticks();
+        (pct(self.server.map_or(0, cpu_ticks), self.at.0), pct(stack, self.at.1), pct(clients, self.at.2))
+    }
+}
+
+/// nats-server's `in_msgs` and `out_msgs` counters (0 if unreadable).
+async fn server_msgs(varz: Option<&str>) -> (u64, u64) {
+    let Some(url) = varz else { return (0, 0) };
+    let Ok(resp) = reqwest::get(url).await else { return (0, 0) };
+    let v: Value = resp.json().await.unwrap_or_default();
+    (v["in_msgs"].as_u64().unwrap_or(0), v["out_msgs"].as_u64().unwrap_or(0))
+}
+
+/// The unit of /proc CPU times: fixed at 100 per second by the Linux ABI.
+const USER_HZ: f64 = 100.0;
+
+/// This process's CPU ticks: (the stack's `af-stack` threads, every other thread).
+fn own_cpu_ticks() -> (u64, u64) {
+    let (mut stack, mut clients) = (0, 0);
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let ticks = stat_ticks(&task.path().join("stat"));
+        if comm.starts_with("af-stack") { stack += ticks } else { clients += ticks }
+    }
+    (stack, clients)
+}
+
+/// utime + stime of `pid` in clock ticks (0 if it cannot be read).
+fn cpu_ticks(pid: u32) -> u64 {
+    stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+fn stat_ticks(path: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<u64>().ok()).sum()
 }
 
 /// Mean time each operation spent inside its service (from the request's arrival to the reply),
@@ -64,16 +139,30 @@ fn server_side_times() {
             println!("| {op} | {count:.0} | {:.3} |", sum / count.max(1.0) * 1000.0);
         }
     }
+    for line in text.lines().filter(|l| l.contains("_count{") && !l.contains("status=\"200\"")) {
+        println!("failed: {line}");
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     eprintln!("starting nats-server and the stack ...");
-    let stack = TestStack::start_with(&[("telemetry.log_filter", "error")]).await;
+    // The stack gets a runtime (and threads) of its own, as it would in its own process: the
+    // producers and the thousand workers of the benchmark must not queue in its run queues.
+    let stack_runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("af-stack").enable_all().build()?;
+    let stack = stack_runtime.spawn(TestStack::start_with(&[("telemetry.log_filter", "error")])).await?;
     seed_profile(&stack.ctx, "bench").await;
     // Producers and workers get their own connections, as separate processes would have.
     let clients = Clients::connect(&stack).await?;
+    if args.profile_throughput {
+        queue_throughput(&stack, &clients, &args, 1).await;
+        server_side_times();
+        stack.stop().await;
+        stack_runtime.shutdown_background();
+        return Ok(());
+    }
     eprintln!("run 0: operation round trip vs raw NATS request/reply");
     let (op_rate, raw_rate) = op_overhead(&stack, &clients).await?;
     let mut rows = Vec::new();
@@ -123,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
     }
     server_side_times();
     stack.stop().await;
+    stack_runtime.shutdown_background();
     Ok(())
 }
 
@@ -239,6 +329,7 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
     // Start the clock only once every worker is parked, as the spike did.
     parked(stack, args.conversations).await;
     let app = clients.app();
+    let cpu = CpuSplit::start(stack).await;
     let started = Instant::now();
     futures::stream::iter(0..total)
         .map(|i| {
@@ -252,8 +343,10 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
     let enqueued = started.elapsed();
     finished.cancelled().await;
     let elapsed = started.elapsed();
+    let (server_cpu, stack_cpu, client_cpu) = cpu.busy(elapsed);
+    let (ins, outs) = cpu.msgs_per(total).await;
     eprintln!(
-        "  enqueue rate {:.0} msgs/s, e2e {:.0} msgs/s",
+        "  enqueue rate {:.0} msgs/s, e2e {:.0} msgs/s; CPU: nats-server {server_cpu:.0} %, stack {stack_cpu:.0} %, clients {client_cpu:.0} %; nats-server msgs in/out per message {ins:.1}/{outs:.1}",
         total as f64 / enqueued.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );
@@ -375,6 +468,7 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
     }
     pulling(&consumer, args.in_flight).await;
     let js = stack.ctx.js.clone();
+    let cpu = CpuSplit::start(stack).await;
     let started = Instant::now();
     futures::stream::iter(0..total)
         .map(|i| {
@@ -387,6 +481,12 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         .await;
     finished.cancelled().await;
     let elapsed = started.elapsed();
+    let (server_cpu, stack_cpu, client_cpu) = cpu.busy(elapsed);
+    let (ins, outs) = cpu.msgs_per(total).await;
+    eprintln!(
+        "  e2e {:.0} msgs/s; CPU: nats-server {server_cpu:.0} %, idle stack {stack_cpu:.0} %, clients {client_cpu:.0} %; nats-server msgs in/out per message {ins:.1}/{outs:.1}",
+        total as f64 / elapsed.as_secs_f64()
+    );
     while workers.join_next().await.is_some() {}
     let _ = stack.ctx.js.delete_stream(&name).await;
     Ok(total as f64 / elapsed.as_secs_f64())
