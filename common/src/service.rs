@@ -89,6 +89,30 @@ impl ServiceContext {
     }
 }
 
+impl ServiceContext {
+    /// The same context over a NATS connection of its own. One connection is one reader and
+    /// one writer task in the client: a busy component (the queue dispatcher) gets its own so
+    /// its traffic does not queue behind, or in front of, the rest of the process's.
+    pub async fn with_own_connection(&self, name: &str) -> anyhow::Result<Self> {
+        let patience = Duration::from_millis(self.settings.nats.connect_timeout_ms);
+        let nats = connect_nats(&self.nats_url, name, patience).await?;
+        let js = jetstream::new(nats.clone());
+        let buckets = Buckets::open(&js).await?;
+        let ops = OpClient::new(nats.clone(), Duration::from_millis(self.settings.nats.request_timeout_ms))
+            .with_clock(self.clock.clone());
+        Ok(Self(Arc::new(ServiceContextInner {
+            nats,
+            js,
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            auth: self.auth.clone(),
+            buckets,
+            ops,
+            nats_url: self.nats_url.clone(),
+        })))
+    }
+}
+
 pub async fn connect_nats(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {

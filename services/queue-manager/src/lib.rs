@@ -27,6 +27,8 @@ pub const SERVICE: &str = "queue-manager";
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The queue carries most of the stack's traffic; it does not share its connection.
+    let ctx = ctx.with_own_connection(SERVICE).await?;
     let enqueuer = enqueue::Enqueuer::start(ctx.clone()).await?;
     let mut ops = OpRegistry::new();
     ops.register("enqueueMessage", move |_caller: Caller, args: EnqueueArgs| {
@@ -73,6 +75,14 @@ fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
 /// operations until leadership ends.
 async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     let (ready_tx, mut ready_rx) = watch::channel(false);
+    // The dispatcher's inbox tail and lease writes get a connection of their own too.
+    let ctx = match ctx.with_own_connection("queue-dispatcher").await {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not connect the queue dispatcher");
+            return;
+        }
+    };
     // Boxed: the rebuild future is large and would otherwise sit on the caller's stack.
     let (dispatcher, handle) = match Box::pin(Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx)).await {
         Ok(started) => started,
