@@ -292,8 +292,13 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
             ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
         }
-        let mut limits = ctx.settings.limits.clone();
-        limits.max_string_bytes = spec.max_string_bytes.unwrap_or(limits.max_string_bytes);
+        let limits = match spec.max_string_bytes {
+            None => std::borrow::Cow::Borrowed(&ctx.settings.limits),
+            Some(max_string_bytes) => std::borrow::Cow::Owned(crate::config::LimitSettings {
+                max_string_bytes,
+                ..ctx.settings.limits.clone()
+            }),
+        };
         let args = parse_args(&msg.payload, &limits)?;
         handler(caller, args).await
     }
@@ -327,40 +332,54 @@ pub fn parse_args(payload: &[u8], limits: &crate::config::LimitSettings) -> Resu
     if !value.is_object() {
         return Err(OpError::invalid("request body must be a JSON object"));
     }
-    check_limits(&value, "$", limits)?;
+    check_limits(&value, limits)?;
     Ok(value)
 }
 
-fn check_limits(value: &serde_json::Value, path: &str, limits: &crate::config::LimitSettings) -> Result<(), OpError> {
+/// Checks string, list and object sizes. The JSON path of an offending value is built only
+/// when there is one (every request passes through here).
+fn check_limits(value: &serde_json::Value, limits: &crate::config::LimitSettings) -> Result<(), OpError> {
+    let mut rev_path = Vec::new();
+    match find_over_limit(value, limits, &mut rev_path) {
+        None => Ok(()),
+        Some(problem) => {
+            let at: String = std::iter::once("$".to_string()).chain(rev_path.into_iter().rev()).collect();
+            Err(OpError::invalid(format!("{at}: {problem}")))
+        }
+    }
+}
+
+/// The first size limit `value` breaks, with the path to it pushed innermost first.
+fn find_over_limit(
+    value: &serde_json::Value,
+    limits: &crate::config::LimitSettings,
+    rev_path: &mut Vec<String>,
+) -> Option<String> {
     match value {
-        serde_json::Value::String(s) if s.len() > limits.max_string_bytes => Err(OpError::invalid(format!(
-            "{path}: string of {} bytes exceeds the limit of {} bytes",
-            s.len(),
-            limits.max_string_bytes
-        ))),
+        serde_json::Value::String(s) if s.len() > limits.max_string_bytes => {
+            Some(format!("string of {} bytes exceeds the limit of {} bytes", s.len(), limits.max_string_bytes))
+        }
         serde_json::Value::Array(items) => {
             if items.len() > limits.max_list_items {
-                return Err(OpError::invalid(format!(
-                    "{path}: list of {} items exceeds the limit of {}",
-                    items.len(),
-                    limits.max_list_items
-                )));
+                return Some(format!("list of {} items exceeds the limit of {}", items.len(), limits.max_list_items));
             }
-            for (i, item) in items.iter().enumerate() {
-                check_limits(item, &format!("{path}[{i}]"), limits)?;
-            }
-            Ok(())
+            items.iter().enumerate().find_map(|(i, item)| {
+                let problem = find_over_limit(item, limits, rev_path)?;
+                rev_path.push(format!("[{i}]"));
+                Some(problem)
+            })
         }
         serde_json::Value::Object(map) => {
             if map.len() > limits.max_list_items {
-                return Err(OpError::invalid(format!("{path}: object has more than {} keys", limits.max_list_items)));
+                return Some(format!("object has more than {} keys", limits.max_list_items));
             }
-            for (k, v) in map {
-                check_limits(v, &format!("{path}.{k}"), limits)?;
-            }
-            Ok(())
+            map.iter().find_map(|(k, v)| {
+                let problem = find_over_limit(v, limits, rev_path)?;
+                rev_path.push(format!(".{k}"));
+                Some(problem)
+            })
         }
-        _ => Ok(()),
+        _ => None,
     }
 }
 
