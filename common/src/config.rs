@@ -124,6 +124,9 @@ pub struct QueueSettings {
     pub stale_after_ms: i64,
     pub idle_timeout_ms: i64,
     pub claim_wait_max_ms: u64,
+    /// How long the leader may keep worker-row heartbeats, held completions and the replay
+    /// watermark in memory before writing them.
+    pub lazy_flush_ms: u64,
     pub idempotency_window_ms: u64,
     pub inbox_max_age_ms: u64,
     pub max_message_bytes: usize,
@@ -315,6 +318,9 @@ impl Settings {
         }
         if q.claim_wait_max_ms > 300_000 {
             return fail("queue.claim_wait_max_ms", "must be at most 300000");
+        }
+        if !(10..=60_000).contains(&q.lazy_flush_ms) {
+            return fail("queue.lazy_flush_ms", "must be between 10 and 60000");
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
             return fail("queue.max_message_bytes", "must be between 1024 and 1000000");

@@ -12,6 +12,9 @@ use crate::store::JsonStore;
 /// Per-conversation inboxes of enqueued messages: subject `af.inbox.<conversation token>`.
 pub const INBOX_STREAM: &str = "AF_INBOX";
 pub const INBOX_SUBJECT_PREFIX: &str = "af.inbox";
+/// Core NATS, no payload: the queue leader found a job no live worker can take (a conversation
+/// without a worker, or whose worker went stale), so the scheduler should reconcile.
+pub const DEMAND_SUBJECT: &str = "af.scheduler.demand";
 
 /// Conversation history: one subject per conversation, `af.history.<conversation token>`; each
 /// message is one appended batch that names the sequence of the batch before it.

@@ -142,3 +142,36 @@ pub async fn work(api: Api, worker_id: String, ledger: std::sync::Arc<Ledger>, s
         }
     }
 }
+
+/// One worker that completes each job and asks for the next in the same call
+/// (`completeAndClaimNext` with a wait), so its completions are held by the queue until the
+/// next job's lease or the end of the wait stores them. Stops between jobs once `stop` is set.
+pub async fn work_combined(api: Api, worker_id: String, ledger: std::sync::Arc<Ledger>, stop: CancellationToken) {
+    let mut job = Value::Null;
+    while !stop.is_cancelled() {
+        if job.is_null() {
+            job = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = retrying(|| api.call("claimNextJob", json!({ "workerId": worker_id, "waitMs": 1000 }))) => {
+                    r.unwrap_or_else(|e| panic!("claim failed: {e:?}"))
+                }
+            };
+            continue;
+        }
+        let Some((c, n)) = job["payload"]["messageText"].as_str().and_then(parse) else {
+            panic!("unexpected job {job}");
+        };
+        ledger.begin(&c);
+        ledger.end(&c);
+        let args = json!({ "workerId": worker_id, "messageId": job["messageId"], "leaseId": job["leaseId"],
+                           "waitMs": 1000 });
+        // Not abandoned on `stop`: the answer is what says the completion is stored.
+        let answer = retrying(|| api.call("completeAndClaimNext", args.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("completeAndClaimNext failed: {e:?}"));
+        if answer["completed"] == Value::Bool(true) {
+            ledger.completed(&c, n);
+        }
+        job = answer["next"].clone();
+    }
+}

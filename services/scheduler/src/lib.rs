@@ -139,15 +139,14 @@ impl Scheduler {
         let listener = {
             let (trigger, nats, lead) = (trigger.clone(), self.ctx.nats.clone(), lead.clone());
             tokio::spawn(async move {
-                let subject = format!("{}.>", common::topology::INBOX_SUBJECT_PREFIX);
-                let Ok(mut enqueues) = nats.subscribe(subject).await else {
-                    tracing::error!("cannot listen to enqueues; reconciling on the timer only");
+                let Ok(mut demand) = nats.subscribe(common::topology::DEMAND_SUBJECT).await else {
+                    tracing::error!("cannot listen to demand signals; reconciling on the timer only");
                     return;
                 };
                 loop {
                     tokio::select! {
                         _ = lead.cancelled() => return,
-                        next = enqueues.next() => match next {
+                        next = demand.next() => match next {
                             Some(_) => trigger.notify_one(),
                             None => return,
                         },
@@ -157,13 +156,13 @@ impl Scheduler {
         };
         let debounce = std::time::Duration::from_millis(self.ctx.settings.scheduler.debounce_ms);
         // The first periodic pass waits one interval: at start-up the queue may not lead yet,
-        // and an enqueue triggers a reconcile anyway.
+        // and unserved demand triggers a reconcile anyway.
         let mut next_tick: Millis = self.ctx.clock.now_ms() + self.ctx.settings.scheduler.reconcile_interval_ms;
         loop {
             tokio::select! {
                 _ = lead.cancelled() => break,
                 _ = trigger.notified() => {
-                    // Let the burst end: go once `debounce` passes without another enqueue, or
+                    // Let the burst end: go once `debounce` passes without another signal, or
                     // after ten windows, so a steady stream is still served. Real time:
                     // batching enqueues is about load, not about business time.
                     let until = tokio::time::Instant::now() + debounce * 10;

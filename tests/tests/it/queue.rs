@@ -507,3 +507,73 @@ async fn complete_and_claim_next_waits_for_a_later_job() {
     assert_eq!(answer["completed"], true);
     assert_eq!(answer["next"]["payload"]["messageText"], "later");
 }
+
+/// The stored queue state of `conversation` (what a new leader would load).
+async fn stored_state(stack: &TestStack, conversation: &str) -> Value {
+    let key = common::token::escape(conversation);
+    stack.ctx.buckets.queue_state.get::<Value>(&key).await.expect("read queue state").expect("queue state").value
+}
+
+/// Parks `completeAndClaimNext` for `job` (its completion is held) and returns the call.
+async fn complete_and_wait(stack: &TestStack, job: &Value, wait_ms: u64) -> tokio::task::JoinHandle<Value> {
+    let args = json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": wait_ms});
+    let worker = stack.worker("w1");
+    let call = tokio::spawn(async move { worker.ok("completeAndClaimNext", args).await });
+    tests::wait_until("the claim is parked", std::time::Duration::from_secs(10), || async {
+        let stats = stack.admin().ok("getQueueStats", json!({})).await;
+        (stats["parkedClaims"] == 1).then_some(())
+    })
+    .await;
+    call
+}
+
+#[tokio::test]
+async fn a_held_completion_and_the_next_lease_are_stored_in_one_write() {
+    // No lazy flush during the test: only the next lease may store the completion.
+    let stack = TestStack::start_with(&[MANUAL, &[("queue.lazy_flush_ms", "60000")]].concat()).await;
+    seed_profile(&stack.ctx, "agent-a").await;
+    enqueue(&stack, "c1", "one").await;
+    let job = claim(&stack, "w1").await;
+    let leased = stored_state(&stack, "c1").await;
+    let call = complete_and_wait(&stack, &job, 20_000).await;
+    // Held: the index has it (nothing is processing) but the store still shows the lease.
+    let stats = stack.admin().ok("getQueueStats", json!({})).await;
+    assert_eq!(stats["processing"], 0);
+    assert_eq!(stored_state(&stack, "c1").await, leased);
+
+    let key = common::token::escape("c1");
+    let mut updates = stack.ctx.buckets.queue_state.raw().watch(&key).await.expect("watch");
+    enqueue(&stack, "c1", "later").await;
+    let answer = call.await.expect("join");
+    assert_eq!(answer["completed"], true);
+    assert_eq!(answer["next"]["payload"]["messageText"], "later");
+    let update = futures::StreamExt::next(&mut updates).await.expect("an update").expect("entry");
+    let written: Value = serde_json::from_slice(&update.value).expect("state");
+    assert_eq!(written, stored_state(&stack, "c1").await, "one write carried both");
+    assert_eq!(written["lastCompleted"]["leaseId"], job["leaseId"]);
+    assert_eq!(written["head"]["lease"]["leaseId"], answer["next"]["leaseId"]);
+    assert!(written["doneSeq"].as_u64() > leased["doneSeq"].as_u64());
+}
+
+#[tokio::test]
+async fn a_held_completion_is_stored_before_its_worker_hears_of_it() {
+    let stack = TestStack::start_with(&[MANUAL, &[("queue.lazy_flush_ms", "60000")]].concat()).await;
+    seed_profile(&stack.ctx, "agent-a").await;
+    // The long poll ends without a job: the completion is written, then answered.
+    enqueue(&stack, "c1", "one").await;
+    let job = claim(&stack, "w1").await;
+    let call = complete_and_wait(&stack, &job, 300).await;
+    assert_eq!(call.await.expect("join"), json!({"completed": true, "next": null}));
+    let stored = stored_state(&stack, "c1").await;
+    assert_eq!(stored["lastCompleted"]["leaseId"], job["leaseId"]);
+    assert_eq!(stored["head"], Value::Null);
+
+    // A plain `completeJob` retry of a held completion (its first answer lost) is answered
+    // `true` only once the completion is stored.
+    enqueue(&stack, "c1", "two").await;
+    let job = claim(&stack, "w1").await;
+    let call = complete_and_wait(&stack, &job, 20_000).await;
+    assert_eq!(complete(&stack, "w1", &job).await, true);
+    assert_eq!(stored_state(&stack, "c1").await["lastCompleted"]["leaseId"], job["leaseId"]);
+    call.abort();
+}

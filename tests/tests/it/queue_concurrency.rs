@@ -1,12 +1,14 @@
 //! Many workers racing over few conversations, in one process and with two queue-manager
-//! replicas of which the leader is killed mid-run. Checked: every message completed exactly
+//! replicas of which the leader is killed mid-run. Half the workers claim and complete in
+//! separate calls, half complete and claim the next job in one (`completeAndClaimNext`, whose
+//! completions the queue holds until the next write). Checked: every message completed exactly
 //! once, per-conversation order kept, never two jobs of one conversation in flight.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tests::workload::{Ledger, produce, work};
+use tests::workload::{Ledger, produce, work, work_combined};
 use tests::{Api, TestNats, TestStack, seed_profile, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +28,12 @@ fn start_workers(
     let mut set = tokio::task::JoinSet::new();
     for i in 0..WORKERS {
         let id = format!("racer-{i}");
-        set.spawn(work(worker_api(&id), id, ledger.clone(), stop.clone()));
+        let (api, ledger, stop) = (worker_api(&id), ledger.clone(), stop.clone());
+        if i % 2 == 0 {
+            set.spawn(work(api, id, ledger, stop));
+        } else {
+            set.spawn(work_combined(api, id, ledger, stop));
+        }
     }
     set
 }

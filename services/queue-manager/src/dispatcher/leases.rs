@@ -49,9 +49,7 @@ impl State {
 
     pub(super) fn complete(&mut self, args: LeaseArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
-            LeaseCheck::Mismatch => {
-                let _ = reply.send(Ok(Value::Bool(self.completed_before(&args))));
-            }
+            LeaseCheck::Mismatch => self.answer_completed_before(&args, reply, Value::Bool),
             LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
             LeaseCheck::Held(token) => {
                 let Some(state) = self.completed_state(&token, &args) else { return };
@@ -61,14 +59,17 @@ impl State {
     }
 
     /// `completeAndClaimNext`: when the worker's conversation has its next job claimable now,
-    /// the completion and that job's lease are one state write and one answer; otherwise the
-    /// completion is written and then the worker claims as usual (long poll included).
+    /// the completion and that job's lease are one state write and one answer. Otherwise a
+    /// worker that will wait holds its completion (see `State::unflushed`): the next job's
+    /// lease, or the end of the wait, writes it. Without a wait the completion is written and
+    /// the worker claims as usual.
     pub(super) fn complete_and_claim(&mut self, args: LeaseArgs, claim: ClaimArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
-            LeaseCheck::Mismatch => {
-                let completed = self.completed_before(&args);
-                let _ = reply.send(Ok(serde_json::json!({ "completed": completed, "next": Value::Null })));
-            }
+            LeaseCheck::Mismatch => self.answer_completed_before(
+                &args,
+                reply,
+                |done| serde_json::json!({ "completed": done, "next": Value::Null }),
+            ),
             LeaseCheck::Busy(token) => self.defer(&token, Command::CompleteAndClaim { args, claim, reply }),
             LeaseCheck::Held(token) => {
                 let Some(mut state) = self.completed_state(&token, &args) else { return };
@@ -87,6 +88,10 @@ impl State {
                         });
                         self.write_conv(&token, state, After::CompleteAndLease { worker_id: args.worker_id, reply });
                     }
+                    _ if active && claim.wait_ms.unwrap_or(0) > 0 => {
+                        self.hold_completion(&token, state, &args.worker_id, now);
+                        self.park(claim, reply, Some(token));
+                    }
                     _ => {
                         let after = After::CompleteThenClaim { worker_id: args.worker_id, reply, claim };
                         self.write_conv(&token, state, after);
@@ -96,13 +101,80 @@ impl State {
         }
     }
 
-    /// Whether this exact lease already completed its job (a retry whose first answer was lost).
-    fn completed_before(&self, args: &LeaseArgs) -> bool {
-        self.convs.values().any(|c| {
+    /// Answers a completion whose lease is not current: whether this exact lease already
+    /// completed its job (a retry whose first answer was lost), once that completion is stored.
+    fn answer_completed_before(&mut self, args: &LeaseArgs, reply: Reply, answer: impl Fn(bool) -> Value) {
+        let done = self.convs.iter().find(|(_, c)| {
             c.state.last_completed.as_ref().is_some_and(|l| {
                 l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
             })
-        })
+        });
+        match done.map(|(token, _)| token.clone()) {
+            Some(token) if self.unflushed.contains_key(&token) => self.flush_conv(&token, Some((reply, answer(true)))),
+            done => {
+                let _ = reply.send(Ok(answer(done.is_some())));
+            }
+        }
+    }
+
+    /// Applies a completion to the index without writing it; the conversation's next write
+    /// carries it (every write stores the whole state), or `flush_conv` writes it alone.
+    fn hold_completion(&mut self, token: &str, state: QueueState, worker_id: &str, now: Millis) {
+        self.unflushed.entry(token.to_string()).or_insert(state.done_seq);
+        self.apply_state(token, state);
+        let conversation_id = self.convs.get(token).map(|c| c.conversation_id.clone()).unwrap_or_default();
+        self.worker_released(worker_id, &conversation_id, now, true, false);
+        self.evaluate(token);
+    }
+
+    /// Stores a held completion, then answers `reply` (if any). A write already under way
+    /// carries it; the answer then waits for that write.
+    pub(super) fn flush_conv(&mut self, token: &str, reply: Option<(Reply, Value)>) {
+        let Some(conv) = self.convs.get(token) else {
+            if let Some((reply, answer)) = reply {
+                let _ = reply.send(Ok(answer));
+            }
+            return;
+        };
+        if conv.writing {
+            if let Some((reply, answer)) = reply {
+                self.defer(token, Command::Flush { token: token.to_string(), reply, answer });
+            }
+            return;
+        }
+        if !self.unflushed.contains_key(token) {
+            if let Some((reply, answer)) = reply {
+                let _ = reply.send(Ok(answer));
+            }
+            return;
+        }
+        let state = conv.state.clone();
+        self.write_conv(token, state, After::Flush { reply });
+    }
+
+    /// Makes `state` the conversation's state in the index: re-files its lease and drops
+    /// finished messages, which are returned.
+    fn apply_state(&mut self, token: &str, state: QueueState) -> Vec<Pending> {
+        let Some(conv) = self.convs.get_mut(token) else {
+            return Vec::new();
+        };
+        if let Some(old) = conv.lease() {
+            self.leased.remove(&(old.expires_at, token.to_string()));
+        }
+        conv.state = state;
+        let mut finished = Vec::new();
+        while conv.pending.front().is_some_and(|p| p.seq <= conv.state.done_seq) {
+            if let Some(p) = conv.pending.pop_front() {
+                finished.push(p);
+            }
+        }
+        if let Some(lease) = conv.lease() {
+            self.leased.insert((lease.expires_at, token.to_string()));
+        }
+        for p in &finished {
+            self.by_message.remove(&p.job.message_id);
+        }
+        finished
     }
 
     /// The conversation's state once its head job is done.
@@ -283,34 +355,44 @@ impl State {
         };
         conv.writing = false;
         conv.revision = Some(revision);
-        if let Some(old) = conv.lease() {
-            self.leased.remove(&(old.expires_at, token.clone()));
-        }
-        conv.state = state;
+        // Every write stores the whole state, held completions included.
+        self.unflushed.remove(&token);
         // Finished messages leave the index.
-        let mut finished = Vec::new();
-        while conv.pending.front().is_some_and(|p| p.seq <= conv.state.done_seq) {
-            if let Some(p) = conv.pending.pop_front() {
-                finished.push(p);
-            }
-        }
+        let finished = self.apply_state(&token, state);
+        let Some(conv) = self.convs.get_mut(&token) else {
+            return;
+        };
         let new_lease = conv.lease().cloned();
         let conversation_id = conv.conversation_id.clone();
         let deferred: Vec<Command> = conv.deferred.drain(..).collect();
         let head_job = conv.pending.front().cloned();
-        for p in &finished {
-            self.by_message.remove(&p.job.message_id);
-        }
-        if let Some(lease) = &new_lease {
-            self.leased.insert((lease.expires_at, token.clone()));
-        }
         let mut follow_up = None;
         match after {
-            After::Claim { worker_id, reply, .. } => {
+            After::Claim { worker_id, reply, completing, .. } => {
                 let Some(claim) = self.claimed(&token, &worker_id, new_lease, head_job, now) else { return };
-                if let Err(Ok(_)) = reply.send(to_value(claim)) {
-                    // The worker gave up waiting; its lease will expire and count as an attempt.
-                    tracing::debug!(worker = %worker_id, "claim reply dropped");
+                let claim = to_value(claim);
+                match completing {
+                    None => {
+                        if let Err(Ok(_)) = reply.send(claim) {
+                            // The worker gave up waiting; its lease will expire and count as
+                            // an attempt.
+                            tracing::debug!(worker = %worker_id, "claim reply dropped");
+                        }
+                    }
+                    Some(completed) => match claim {
+                        Ok(next) => {
+                            let answer = serde_json::json!({ "completed": true, "next": next });
+                            self.flush_conv(&completed, Some((reply, answer)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    },
+                }
+            }
+            After::Flush { reply } => {
+                if let Some((reply, answer)) = reply {
+                    let _ = reply.send(Ok(answer));
                 }
             }
             After::CompleteAndLease { worker_id, reply } => {
@@ -399,8 +481,17 @@ impl State {
                 // Someone else (a previous leader) wrote this conversation: reload it, then
                 // retry what we were doing against the fresh state.
                 tracing::warn!(conversation = %conv.conversation_id, "queue state changed under us; reloading");
+                // A held completion is lost with our view of the state: its worker is told
+                // to retry, and completes again against what is stored.
+                self.unflushed.remove(&token);
                 match after {
-                    After::Claim { args, reply, .. } => conv.deferred.push_front(Command::Claim { args, reply }),
+                    After::Claim { args, reply, completing: None, .. } => {
+                        conv.deferred.push_front(Command::Claim { args, reply })
+                    }
+                    After::Claim { reply, .. } | After::Flush { reply: Some((reply, _)) } => {
+                        let _ = reply.send(Err(OpError::conflict("the lease changed concurrently; retry")));
+                    }
+                    After::Flush { reply: None } => {}
                     After::Heartbeat { reply, .. }
                     | After::Complete { reply, .. }
                     | After::CompleteAndLease { reply, .. }
@@ -430,6 +521,7 @@ impl State {
         let unavailable = || Err(OpError::unavailable("the queue store is unavailable; retry"));
         match after {
             After::Claim { reply, .. }
+            | After::Flush { reply: Some((reply, _)) }
             | After::Heartbeat { reply, .. }
             | After::Complete { reply, .. }
             | After::CompleteAndLease { reply, .. }
@@ -437,6 +529,7 @@ impl State {
             | After::Fail { reply, .. } => {
                 let _ = reply.send(unavailable());
             }
+            After::Flush { reply: None } => {}
             After::Recover { batch, .. } => {
                 if let Some(id) = batch {
                     self.batch_skipped(id);

@@ -128,6 +128,12 @@ pub enum Command {
         seq: u64,
         reply: oneshot::Sender<()>,
     },
+    /// Internal: makes a held completion of the conversation durable, then answers `answer`.
+    Flush {
+        token: String,
+        reply: Reply,
+        answer: Value,
+    },
 }
 
 enum Event {
@@ -148,6 +154,13 @@ enum After {
         worker_id: String,
         reply: Reply,
         args: ClaimArgs,
+        /// The claim is the second half of a `completeAndClaimNext` (see `Parked::completing`):
+        /// the answer is `{completed: true, next}`, given once that completion is stored.
+        completing: Option<String>,
+    },
+    /// A held completion written on its own; the answer, if any, follows once it lands.
+    Flush {
+        reply: Option<(Reply, Value)>,
     },
     Heartbeat {
         worker_id: String,
@@ -276,6 +289,7 @@ impl Dispatcher {
         });
         state.tx = Some(tx.clone());
         state.ready = Some(ready);
+        tokio::spawn(signal_demand(ctx.nats.clone(), state.demand.clone(), leadership.clone()));
         if last_seq < start_seq {
             state.mark_caught_up();
         }
@@ -352,6 +366,9 @@ struct Parked {
     park_id: u64,
     args: ClaimArgs,
     reply: Reply,
+    /// Set for the long poll of a `completeAndClaimNext` whose completion is held (see
+    /// `State::unflushed`): the conversation it completed, always the one it owns.
+    completing: Option<String>,
 }
 
 /// Order of unowned eligible conversations: priority desc, eligible time asc, sequence asc.
@@ -393,6 +410,13 @@ struct State {
     /// Set once the inbox replay has caught up; nothing is handed out before.
     serving: bool,
     next_sweep: Option<Millis>,
+    /// Wakes the task that tells the scheduler about unserved demand (signals coalesce).
+    demand: Arc<tokio::sync::Notify>,
+    /// Held completions: conversation token -> the sequence of the job whose completion is
+    /// applied in the index but not yet stored. It rides on the conversation's next write (the
+    /// next job's lease, usually) or is written on its own by the periodic flush, and no
+    /// caller is told "completed" before it is stored.
+    unflushed: HashMap<String, u64>,
 }
 
 impl State {
@@ -475,6 +499,8 @@ impl State {
             barriers: Vec::new(),
             serving: false,
             next_sweep,
+            demand: Arc::new(tokio::sync::Notify::new()),
+            unflushed: HashMap::new(),
         })
     }
 
@@ -496,7 +522,7 @@ impl State {
 
     async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Event>, leadership: CancellationToken) {
         let clock = self.ctx.clock.clone();
-        let mut flush = tokio::time::interval(Duration::from_secs(1));
+        let mut flush = tokio::time::interval(Duration::from_millis(self.q().lazy_flush_ms));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = [self.timers.first().map(|(t, _)| *t), self.next_sweep].into_iter().flatten().min();
@@ -512,9 +538,17 @@ impl State {
                 _ = flush.tick() => self.flush_lazy(),
             }
         }
-        // Parked long polls end empty so workers retry against the next leader.
+        // Parked long polls end empty so workers retry against the next leader; one whose
+        // completion was never stored fails, so the worker completes again there.
         for (_, parked) in self.parked.drain() {
-            let _ = parked.reply.send(Ok(Value::Null));
+            let answer = match &parked.completing {
+                Some(token) if self.unflushed.contains_key(token) => {
+                    Err(OpError::unavailable("the queue leader stepped down before the completion was stored; retry"))
+                }
+                Some(_) => Ok(serde_json::json!({ "completed": true, "next": Value::Null })),
+                None => Ok(Value::Null),
+            };
+            let _ = parked.reply.send(answer);
         }
         tracing::info!("queue dispatcher stopped");
     }
@@ -591,7 +625,7 @@ impl State {
                 if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
                     && let Some(p) = self.parked.remove(&worker_id)
                 {
-                    let _ = p.reply.send(Ok(Value::Null));
+                    self.end_park(p);
                 }
             }
             Event::DeadLetterRemoved { message_id } => {
@@ -641,6 +675,20 @@ impl State {
             }
         } else if seq >= self.caught_up_at {
             self.mark_caught_up();
+        }
+    }
+}
+
+/// Publishes one demand signal per wake-up: a burst of unserved jobs costs the scheduler one
+/// message, not one per job, and a signal raised while one is being sent is never lost.
+async fn signal_demand(nats: async_nats::Client, demand: Arc<tokio::sync::Notify>, leadership: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = leadership.cancelled() => return,
+            _ = demand.notified() => {}
+        }
+        if let Err(e) = nats.publish(common::topology::DEMAND_SUBJECT, bytes::Bytes::new()).await {
+            tracing::warn!(error = %e, "could not signal demand to the scheduler");
         }
     }
 }

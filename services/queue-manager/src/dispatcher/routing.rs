@@ -83,11 +83,36 @@ impl State {
         let key = (Reverse(first.job.priority), at, first.seq, token.to_string());
         self.ready_key.insert(token.to_string(), key.clone());
         self.ready_set.insert(key);
+        // No live worker took it: the scheduler may need to start one.
+        self.demand.notify_one();
     }
 
     pub(super) fn take_parked(&mut self, worker_id: &str, token: &str) {
         if let Some(parked) = self.parked.remove(worker_id) {
-            self.lease_to(token, parked.args, parked.reply);
+            // A completing poll is only ever handed the conversation it completed (it is that
+            // conversation's owner and not free), so this lease write carries the completion.
+            debug_assert!(parked.completing.as_deref().is_none_or(|t| t == token));
+            self.lease_to(token, parked.args, parked.reply, parked.completing);
+        }
+    }
+
+    /// Ends a long poll without a job.
+    pub(super) fn end_park(&mut self, parked: Parked) {
+        self.answer_no_job(parked.reply, parked.completing);
+    }
+
+    /// Answers a claim that gets no job. For the claim half of a `completeAndClaimNext`
+    /// (`completing`), a held completion is stored first: "completed" is never said early.
+    pub(super) fn answer_no_job(&mut self, reply: Reply, completing: Option<String>) {
+        let Some(token) = completing else {
+            let _ = reply.send(Ok(Value::Null));
+            return;
+        };
+        let answer = serde_json::json!({ "completed": true, "next": Value::Null });
+        if self.unflushed.contains_key(&token) {
+            self.flush_conv(&token, Some((reply, answer)));
+        } else {
+            let _ = reply.send(Ok(answer));
         }
     }
 
@@ -158,6 +183,7 @@ impl State {
                     self.barriers.push((seq, reply));
                 }
             }
+            Command::Flush { token, reply, answer } => self.flush_conv(&token, Some((reply, answer))),
         }
     }
 
@@ -218,25 +244,26 @@ impl State {
         match chosen {
             Some(token) => {
                 self.unindex(&token);
-                self.lease_to(&token, args, reply);
+                self.lease_to(&token, args, reply, None);
             }
-            None => self.park(args, reply),
+            None => self.park(args, reply, None),
         }
     }
 
-    pub(super) fn park(&mut self, args: ClaimArgs, reply: Reply) {
+    pub(super) fn park(&mut self, args: ClaimArgs, reply: Reply, completing: Option<String>) {
         let wait = args.wait_ms.unwrap_or(0).min(self.q().claim_wait_max_ms);
         if wait == 0 {
-            let _ = reply.send(Ok(Value::Null));
-            return;
+            return self.answer_no_job(reply, completing);
         }
         self.next_park_id += 1;
         let park_id = self.next_park_id;
-        let worker_id = args.worker_id.clone();
-        let free =
-            args.conversation_id.is_none() && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
-        if let Some(old) = self.parked.insert(worker_id.clone(), Parked { park_id, args, reply }) {
-            let _ = old.reply.send(Ok(Value::Null));
+        let parked = Parked { park_id, args, reply, completing };
+        let worker_id = parked.args.worker_id.clone();
+        let free = parked.args.conversation_id.is_none()
+            && parked.completing.is_none()
+            && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
+        if let Some(old) = self.parked.insert(worker_id.clone(), parked) {
+            self.end_park(old);
         }
         if free {
             self.free_parked.push_back((worker_id.clone(), park_id));
@@ -249,20 +276,16 @@ impl State {
     }
 
     /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.
-    pub(super) fn lease_to(&mut self, token: &str, args: ClaimArgs, reply: Reply) {
+    pub(super) fn lease_to(&mut self, token: &str, args: ClaimArgs, reply: Reply, completing: Option<String>) {
         let now = self.now();
-        let Some(conv) = self.convs.get(token) else {
-            let _ = reply.send(Ok(Value::Null));
-            return;
+        let Some(mut head) = self.convs.get(token).and_then(Conv::head_or_fresh) else {
+            return self.answer_no_job(reply, completing);
         };
-        let Some(mut head) = conv.head_or_fresh() else {
-            let _ = reply.send(Ok(Value::Null));
-            return;
-        };
+        let Some(conv) = self.convs.get(token) else { return };
         let mut state = conv.state.clone();
         head.lease = Some(self.new_lease(&args.worker_id, now));
         state.head = Some(head);
         let worker_id = args.worker_id.clone();
-        self.write_conv(token, state, After::Claim { worker_id, reply, args });
+        self.write_conv(token, state, After::Claim { worker_id, reply, args, completing });
     }
 }

@@ -210,18 +210,29 @@ impl State {
         }
     }
 
-    /// Writes rows whose changes may wait (heartbeat times, load) and the replay watermark.
+    /// Writes rows whose changes may wait (heartbeat times, load), held completions (so none
+    /// stays unstored for more than a tick), and the replay watermark.
     pub(super) fn flush_lazy(&mut self) {
         let dirty: Vec<String> =
             self.workers.iter().filter(|(_, w)| w.dirty && !w.writing).map(|(k, _)| k.clone()).collect();
         for worker_id in dirty {
             self.flush_worker(&worker_id);
         }
+        let held: Vec<String> = self.unflushed.keys().cloned().collect();
+        for token in held {
+            self.flush_conv(&token, None);
+        }
         if !self.serving {
             return;
         }
-        let watermark =
-            self.convs.values().filter_map(|c| c.pending.front().map(|p| p.seq)).min().unwrap_or(self.last_seq + 1);
+        // A held completion's message must still be replayed after a failover.
+        let watermark = self
+            .convs
+            .values()
+            .filter_map(|c| c.pending.front().map(|p| p.seq))
+            .chain(self.unflushed.values().copied())
+            .min()
+            .unwrap_or(self.last_seq + 1);
         if watermark > self.watermark && !self.watermark_writing {
             self.watermark_writing = true;
             let store = self.ctx.buckets.queue_state.clone();
