@@ -204,11 +204,11 @@ pub struct SchedulerSettings {
     pub spawn_step: u32,
     pub reconcile_interval_ms: i64,
     pub drain_deadline_ms: i64,
-    /// Enqueues within this window are served by one reconcile.
+    /// Demand signals within this window are served by one reconcile.
     pub debounce_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     pub max_string_bytes: usize,

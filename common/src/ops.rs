@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::{Caller, Role};
+use crate::config::LimitSettings;
 use crate::error::{ErrorCode, OpError};
 use crate::service::ServiceContext;
 
@@ -184,8 +185,8 @@ pub fn subject(name: &str) -> String {
     format!("{SUBJECT_PREFIX}.{name}")
 }
 
-type Handler =
-    Arc<dyn Fn(Caller, serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, OpError>> + Send + Sync>;
+/// Takes the request body and the size limits that apply to it; answers the reply body.
+type Handler = Arc<dyn Fn(Caller, Bytes, LimitSettings) -> BoxFuture<'static, Result<Vec<u8>, OpError>> + Send + Sync>;
 
 /// The handlers a service process serves.
 #[derive(Default, Clone)]
@@ -210,17 +211,12 @@ impl OpRegistry {
         let handler = Arc::new(handler);
         self.handlers.insert(
             name,
-            Arc::new(move |caller, value| {
+            Arc::new(move |caller, body, limits| {
                 let handler = handler.clone();
                 Box::pin(async move {
-                    // The error names the argument's path (`payload.priority: invalid type: …`).
-                    let args: A = serde_path_to_error::deserialize(value).map_err(|e| {
-                        let path = e.path().to_string();
-                        let at = if path == "." { String::new() } else { format!("{path}: ") };
-                        OpError::invalid(format!("invalid arguments for {name}: {at}{}", e.into_inner()))
-                    })?;
+                    let args: A = parse_args(name, &body, &limits)?;
                     let result = handler(caller, args).await?;
-                    serde_json::to_value(result).map_err(OpError::internal)
+                    serde_json::to_vec(&result).map_err(OpError::internal)
                 })
             }),
         );
@@ -292,20 +288,16 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
             ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
         }
-        let limits = match spec.max_string_bytes {
-            None => std::borrow::Cow::Borrowed(&ctx.settings.limits),
-            Some(max_string_bytes) => std::borrow::Cow::Owned(crate::config::LimitSettings {
-                max_string_bytes,
-                ..ctx.settings.limits.clone()
-            }),
+        let limits = LimitSettings {
+            max_string_bytes: spec.max_string_bytes.unwrap_or(ctx.settings.limits.max_string_bytes),
+            ..ctx.settings.limits
         };
-        let args = parse_args(&msg.payload, &limits)?;
-        handler(caller, args).await
+        handler(caller, msg.payload.clone(), limits).await
     }
     .instrument(span.clone())
     .await;
     let (status, body) = match result {
-        Ok(value) => (200u16, serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec())),
+        Ok(body) => (200u16, body),
         Err(err) => {
             if err.code == ErrorCode::Internal {
                 span.in_scope(|| tracing::warn!(op = spec.name, "operation failed internally"));
@@ -322,23 +314,51 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
     }
 }
 
-/// Parses a request body into JSON, enforcing the string and list limits. An empty body is `{}`.
-pub fn parse_args(payload: &[u8], limits: &crate::config::LimitSettings) -> Result<serde_json::Value, OpError> {
-    if payload.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::Value::Object(Default::default()));
+/// Parses a request body into the arguments of operation `name`, enforcing the string and list
+/// limits. An empty body is `{}`. Errors name the offending argument's path
+/// (`payload.priority: invalid type: …`).
+fn parse_args<A: DeserializeOwned>(name: &str, body: &[u8], limits: &LimitSettings) -> Result<A, OpError> {
+    let body = body.trim_ascii();
+    if body.is_empty() {
+        return typed_args(name, serde_json::Value::Object(Default::default()));
     }
-    let value: serde_json::Value = serde_json::from_slice(payload)
-        .map_err(|e| OpError::invalid(format!("request body is not valid JSON: {e}")))?;
-    if !value.is_object() {
+    if body[0] != b'{' {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
         return Err(OpError::invalid("request body must be a JSON object"));
     }
+    // A string over the limit needs a body longer than the limit, and a list or object over
+    // the item limit at least two bytes per item: a body shorter than both cannot break a
+    // limit, and is read straight into the arguments (nearly every request is this small).
+    if body.len() <= limits.max_string_bytes && body.len() < 2 * limits.max_list_items {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        return match serde_path_to_error::deserialize(&mut de) {
+            Ok(args) => de.end().map(|()| args).map_err(not_json),
+            Err(e) if e.inner().is_data() => Err(invalid_args(name, e)),
+            Err(e) => Err(not_json(e.into_inner())),
+        };
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(not_json)?;
     check_limits(&value, limits)?;
-    Ok(value)
+    typed_args(name, value)
+}
+
+fn typed_args<A: DeserializeOwned>(name: &str, value: serde_json::Value) -> Result<A, OpError> {
+    serde_path_to_error::deserialize(value).map_err(|e| invalid_args(name, e))
+}
+
+fn invalid_args(name: &str, e: serde_path_to_error::Error<serde_json::Error>) -> OpError {
+    let path = e.path().to_string();
+    let at = if path == "." { String::new() } else { format!("{path}: ") };
+    OpError::invalid(format!("invalid arguments for {name}: {at}{}", e.into_inner()))
+}
+
+fn not_json(e: serde_json::Error) -> OpError {
+    OpError::invalid(format!("request body is not valid JSON: {e}"))
 }
 
 /// Checks string, list and object sizes. The JSON path of an offending value is built only
 /// when there is one (every request passes through here).
-fn check_limits(value: &serde_json::Value, limits: &crate::config::LimitSettings) -> Result<(), OpError> {
+fn check_limits(value: &serde_json::Value, limits: &LimitSettings) -> Result<(), OpError> {
     let mut rev_path = Vec::new();
     match find_over_limit(value, limits, &mut rev_path) {
         None => Ok(()),
@@ -350,11 +370,7 @@ fn check_limits(value: &serde_json::Value, limits: &crate::config::LimitSettings
 }
 
 /// The first size limit `value` breaks, with the path to it pushed innermost first.
-fn find_over_limit(
-    value: &serde_json::Value,
-    limits: &crate::config::LimitSettings,
-    rev_path: &mut Vec<String>,
-) -> Option<String> {
+fn find_over_limit(value: &serde_json::Value, limits: &LimitSettings, rev_path: &mut Vec<String>) -> Option<String> {
     match value {
         serde_json::Value::String(s) if s.len() > limits.max_string_bytes => {
             Some(format!("string of {} bytes exceeds the limit of {} bytes", s.len(), limits.max_string_bytes))
@@ -534,13 +550,38 @@ mod tests {
     #[test]
     fn args_limits_name_the_path() {
         let limits = crate::config::LimitSettings { max_string_bytes: 300, max_list_items: 3 };
+        let parse = |body: &[u8]| parse_args::<serde_json::Value>("op", body, &limits);
         let long = "x".repeat(301);
-        let err = parse_args(format!(r#"{{"payload":{{"messageText":"{long}"}}}}"#).as_bytes(), &limits).unwrap_err();
+        let err = parse(format!(r#"{{"payload":{{"messageText":"{long}"}}}}"#).as_bytes()).unwrap_err();
         assert!(err.message.contains("$.payload.messageText"), "{}", err.message);
-        let err = parse_args(br#"{"a":[1,2,3,4]}"#, &limits).unwrap_err();
+        let err = parse(br#"{"a":[1,2,3,4]}"#).unwrap_err();
         assert!(err.message.contains("$.a"));
-        assert_eq!(parse_args(b"", &limits).unwrap(), serde_json::json!({}));
-        assert_eq!(parse_args(b"[1]", &limits).unwrap_err().code, ErrorCode::InvalidInput);
-        assert_eq!(parse_args(b"{nope", &limits).unwrap_err().code, ErrorCode::InvalidInput);
+        assert_eq!(parse(b"").unwrap(), serde_json::json!({}));
+        assert_eq!(parse(b" [1]").unwrap_err().message, "request body must be a JSON object");
+        assert!(parse(b"{nope").unwrap_err().message.starts_with("request body is not valid JSON"));
+        assert!(parse(b"nope").unwrap_err().message.starts_with("request body is not valid JSON"));
+    }
+
+    #[test]
+    fn small_bodies_are_read_straight_into_the_arguments_with_the_same_errors() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Args {
+            worker_id: String,
+            #[serde(default)]
+            wait_ms: Option<u64>,
+        }
+        let limits = crate::config::LimitSettings { max_string_bytes: 65536, max_list_items: 1000 };
+        let parse = |body: &[u8]| parse_args::<Args>("claimNextJob", body, &limits);
+        let args = parse(br#"{"workerId":"w1","waitMs":5}"#).expect("valid");
+        assert_eq!((args.worker_id.as_str(), args.wait_ms), ("w1", Some(5)));
+        let err = parse(br#"{"workerId":"w1","waitMs":"soon"}"#).unwrap_err();
+        assert!(err.message.starts_with("invalid arguments for claimNextJob: waitMs: invalid type"), "{}", err.message);
+        let err = parse(br#"{"waitMs":1}"#).unwrap_err();
+        assert!(err.message.contains("missing field `workerId`"), "{}", err.message);
+        assert!(
+            parse(br#"{"workerId":"w1"} trailing"#).unwrap_err().message.starts_with("request body is not valid JSON")
+        );
+        assert!(parse(br#"{"workerId":"w1""#).unwrap_err().message.starts_with("request body is not valid JSON"));
     }
 }
