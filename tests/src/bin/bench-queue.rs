@@ -170,11 +170,11 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("run {run}/{}: throughput, agent-factory queue", args.runs);
         let queue_t = queue_throughput(&stack, &clients, &args, run).await;
         eprintln!("run {run}/{}: throughput, raw JetStream", args.runs);
-        let raw_t = raw_throughput(&stack, &args, run).await?;
+        let raw_t = raw_throughput(&stack, &clients, &args, run).await?;
         eprintln!("run {run}/{}: dispatch latency, agent-factory queue", args.runs);
         let queue_l = queue_latency(&stack, &clients, &args, run).await;
         eprintln!("run {run}/{}: dispatch latency, raw JetStream", args.runs);
-        let raw_l = raw_latency(&stack, &args, run).await?;
+        let raw_l = raw_latency(&clients, &args, run).await?;
         rows.push((queue_t, raw_t, queue_l, raw_l));
     }
     let median = |mut v: Vec<f64>| {
@@ -219,6 +219,8 @@ async fn main() -> anyhow::Result<()> {
 struct Clients {
     producer: common::ops::OpClient,
     workers: common::ops::OpClient,
+    /// The baseline's producer and pullers, on a connection of their own too.
+    raw: async_nats::jetstream::Context,
 }
 
 impl Clients {
@@ -227,7 +229,12 @@ impl Clients {
             let nats = common::service::connect_nats(stack.nats.url(), name, Duration::from_secs(5)).await?;
             anyhow::Ok(common::ops::OpClient::new(nats, Duration::from_secs(10)))
         };
-        Ok(Self { producer: client("bench-producer").await?, workers: client("bench-workers").await? })
+        let raw = common::service::connect_nats(stack.nats.url(), "bench-raw", Duration::from_secs(5)).await?;
+        Ok(Self {
+            producer: client("bench-producer").await?,
+            workers: client("bench-workers").await?,
+            raw: async_nats::jetstream::new(raw),
+        })
     }
 
     fn app(&self) -> Api {
@@ -414,8 +421,10 @@ fn signed_ms(a: Instant, b: Instant) -> f64 {
     if b >= a { (b - a).as_secs_f64() * 1000.0 } else { -((a - b).as_secs_f64() * 1000.0) }
 }
 
-async fn raw_stream(stack: &TestStack, name: &str) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
-    let js = &stack.ctx.js;
+async fn raw_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
     let _ = js.delete_stream(name).await;
     Ok(js
         .create_stream(async_nats::jetstream::stream::Config {
@@ -443,9 +452,9 @@ async fn raw_consumer(
 
 /// The baseline: publish with ack -> pull one at a time -> ack, same concurrency, no
 /// per-conversation order or exclusivity.
-async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::Result<f64> {
+async fn raw_throughput(stack: &TestStack, clients: &Clients, args: &Args, run: usize) -> anyhow::Result<f64> {
     let name = format!("BENCH_T{run}");
-    let stream = raw_stream(stack, &name).await?;
+    let stream = raw_stream(&clients.raw, &name).await?;
     let consumer = raw_consumer(&stream).await?;
     let total = args.conversations * args.messages;
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -467,7 +476,7 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         });
     }
     pulling(&consumer, args.in_flight).await;
-    let js = stack.ctx.js.clone();
+    let js = clients.raw.clone();
     let cpu = CpuSplit::start(stack).await;
     let started = Instant::now();
     futures::stream::iter(0..total)
@@ -488,13 +497,13 @@ async fn raw_throughput(stack: &TestStack, args: &Args, run: usize) -> anyhow::R
         total as f64 / elapsed.as_secs_f64()
     );
     while workers.join_next().await.is_some() {}
-    let _ = stack.ctx.js.delete_stream(&name).await;
+    let _ = clients.raw.delete_stream(&name).await;
     Ok(total as f64 / elapsed.as_secs_f64())
 }
 
-async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Result<Latency> {
+async fn raw_latency(clients: &Clients, args: &Args, run: usize) -> anyhow::Result<Latency> {
     let name = format!("BENCH_L{run}");
-    let stream = raw_stream(stack, &name).await?;
+    let stream = raw_stream(&clients.raw, &name).await?;
     let consumer = raw_consumer(&stream).await?;
     let returned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -517,7 +526,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
         });
     }
     pulling(&consumer, args.latency_workers).await;
-    let js = stack.ctx.js.clone();
+    let js = clients.raw.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..args.latency_messages {
@@ -536,7 +545,7 @@ async fn raw_latency(stack: &TestStack, args: &Args, run: usize) -> anyhow::Resu
     filled(&received, args.latency_messages).await;
     stop.cancel();
     while workers.join_next().await.is_some() {}
-    let _ = stack.ctx.js.delete_stream(&name).await;
+    let _ = clients.raw.delete_stream(&name).await;
     let (returned, received) = (returned.lock().expect("map").clone(), received.lock().expect("map").clone());
     Ok(latency(received.iter().filter_map(|(s, got)| returned.get(s).map(|sent| signed_ms(*sent, *got))).collect()))
 }
