@@ -130,26 +130,18 @@ impl State {
     /// Stores a held completion, then answers `reply` (if any). A write already under way
     /// carries it; the answer then waits for that write.
     pub(super) fn flush_conv(&mut self, token: &str, reply: Option<(Reply, Value)>) {
-        let Some(conv) = self.convs.get(token) else {
-            if let Some((reply, answer)) = reply {
-                let _ = reply.send(Ok(answer));
+        match self.convs.get(token) {
+            Some(conv) if conv.writing => {
+                if let Some((reply, answer)) = reply {
+                    self.defer(token, Command::Flush { token: token.to_string(), reply, answer });
+                }
             }
-            return;
-        };
-        if conv.writing {
-            if let Some((reply, answer)) = reply {
-                self.defer(token, Command::Flush { token: token.to_string(), reply, answer });
+            Some(conv) if self.unflushed.contains_key(token) => {
+                let state = conv.state.clone();
+                self.write_conv(token, state, After::Flush { reply });
             }
-            return;
+            _ => send_answer(reply),
         }
-        if !self.unflushed.contains_key(token) {
-            if let Some((reply, answer)) = reply {
-                let _ = reply.send(Ok(answer));
-            }
-            return;
-        }
-        let state = conv.state.clone();
-        self.write_conv(token, state, After::Flush { reply });
     }
 
     /// Makes `state` the conversation's state in the index: re-files its lease and drops
@@ -390,11 +382,7 @@ impl State {
                     },
                 }
             }
-            After::Flush { reply } => {
-                if let Some((reply, answer)) = reply {
-                    let _ = reply.send(Ok(answer));
-                }
-            }
+            After::Flush { reply } => send_answer(reply),
             After::CompleteAndLease { worker_id, reply } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let next = self.claimed(&token, &worker_id, new_lease, head_job, now);
@@ -618,5 +606,12 @@ impl State {
             self.dead_letters.insert(p.job.message_id.clone());
             metrics::counter!(common::telemetry::DEAD_LETTERS).increment(1);
         }
+    }
+}
+
+/// Sends a prepared answer, if there is a caller waiting for one.
+fn send_answer(reply: Option<(Reply, Value)>) {
+    if let Some((reply, answer)) = reply {
+        let _ = reply.send(Ok(answer));
     }
 }
