@@ -494,14 +494,7 @@ async fn complete_and_claim_next_waits_for_a_later_job() {
     let stack = stack().await;
     enqueue(&stack, "c1", "one").await;
     let job = claim(&stack, "w1").await;
-    let args = json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": 20_000});
-    let worker = stack.worker("w1");
-    let call = tokio::spawn(async move { worker.ok("completeAndClaimNext", args).await });
-    tests::wait_until("the claim is parked", std::time::Duration::from_secs(10), || async {
-        let stats = stack.admin().ok("getQueueStats", json!({})).await;
-        (stats["parkedClaims"] == 1).then_some(())
-    })
-    .await;
+    let call = complete_and_wait(&stack, "w1", &job).await;
     enqueue(&stack, "c1", "later").await;
     let answer = call.await.expect("join");
     assert_eq!(answer["completed"], true);
@@ -514,10 +507,11 @@ async fn stored_state(stack: &TestStack, conversation: &str) -> Value {
     stack.ctx.buckets.queue_state.get::<Value>(&key).await.expect("read queue state").expect("queue state").value
 }
 
-/// Parks `completeAndClaimNext` for `job` (its completion is held) and returns the call.
-async fn complete_and_wait(stack: &TestStack, job: &Value, wait_ms: u64) -> tokio::task::JoinHandle<Value> {
-    let args = json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": wait_ms});
-    let worker = stack.worker("w1");
+/// Parks `worker`'s `completeAndClaimNext` for `job` (its completion is held) and returns the
+/// call.
+async fn complete_and_wait(stack: &TestStack, worker: &str, job: &Value) -> tokio::task::JoinHandle<Value> {
+    let args = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": 20_000});
+    let worker = stack.worker(worker);
     let call = tokio::spawn(async move { worker.ok("completeAndClaimNext", args).await });
     tests::wait_until("the claim is parked", std::time::Duration::from_secs(10), || async {
         let stats = stack.admin().ok("getQueueStats", json!({})).await;
@@ -535,7 +529,7 @@ async fn a_held_completion_and_the_next_lease_are_stored_in_one_write() {
     enqueue(&stack, "c1", "one").await;
     let job = claim(&stack, "w1").await;
     let leased = stored_state(&stack, "c1").await;
-    let call = complete_and_wait(&stack, &job, 20_000).await;
+    let call = complete_and_wait(&stack, "w1", &job).await;
     // Held: the index has it (nothing is processing) but the store still shows the lease.
     let stats = stack.admin().ok("getQueueStats", json!({})).await;
     assert_eq!(stats["processing"], 0);
@@ -559,10 +553,15 @@ async fn a_held_completion_and_the_next_lease_are_stored_in_one_write() {
 async fn a_held_completion_is_stored_before_its_worker_hears_of_it() {
     let stack = TestStack::start_with(&[MANUAL, &[("queue.lazy_flush_ms", "60000")]].concat()).await;
     seed_profile(&stack.ctx, "agent-a").await;
-    // The long poll ends without a job: the completion is written, then answered.
+    // The long poll ends without a job (here: the worker is told to drain): the completion
+    // is written, then answered.
     enqueue(&stack, "c1", "one").await;
     let job = claim(&stack, "w1").await;
-    let call = complete_and_wait(&stack, &job, 300).await;
+    let call = complete_and_wait(&stack, "w1", &job).await;
+    stack
+        .admin()
+        .ok("upsertWorkerState", json!({ "workerId": "w1", "provider": "fly", "status": "draining", "load": 0 }))
+        .await;
     assert_eq!(call.await.expect("join"), json!({"completed": true, "next": null}));
     let stored = stored_state(&stack, "c1").await;
     assert_eq!(stored["lastCompleted"]["leaseId"], job["leaseId"]);
@@ -570,10 +569,10 @@ async fn a_held_completion_is_stored_before_its_worker_hears_of_it() {
 
     // A plain `completeJob` retry of a held completion (its first answer lost) is answered
     // `true` only once the completion is stored.
-    enqueue(&stack, "c1", "two").await;
-    let job = claim(&stack, "w1").await;
-    let call = complete_and_wait(&stack, &job, 20_000).await;
-    assert_eq!(complete(&stack, "w1", &job).await, true);
-    assert_eq!(stored_state(&stack, "c1").await["lastCompleted"]["leaseId"], job["leaseId"]);
+    enqueue(&stack, "c2", "two").await;
+    let job = claim(&stack, "w2").await;
+    let call = complete_and_wait(&stack, "w2", &job).await;
+    assert_eq!(complete(&stack, "w2", &job).await, true);
+    assert_eq!(stored_state(&stack, "c2").await["lastCompleted"]["leaseId"], job["leaseId"]);
     call.abort();
 }

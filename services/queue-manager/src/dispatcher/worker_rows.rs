@@ -124,7 +124,7 @@ impl State {
         if status != WorkerStatus::Active
             && let Some(p) = self.parked.remove(&worker_id)
         {
-            let _ = p.reply.send(Ok(Value::Null));
+            self.end_park(p);
         }
         self.flush_worker(&worker_id);
         // Ownership may have changed: re-file the conversations involved.
