@@ -349,7 +349,17 @@ fn typed_args<A: DeserializeOwned>(name: &str, value: serde_json::Value) -> Resu
 fn invalid_args(name: &str, e: serde_path_to_error::Error<serde_json::Error>) -> OpError {
     let path = e.path().to_string();
     let at = if path == "." { String::new() } else { format!("{path}: ") };
-    OpError::invalid(format!("invalid arguments for {name}: {at}{}", e.into_inner()))
+    let inner = e.into_inner();
+    // Read from the body, serde_json appends the byte position; the path already says where,
+    // and the message stays the same whichever way the body was read.
+    let mut message = inner.to_string();
+    if inner.line() > 0 {
+        let position = format!(" at line {} column {}", inner.line(), inner.column());
+        if let Some(stripped) = message.strip_suffix(&position) {
+            message = stripped.to_string();
+        }
+    }
+    OpError::invalid(format!("invalid arguments for {name}: {at}{message}"))
 }
 
 fn not_json(e: serde_json::Error) -> OpError {
@@ -578,7 +588,7 @@ mod tests {
         let err = parse(br#"{"workerId":"w1","waitMs":"soon"}"#).unwrap_err();
         assert!(err.message.starts_with("invalid arguments for claimNextJob: waitMs: invalid type"), "{}", err.message);
         let err = parse(br#"{"waitMs":1}"#).unwrap_err();
-        assert!(err.message.contains("missing field `workerId`"), "{}", err.message);
+        assert_eq!(err.message, "invalid arguments for claimNextJob: missing field `workerId`");
         assert!(
             parse(br#"{"workerId":"w1"} trailing"#).unwrap_err().message.starts_with("request body is not valid JSON")
         );
