@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -82,7 +81,8 @@ fn parse(text: &str) -> Option<(String, u64)> {
     Some((c.to_string(), n.parse().ok()?))
 }
 
-/// Retries `f` while the queue is unavailable (leader failover, a replica killed).
+/// Retries `f` while the queue is unavailable (leader failover, a replica killed). No pause
+/// of its own: while no leader serves, `Api::call` already waits for one to take over.
 pub async fn retrying<F, Fut>(mut f: F) -> Result<Value, common::OpError>
 where
     F: FnMut() -> Fut,
@@ -91,7 +91,7 @@ where
     loop {
         match f().await {
             Err(e) if matches!(e.code, common::ErrorCode::Unavailable | common::ErrorCode::Conflict) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::task::yield_now().await;
             }
             other => return other,
         }
