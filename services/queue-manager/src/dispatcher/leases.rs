@@ -65,11 +65,9 @@ impl State {
     /// the worker claims as usual.
     pub(super) fn complete_and_claim(&mut self, args: LeaseArgs, claim: ClaimArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
-            LeaseCheck::Mismatch => self.answer_completed_before(
-                &args,
-                reply,
-                |done| serde_json::json!({ "completed": done, "next": Value::Null }),
-            ),
+            LeaseCheck::Mismatch => {
+                self.answer_completed_before(&args, reply, |done| complete_and_claim_answer(done, Value::Null))
+            }
             LeaseCheck::Busy(token) => self.defer(&token, Command::CompleteAndClaim { args, claim, reply }),
             LeaseCheck::Held(token) => {
                 let Some(mut state) = self.completed_state(&token, &args) else { return };
@@ -373,7 +371,7 @@ impl State {
                     }
                     Some(completed) => match claim {
                         Ok(next) => {
-                            let answer = serde_json::json!({ "completed": true, "next": next });
+                            let answer = complete_and_claim_answer(true, next);
                             self.flush_conv(&completed, Some((reply, answer)));
                         }
                         Err(e) => {
@@ -387,7 +385,7 @@ impl State {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let next = self.claimed(&token, &worker_id, new_lease, head_job, now);
                 let next = serde_json::to_value(&next).unwrap_or(Value::Null);
-                let _ = reply.send(Ok(serde_json::json!({ "completed": true, "next": next })));
+                let _ = reply.send(Ok(complete_and_claim_answer(true, next)));
             }
             After::CompleteThenClaim { worker_id, reply, claim } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
@@ -395,7 +393,7 @@ impl State {
                 let (tx, rx) = oneshot::channel();
                 tokio::spawn(async move {
                     let next = rx.await.unwrap_or(Ok(Value::Null));
-                    let _ = reply.send(next.map(|next| serde_json::json!({ "completed": true, "next": next })));
+                    let _ = reply.send(next.map(|next| complete_and_claim_answer(true, next)));
                 });
                 follow_up = Some(Command::Claim { args: claim, reply: tx });
             }

@@ -545,7 +545,7 @@ impl State {
                 Some(token) if self.unflushed.contains_key(token) => {
                     Err(OpError::unavailable("the queue leader stepped down before the completion was stored; retry"))
                 }
-                Some(_) => Ok(serde_json::json!({ "completed": true, "next": Value::Null })),
+                Some(_) => Ok(complete_and_claim_answer(true, Value::Null)),
                 None => Ok(Value::Null),
             };
             let _ = parked.reply.send(answer);
@@ -704,6 +704,11 @@ fn state_error(after: &After, head: Option<&HeadState>) -> Option<String> {
         After::Recover { .. } => Some(LEASE_EXPIRED_ERROR.to_string()),
         _ => head.and_then(|h| h.last_error.clone()),
     }
+}
+
+/// The answer of `completeAndClaimNext`.
+fn complete_and_claim_answer(completed: bool, next: Value) -> Value {
+    serde_json::json!({ "completed": completed, "next": next })
 }
 
 fn truncate(s: &str) -> String {

@@ -108,7 +108,7 @@ impl State {
             let _ = reply.send(Ok(Value::Null));
             return;
         };
-        let answer = serde_json::json!({ "completed": true, "next": Value::Null });
+        let answer = complete_and_claim_answer(true, Value::Null);
         if self.unflushed.contains_key(&token) {
             self.flush_conv(&token, Some((reply, answer)));
         } else {
@@ -278,11 +278,10 @@ impl State {
     /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.
     pub(super) fn lease_to(&mut self, token: &str, args: ClaimArgs, reply: Reply, completing: Option<String>) {
         let now = self.now();
-        let Some(mut head) = self.convs.get(token).and_then(Conv::head_or_fresh) else {
+        let found = self.convs.get(token).and_then(|c| Some((c.head_or_fresh()?, c.state.clone())));
+        let Some((mut head, mut state)) = found else {
             return self.answer_no_job(reply, completing);
         };
-        let Some(conv) = self.convs.get(token) else { return };
-        let mut state = conv.state.clone();
         head.lease = Some(self.new_lease(&args.worker_id, now));
         state.head = Some(head);
         let worker_id = args.worker_id.clone();
