@@ -305,12 +305,30 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
             (err.http_status(), serde_json::to_vec(&err.to_body()).unwrap_or_default())
         }
     };
-    metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status.to_string())
+    let status = status_text(status);
+    metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status)
         .record(started.elapsed().as_secs_f64());
     let mut headers = HeaderMap::new();
-    headers.insert(HEADER_STATUS, status.to_string().as_str());
+    headers.insert(HEADER_STATUS, status);
     if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
         tracing::warn!(op = spec.name, error = %e, "could not send reply");
+    }
+}
+
+/// The status as text without an allocation per request (`ErrorCode::http_status` is a closed
+/// set).
+fn status_text(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        503 => "503",
+        _ => "500",
     }
 }
 
@@ -329,7 +347,11 @@ fn parse_args<A: DeserializeOwned>(name: &str, body: &[u8], limits: &LimitSettin
     // A string over the limit needs a body longer than the limit, and a list or object over
     // the item limit at least two bytes per item: a body shorter than both cannot break a
     // limit, and is read straight into the arguments (nearly every request is this small).
+    // Paths are tracked only to explain a failure: the body is read again for that.
     if body.len() <= limits.max_string_bytes && body.len() < 2 * limits.max_list_items {
+        if let Ok(args) = serde_json::from_slice(body) {
+            return Ok(args);
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         return match serde_path_to_error::deserialize(&mut de) {
             Ok(args) => de.end().map(|()| args).map_err(not_json),
@@ -343,6 +365,9 @@ fn parse_args<A: DeserializeOwned>(name: &str, body: &[u8], limits: &LimitSettin
 }
 
 fn typed_args<A: DeserializeOwned>(name: &str, value: serde_json::Value) -> Result<A, OpError> {
+    if let Ok(args) = A::deserialize(&value) {
+        return Ok(args);
+    }
     serde_path_to_error::deserialize(value).map_err(|e| invalid_args(name, e))
 }
 
