@@ -61,6 +61,8 @@ struct CpuSplit {
     at: (u64, u64, u64),
     varz: Option<String>,
     msgs: (u64, u64),
+    jsz: Option<String>,
+    writes: HashMap<String, u64>,
 }
 
 impl CpuSplit {
@@ -68,8 +70,25 @@ impl CpuSplit {
         let server = stack.nats.server.pid();
         let varz = stack.nats.server.monitoring_url().map(|u| format!("{u}/varz"));
         let msgs = server_msgs(varz.as_deref()).await;
+        let jsz = stack.nats.server.monitoring_url().map(|u| format!("{u}/jsz?accounts=true&streams=true"));
+        let writes = stream_writes(jsz.as_deref()).await;
         let (stack, clients) = own_cpu_ticks();
-        Self { server, at: (server.map_or(0, cpu_ticks), stack, clients), varz, msgs }
+        Self { server, at: (server.map_or(0, cpu_ticks), stack, clients), varz, msgs, jsz, writes }
+    }
+
+    /// Stored writes per processed message since `start`, by stream, busiest first.
+    async fn writes_per(&self, processed: usize) -> String {
+        let now = stream_writes(self.jsz.as_deref()).await;
+        let mut per: Vec<(String, f64)> = now
+            .into_iter()
+            .map(|(name, seq)| {
+                let delta = seq.saturating_sub(self.writes.get(&name).copied().unwrap_or(0));
+                (name, delta as f64 / processed.max(1) as f64)
+            })
+            .filter(|(_, per)| *per >= 0.005)
+            .collect();
+        per.sort_by(|a, b| b.1.total_cmp(&a.1));
+        per.iter().map(|(name, per)| format!("{name} {per:.2}")).collect::<Vec<_>>().join(", ")
     }
 
     /// Messages into and out of nats-server since `start`, per processed message.
@@ -87,12 +106,32 @@ impl CpuSplit {
     }
 }
 
+/// One HTTP client for the monitoring endpoint: building one loads the system's certificates,
+/// which costs more than a whole measured window's worth of requests.
+fn monitoring_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new)
+}
+
 /// nats-server's `in_msgs` and `out_msgs` counters (0 if unreadable).
 async fn server_msgs(varz: Option<&str>) -> (u64, u64) {
     let Some(url) = varz else { return (0, 0) };
-    let Ok(resp) = reqwest::get(url).await else { return (0, 0) };
+    let Ok(resp) = monitoring_client().get(url).send().await else { return (0, 0) };
     let v: Value = resp.json().await.unwrap_or_default();
     (v["in_msgs"].as_u64().unwrap_or(0), v["out_msgs"].as_u64().unwrap_or(0))
+}
+
+/// The last sequence of every JetStream stream: the writes it has taken (0 streams if unreadable).
+async fn stream_writes(jsz: Option<&str>) -> HashMap<String, u64> {
+    let Some(url) = jsz else { return HashMap::new() };
+    let Ok(resp) = monitoring_client().get(url).send().await else { return HashMap::new() };
+    let v: Value = resp.json().await.unwrap_or_default();
+    let accounts = v["account_details"].as_array().cloned().unwrap_or_default();
+    accounts
+        .iter()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| Some((s["name"].as_str()?.to_string(), s["state"]["last_seq"].as_u64()?)))
+        .collect()
 }
 
 /// The unit of /proc CPU times: fixed at 100 per second by the Linux ABI.
@@ -352,8 +391,9 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
     let elapsed = started.elapsed();
     let (server_cpu, stack_cpu, client_cpu) = cpu.busy(elapsed);
     let (ins, outs) = cpu.msgs_per(total).await;
+    let writes = cpu.writes_per(total).await;
     eprintln!(
-        "  enqueue rate {:.0} msgs/s, e2e {:.0} msgs/s; CPU: nats-server {server_cpu:.0} %, stack {stack_cpu:.0} %, clients {client_cpu:.0} %; nats-server msgs in/out per message {ins:.1}/{outs:.1}",
+        "  enqueue rate {:.0} msgs/s, e2e {:.0} msgs/s; CPU: nats-server {server_cpu:.0} %, stack {stack_cpu:.0} %, clients {client_cpu:.0} %; nats-server msgs in/out per message {ins:.1}/{outs:.1}; stored writes per message: {writes}",
         total as f64 / enqueued.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );
