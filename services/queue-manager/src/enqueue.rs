@@ -162,7 +162,7 @@ impl Enqueuer {
             message_id: uuid::Uuid::now_v7().to_string(),
             conversation_id: conversation_id.clone(),
             agent_key,
-            payload: serde_json::Value::Object(payload),
+            payload: serde_json::value::to_raw_value(&payload).map_err(OpError::internal)?,
             priority: clamp_priority(args.priority, q.default_priority, q.max_priority),
             scheduled_for: args.scheduled_for.unwrap_or(now),
             max_attempts,

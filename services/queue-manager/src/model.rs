@@ -13,7 +13,8 @@ pub struct Job {
     pub message_id: String,
     pub conversation_id: String,
     pub agent_key: String,
-    pub payload: serde_json::Value,
+    /// Kept as the JSON text it was enqueued as: the queue never looks inside it.
+    pub payload: Box<serde_json::value::RawValue>,
     pub priority: i64,
     pub scheduled_for: Millis,
     pub max_attempts: u32,
@@ -62,7 +63,7 @@ pub struct Claim {
     pub agent_key: String,
     pub lease_id: String,
     pub lease_expires_at: Millis,
-    pub payload: serde_json::Value,
+    pub payload: Box<serde_json::value::RawValue>,
     pub attempts: u32,
 }
 
@@ -170,7 +171,7 @@ pub struct JobView {
     pub max_attempts: u32,
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -30,7 +30,7 @@ impl State {
     pub(super) fn heartbeat(&mut self, args: LeaseArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
             LeaseCheck::Mismatch => {
-                let _ = reply.send(Ok(Value::Bool(false)));
+                let _ = reply.send(to_answer(false));
             }
             LeaseCheck::Busy(token) => self.defer(&token, Command::Heartbeat { args, reply }),
             LeaseCheck::Held(token) => {
@@ -49,7 +49,7 @@ impl State {
 
     pub(super) fn complete(&mut self, args: LeaseArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
-            LeaseCheck::Mismatch => self.answer_completed_before(&args, reply, Value::Bool),
+            LeaseCheck::Mismatch => self.answer_completed_before(&args, reply, to_answer),
             LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
             LeaseCheck::Held(token) => {
                 let Some(state) = self.completed_state(&token, &args) else { return };
@@ -66,7 +66,7 @@ impl State {
     pub(super) fn complete_and_claim(&mut self, args: LeaseArgs, claim: ClaimArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
             LeaseCheck::Mismatch => {
-                self.answer_completed_before(&args, reply, |done| complete_and_claim_answer(done, Value::Null))
+                self.answer_completed_before(&args, reply, |done| complete_and_claim_answer(done, None))
             }
             LeaseCheck::Busy(token) => self.defer(&token, Command::CompleteAndClaim { args, claim, reply }),
             LeaseCheck::Held(token) => {
@@ -101,7 +101,12 @@ impl State {
 
     /// Answers a completion whose lease is not current: whether this exact lease already
     /// completed its job (a retry whose first answer was lost), once that completion is stored.
-    fn answer_completed_before(&mut self, args: &LeaseArgs, reply: Reply, answer: impl Fn(bool) -> Value) {
+    fn answer_completed_before(
+        &mut self,
+        args: &LeaseArgs,
+        reply: Reply,
+        answer: impl Fn(bool) -> Result<Answer, OpError>,
+    ) {
         let done = self.convs.iter().find(|(_, c)| {
             c.state.last_completed.as_ref().is_some_and(|l| {
                 l.message_id == args.message_id && l.lease_id == args.lease_id && l.worker_id == args.worker_id
@@ -110,7 +115,7 @@ impl State {
         match done.map(|(token, _)| token.clone()) {
             Some(token) if self.unflushed.contains_key(&token) => self.flush_conv(&token, Some((reply, answer(true)))),
             done => {
-                let _ = reply.send(Ok(answer(done.is_some())));
+                let _ = reply.send(answer(done.is_some()));
             }
         }
     }
@@ -127,7 +132,7 @@ impl State {
 
     /// Stores a held completion, then answers `reply` (if any). A write already under way
     /// carries it; the answer then waits for that write.
-    pub(super) fn flush_conv(&mut self, token: &str, reply: Option<(Reply, Value)>) {
+    pub(super) fn flush_conv(&mut self, token: &str, reply: Option<(Reply, Result<Answer, OpError>)>) {
         match self.convs.get(token) {
             Some(conv) if conv.writing => {
                 if let Some((reply, answer)) = reply {
@@ -194,7 +199,7 @@ impl State {
     pub(super) fn fail(&mut self, args: FailArgs, reply: Reply) {
         match self.leased_conv(&args.worker_id, &args.message_id, &args.lease_id) {
             LeaseCheck::Mismatch => {
-                let _ = reply.send(to_value(FailOutcome::default()));
+                let _ = reply.send(to_answer(FailOutcome::default()));
             }
             LeaseCheck::Busy(token) => self.defer(&token, Command::Fail { args, reply }),
             LeaseCheck::Held(token) => {
@@ -268,7 +273,7 @@ impl State {
         }
         if started == 0 {
             if let Some(reply) = reply {
-                let _ = reply.send(to_value(ReleaseOutcome::default()));
+                let _ = reply.send(to_answer(ReleaseOutcome::default()));
             }
         } else {
             self.batches
@@ -309,22 +314,18 @@ impl State {
         });
         let dead_store = self.ctx.buckets.dead_letters.clone();
         let token = token.to_string();
-        let Some(tx) = self.tx.clone() else { return };
-        tokio::spawn(async move {
+        self.send_later(async move {
             // The dead-letter record is written first; if we die between the two writes the
             // job is retried and dead-lettered again onto the same key, so nothing is lost.
             if let Some(Some(record)) = record {
                 match dead_store.create(&record.job.message_id, &record).await {
                     Ok(_) => {}
                     Err(e) if e.is_conflict() => {}
-                    Err(e) => {
-                        let _ = tx.send(Event::ConvWritten { token, result: Err(e), state, after }).await;
-                        return;
-                    }
+                    Err(e) => return Event::ConvWritten { token, result: Err(e), state, after },
                 }
             }
             let result = store.write(&token, &state, revision).await;
-            let _ = tx.send(Event::ConvWritten { token, result, state, after }).await;
+            Event::ConvWritten { token, result, state, after }
         });
     }
 
@@ -360,7 +361,7 @@ impl State {
         match after {
             After::Claim { worker_id, reply, completing, .. } => {
                 let Some(claim) = self.claimed(&token, &worker_id, new_lease, head_job, now) else { return };
-                let claim = to_value(claim);
+                let claim = to_answer(claim);
                 match completing {
                     None => {
                         if let Err(Ok(_)) = reply.send(claim) {
@@ -371,7 +372,7 @@ impl State {
                     }
                     Some(completed) => match claim {
                         Ok(next) => {
-                            let answer = complete_and_claim_answer(true, next);
+                            let answer = complete_and_claim_answer(true, Some(&*next));
                             self.flush_conv(&completed, Some((reply, answer)));
                         }
                         Err(e) => {
@@ -384,16 +385,23 @@ impl State {
             After::CompleteAndLease { worker_id, reply } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let next = self.claimed(&token, &worker_id, new_lease, head_job, now);
-                let next = serde_json::to_value(&next).unwrap_or(Value::Null);
-                let _ = reply.send(Ok(complete_and_claim_answer(true, next)));
+                let answer = match next.map(to_answer).transpose() {
+                    Ok(next) => complete_and_claim_answer(true, next.as_deref()),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(answer);
             }
             After::CompleteThenClaim { worker_id, reply, claim } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 // The claim answers on its own channel; forward it inside the combined answer.
-                let (tx, rx) = oneshot::channel();
+                let (tx, rx) = oneshot::channel::<Result<Answer, OpError>>();
                 tokio::spawn(async move {
-                    let next = rx.await.unwrap_or(Ok(Value::Null));
-                    let _ = reply.send(next.map(|next| complete_and_claim_answer(true, next)));
+                    let answer = match rx.await {
+                        Ok(Ok(next)) => complete_and_claim_answer(true, Some(&*next)),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => complete_and_claim_answer(true, None),
+                    };
+                    let _ = reply.send(answer);
                 });
                 follow_up = Some(Command::Claim { args: claim, reply: tx });
             }
@@ -404,18 +412,18 @@ impl State {
                     w.row.heartbeat_at = now;
                     w.dirty = true;
                 }
-                let _ = reply.send(Ok(Value::Bool(true)));
+                let _ = reply.send(to_answer(true));
             }
             After::Complete { worker_id, reply } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
-                let _ = reply.send(Ok(Value::Bool(true)));
+                let _ = reply.send(to_answer(true));
             }
             After::Fail { worker_id, reply, outcome } => {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 if outcome.dead_lettered {
                     self.count_dead_letter(&finished);
                 }
-                let _ = reply.send(to_value(outcome));
+                let _ = reply.send(to_answer(outcome));
             }
             After::Recover { worker_id, dead, batch } => {
                 metrics::counter!(common::telemetry::LEASE_EXPIRIES).increment(1);
@@ -595,7 +603,7 @@ impl State {
             && let Some(b) = self.batches.remove(&id)
             && let Some(reply) = b.reply
         {
-            let _ = reply.send(to_value(b.outcome));
+            let _ = reply.send(to_answer(b.outcome));
         }
     }
 
@@ -608,8 +616,8 @@ impl State {
 }
 
 /// Sends a prepared answer, if there is a caller waiting for one.
-fn send_answer(reply: Option<(Reply, Value)>) {
+fn send_answer(reply: Option<(Reply, Result<Answer, OpError>)>) {
     if let Some((reply, answer)) = reply {
-        let _ = reply.send(Ok(answer));
+        let _ = reply.send(answer);
     }
 }

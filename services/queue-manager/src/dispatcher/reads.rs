@@ -63,11 +63,11 @@ impl State {
                     .collect();
                 rows.sort_by_key(|v| (v.scheduled_for, v.creation_time));
                 rows.truncate(limit);
-                let _ = reply.send(to_value(rows));
+                let _ = reply.send(to_answer(rows));
             }
             JobStatus::Failed => {
                 // The original never writes `failed`; kept for compatibility.
-                let _ = reply.send(Ok(Value::Array(Vec::new())));
+                let _ = reply.send(to_answer(Value::Array(Vec::new())));
             }
             JobStatus::DeadLetter => {
                 let store = self.ctx.buckets.dead_letters.clone();
@@ -81,7 +81,7 @@ impl State {
                             .collect();
                         rows.sort_by_key(|v| (v.scheduled_for, v.creation_time));
                         rows.truncate(limit);
-                        to_value(rows)
+                        to_answer(rows)
                     }
                     .await;
                     let _ = reply.send(result.map_err(|e: OpError| e));
@@ -103,7 +103,7 @@ impl State {
         let limit = args.limit.unwrap_or(100).clamp(1, 500);
         let token = common::token::escape(&args.conversation_id);
         let Some(conv) = self.convs.get(&token) else {
-            let _ = reply.send(Ok(Value::Array(Vec::new())));
+            let _ = reply.send(to_answer(Value::Array(Vec::new())));
             return;
         };
         let mut rows: Vec<JobView> =
@@ -122,7 +122,7 @@ impl State {
                     }
                 }
             }
-            let _ = reply.send(to_value(rows));
+            let _ = reply.send(to_answer(rows));
         });
     }
 
@@ -199,7 +199,7 @@ impl State {
                     .map_err(OpError::internal)?;
                 store.delete(&message_id, record.revision).await?;
                 let _ = tx.send(Event::DeadLetterRemoved { message_id: message_id.clone() }).await;
-                Ok(Value::String(job.message_id))
+                to_answer(job.message_id)
             }
             .await;
             let _ = reply.send(result);
@@ -213,11 +213,11 @@ impl State {
             let result = async {
                 let store = &ctx.buckets.dead_letters;
                 let Some(record) = store.get::<Value>(&message_id).await? else {
-                    return Ok(Value::Bool(false));
+                    return to_answer(false);
                 };
                 store.delete(&message_id, record.revision).await?;
                 let _ = tx.send(Event::DeadLetterRemoved { message_id }).await;
-                Ok(Value::Bool(true))
+                to_answer(true)
             }
             .await;
             let _ = reply.send(result);
@@ -263,7 +263,7 @@ async fn recent_done(
     done: HashMap<String, u64>,
     dead: HashSet<String>,
     limit: usize,
-) -> Result<Value, OpError> {
+) -> Result<Answer, OpError> {
     let stream = crate::enqueue::inbox(&ctx.js).await?;
     let info = stream.get_info().await.map_err(OpError::internal)?;
     let mut rows = Vec::new();
@@ -283,7 +283,7 @@ async fn recent_done(
         }
         seq -= 1;
     }
-    to_value(rows)
+    to_answer(rows)
 }
 
 /// Finished jobs of one conversation, newest first, up to `limit`.

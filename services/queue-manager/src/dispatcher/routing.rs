@@ -105,14 +105,14 @@ impl State {
     /// (`completing`), a held completion is stored first: "completed" is never said early.
     pub(super) fn answer_no_job(&mut self, reply: Reply, completing: Option<String>) {
         let Some(token) = completing else {
-            let _ = reply.send(Ok(Value::Null));
+            let _ = reply.send(to_answer(Value::Null));
             return;
         };
-        let answer = complete_and_claim_answer(true, Value::Null);
+        let answer = complete_and_claim_answer(true, None);
         if self.unflushed.contains_key(&token) {
             self.flush_conv(&token, Some((reply, answer)));
         } else {
-            let _ = reply.send(Ok(answer));
+            let _ = reply.send(answer);
         }
     }
 
@@ -143,21 +143,21 @@ impl State {
             Command::Fail { args, reply } => self.fail(args, reply),
             Command::Release { limit, reply } => self.release(limit, reply),
             Command::Stats { reply } => {
-                let _ = reply.send(to_value(self.stats()));
+                let _ = reply.send(to_answer(self.stats()));
             }
             Command::ListJobs { args, reply } => self.list_jobs(args, reply),
             Command::ListConversation { args, reply } => self.list_conversation(args, reply),
             Command::HasQueued { conversation_id, reply } => {
                 let token = common::token::escape(&conversation_id);
                 let queued = self.convs.get(&token).is_some_and(|c| c.pending.len() > usize::from(c.lease().is_some()));
-                let _ = reply.send(Ok(Value::Bool(queued)));
+                let _ = reply.send(to_answer(queued));
             }
             Command::ControlState { worker_id, reply } => {
                 let row = self.workers.get(&worker_id).map(|w| &w.row);
-                let _ = reply.send(to_value(workers::control_state(row, self.now(), self.q().stale_after_ms)));
+                let _ = reply.send(to_answer(workers::control_state(row, self.now(), self.q().stale_after_ms)));
             }
             Command::WorkerStats { reply } => {
-                let _ = reply.send(to_value(self.worker_stats()));
+                let _ = reply.send(to_answer(self.worker_stats()));
             }
             Command::Demand { reply } => {
                 let _ = reply.send(self.demand());
@@ -165,7 +165,7 @@ impl State {
             Command::ListWorkers { reply } => {
                 let mut rows: Vec<&WorkerRow> = self.workers.values().map(|w| &w.row).collect();
                 rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-                let _ = reply.send(to_value(rows));
+                let _ = reply.send(to_answer(rows));
             }
             Command::UpsertWorker { args, reply } => self.upsert_worker(*args, reply),
             Command::RecordSnapshot { worker_id, snapshot_id, reply } => {
@@ -191,7 +191,7 @@ impl State {
         let now = self.now();
         let worker = self.workers.get(&args.worker_id).map(|w| w.row.clone());
         if worker.as_ref().is_some_and(|w| w.status != WorkerStatus::Active) {
-            let _ = reply.send(Ok(Value::Null));
+            let _ = reply.send(to_answer(Value::Null));
             return;
         }
         // Presence (fix L1): a worker that keeps polling is alive even while idle, so its idle
@@ -204,7 +204,7 @@ impl State {
         if let (Some(a), Some(filter)) = (&assignment, &args.conversation_id)
             && &a.conversation_id != filter
         {
-            let _ = reply.send(Ok(Value::Null));
+            let _ = reply.send(to_answer(Value::Null));
             return;
         }
         let target = assignment.as_ref().map(|a| a.conversation_id.clone()).or_else(|| args.conversation_id.clone());
@@ -229,7 +229,7 @@ impl State {
                         payload: job.job.payload.clone(),
                         attempts: conv.head().map(|h| h.attempts).unwrap_or(0),
                     };
-                    let _ = reply.send(to_value(claim));
+                    let _ = reply.send(to_answer(claim));
                     return;
                 }
                 let claimable =
@@ -268,11 +268,23 @@ impl State {
         if free {
             self.free_parked.push_back((worker_id.clone(), park_id));
         }
-        // Long-poll timeouts are a transport matter, so they run on real time.
-        self.send_later(async move {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            Event::ParkExpired { worker_id, park_id }
-        });
+        // Long-poll timeouts are a transport matter, so they run on real time. A park that
+        // ends early leaves its deadline behind; `expire_parks` skips it by its id.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+        self.park_deadlines.insert((deadline, worker_id, park_id));
+    }
+
+    /// Ends the long polls whose wait is over.
+    pub(super) fn expire_parks(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.park_deadlines.first().is_some_and(|(t, ..)| *t <= now) {
+            let Some((_, worker_id, park_id)) = self.park_deadlines.pop_first() else { break };
+            if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
+                && let Some(p) = self.parked.remove(&worker_id)
+            {
+                self.end_park(p);
+            }
+        }
     }
 
     /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.

@@ -139,7 +139,7 @@ impl State {
     pub(super) fn record_snapshot(&mut self, worker_id: String, snapshot_id: String, reply: Reply) {
         let now = self.now();
         let Some(entry) = self.workers.get_mut(&worker_id) else {
-            let _ = reply.send(Ok(Value::Null));
+            let _ = reply.send(to_answer(Value::Null));
             return;
         };
         let row = &mut entry.row;
@@ -185,7 +185,7 @@ impl State {
                 entry.writing = false;
                 let row = entry.row.clone();
                 for waiter in entry.in_flight.drain(..) {
-                    let _ = waiter.send(to_value(&row));
+                    let _ = waiter.send(to_answer(&row));
                 }
                 if entry.dirty && !entry.waiters.is_empty() {
                     self.flush_worker(&worker_id);
