@@ -211,7 +211,10 @@ async fn open_objects(js: &jetstream::Context, name: &str) -> anyhow::Result<obj
 impl Buckets {
     pub async fn open(js: &jetstream::Context) -> anyhow::Result<Self> {
         let open = |name: &'static str| async move {
-            js.get_key_value(name).await.map(JsonStore::new).map_err(|e| anyhow::anyhow!("opening bucket {name}: {e}"))
+            js.get_key_value(name)
+                .await
+                .map(|kv| JsonStore::new(kv, js.client()))
+                .map_err(|e| anyhow::anyhow!("opening bucket {name}: {e}"))
         };
         Ok(Self {
             profiles: open(PROFILES).await?,

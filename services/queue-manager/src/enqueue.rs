@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::OpError;
 use common::model::{AgentProfile, ConversationRecord, MESSAGE_CONFIG_KEY, MessageConfig, RuntimeConfigRow};
 use common::service::ServiceContext;
-use common::store::JsonStore;
+use common::store::{JsonStore, PublishError};
 use futures::StreamExt;
 
 use crate::model::{EnqueueArgs, Job};
@@ -186,20 +186,16 @@ impl Enqueuer {
             headers.insert("Nats-Msg-Id", format!("{}:{key}", common::token::escape(&conversation_id)).as_str());
         }
         common::telemetry::inject_current_context(&mut headers);
-        let ack = self
-            .ctx
-            .js
-            .publish_with_headers(subject, headers, Bytes::from(body))
-            .await
-            .map_err(|e| OpError::unavailable(format!("could not store the message: {e}")))?
-            .await
-            .map_err(|e| {
-                OpError::unavailable(format!(
+        let ack = common::store::publish_acked(&self.ctx.nats, subject, headers, Bytes::from(body)).await.map_err(
+            |e| match e {
+                PublishError::Unknown(_) => OpError::unavailable(format!(
                     "the message may not have been stored: {e}; retry with the same idempotencyKey"
-                ))
-            })?;
+                )),
+                _ => OpError::unavailable(format!("could not store the message: {e}")),
+            },
+        )?;
         if ack.duplicate {
-            return self.message_id_at(ack.sequence).await;
+            return self.message_id_at(ack.seq).await;
         }
         metrics::counter!(common::telemetry::ENQUEUED).increment(1);
         Ok(job.message_id)
