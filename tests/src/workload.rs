@@ -83,10 +83,10 @@ fn parse(text: &str) -> Option<(String, u64)> {
 
 /// Retries `f` while the queue is unavailable (leader failover, a replica killed). No pause
 /// of its own: while no leader serves, `Api::call` already waits for one to take over.
-pub async fn retrying<F, Fut>(mut f: F) -> Result<Value, common::OpError>
+pub async fn retrying<T, F, Fut>(mut f: F) -> Result<T, common::OpError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Value, common::OpError>>,
+    Fut: std::future::Future<Output = Result<T, common::OpError>>,
 {
     loop {
         match f().await {

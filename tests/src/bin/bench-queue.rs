@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tests::{Api, TestStack, seed_profile};
 use tokio_util::sync::CancellationToken;
@@ -302,8 +304,51 @@ fn latency(mut samples: Vec<f64>) -> Latency {
     Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) }
 }
 
-async fn retry(api: &Api, op: &str, args: Value) -> Value {
-    tests::workload::retrying(|| api.call(op, args.clone())).await.unwrap_or_else(|e| panic!("{op} failed: {e:?}"))
+/// Calls `op` with typed arguments and answer, riding out unavailability. The benchmark's
+/// clients are typed, as the worker runtime is: building and dropping `Value` trees would
+/// spend the CPU the measured system shares with them.
+async fn retry<A: Serialize + Sync, R: DeserializeOwned>(api: &Api, op: &str, args: &A) -> R {
+    let call = || api.ops.call_through_failover(op, &api.token, args, common::ops::FAILOVER_PATIENCE);
+    tests::workload::retrying(call).await.unwrap_or_else(|e| panic!("{op} failed: {e:?}"))
+}
+
+/// The parts of a claimed job the benchmark's workers use; the payload is skipped unread.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Job {
+    message_id: String,
+    conversation_id: String,
+    lease_id: String,
+}
+
+#[derive(Deserialize)]
+struct CompletedAndNext {
+    next: Option<Job>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimArgs<'a> {
+    worker_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conversation_id: Option<&'a str>,
+    wait_ms: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseArgs<'a> {
+    worker_id: &'a str,
+    message_id: &'a str,
+    lease_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait_ms: Option<u64>,
+}
+
+impl<'a> LeaseArgs<'a> {
+    fn of(worker_id: &'a str, job: &'a Job, wait_ms: Option<u64>) -> Self {
+        Self { worker_id, message_id: &job.message_id, lease_id: &job.lease_id, wait_ms }
+    }
 }
 
 /// Waits until the queue leader holds `n` parked long-poll claims.
@@ -335,9 +380,29 @@ async fn filled(map: &Mutex<HashMap<String, Instant>>, n: usize) {
     .await;
 }
 
-fn enqueue_args(conversation: &str, text: &str) -> Value {
-    json!({ "conversationId": conversation, "agentKey": "bench",
-            "payload": { "provider": "bench", "providerUserId": "u", "messageText": text } })
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnqueueArgs<'a> {
+    conversation_id: &'a str,
+    agent_key: &'a str,
+    payload: Payload<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Payload<'a> {
+    provider: &'a str,
+    provider_user_id: &'a str,
+    message_text: &'a str,
+}
+
+async fn enqueue(app: &Api, conversation: &str) {
+    let args = EnqueueArgs {
+        conversation_id: conversation,
+        agent_key: "bench",
+        payload: Payload { provider: "bench", provider_user_id: "u", message_text: "x" },
+    };
+    retry::<_, Value>(app, "enqueueMessage", &args).await;
 }
 
 async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run: usize) -> f64 {
@@ -354,17 +419,17 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
             // Claim once, then complete each job and claim the next in one call, as a
             // worker serving one conversation does.
             let mut mine = 0;
-            let mut job = Value::Null;
+            let mut job: Option<Job> = None;
             while mine < per {
-                if job.is_null() {
-                    let claim = json!({ "workerId": id, "conversationId": conversation, "waitMs": 5000 });
-                    job = retry(&api, "claimNextJob", claim).await;
+                let Some(current) = &job else {
+                    let claim = ClaimArgs { worker_id: &id, conversation_id: Some(&conversation), wait_ms: 5000 };
+                    job = retry(&api, "claimNextJob", &claim).await;
                     continue;
-                }
-                let next = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"],
-                                   "waitMs": if mine + 1 < per { 5000 } else { 0 } });
-                let answer = retry(&api, "completeAndClaimNext", next).await;
-                job = answer["next"].clone();
+                };
+                let wait = if mine + 1 < per { 5000 } else { 0 };
+                let answer: CompletedAndNext =
+                    retry(&api, "completeAndClaimNext", &LeaseArgs::of(&id, current, Some(wait))).await;
+                job = answer.next;
                 mine += 1;
                 if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == total {
                     finished.cancel();
@@ -381,7 +446,7 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
         .map(|i| {
             let app = app.clone();
             let conversation = format!("t{run}-c{}", i % args.conversations);
-            async move { retry(&app, "enqueueMessage", enqueue_args(&conversation, "x")).await }
+            async move { enqueue(&app, &conversation).await }
         })
         .buffered(args.in_flight)
         .for_each(|_| async {})
@@ -415,19 +480,17 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
                 generation += 1;
                 let id = format!("l{run}-w{w}-{generation}");
                 let api = Api { ops: ops.clone(), token: ctx.auth.mint_worker_token(&id).expect("token") };
-                let job = tokio::select! {
+                let claim = ClaimArgs { worker_id: &id, conversation_id: None, wait_ms: 2000 };
+                let job: Option<Job> = tokio::select! {
                     _ = stop.cancelled() => return,
-                    job = retry(&api, "claimNextJob", json!({ "workerId": id, "waitMs": 2000 })) => job,
+                    job = retry(&api, "claimNextJob", &claim) => job,
                 };
-                if job.is_null() {
-                    continue;
-                }
+                let Some(job) = job else { continue };
                 let at = Instant::now();
                 if let Ok(mut m) = received.lock() {
-                    m.insert(job["conversationId"].as_str().unwrap_or_default().to_string(), at);
+                    m.insert(job.conversation_id.clone(), at);
                 }
-                let complete = json!({ "workerId": id, "messageId": job["messageId"], "leaseId": job["leaseId"] });
-                retry(&api, "completeJob", complete).await;
+                retry::<_, bool>(&api, "completeJob", &LeaseArgs::of(&id, &job, None)).await;
             }
         });
     }
@@ -440,7 +503,7 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
         let (app, returned) = (app.clone(), returned.clone());
         let conversation = format!("l{run}-c{i}");
         sends.spawn(async move {
-            retry(&app, "enqueueMessage", enqueue_args(&conversation, "x")).await;
+            enqueue(&app, &conversation).await;
             let at = Instant::now();
             if let Ok(mut m) = returned.lock() {
                 m.insert(conversation, at);
