@@ -15,5 +15,6 @@ mod scheduler;
 mod skills;
 mod smoke;
 pub(crate) mod snapshots;
+mod store;
 mod tidy;
 mod worker_kit;
