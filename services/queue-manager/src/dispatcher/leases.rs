@@ -314,7 +314,7 @@ impl State {
         });
         let dead_store = self.ctx.buckets.dead_letters.clone();
         let token = token.to_string();
-        self.send_later(async move {
+        self.start_io(async move {
             // The dead-letter record is written first; if we die between the two writes the
             // job is retried and dead-lettered again onto the same key, so nothing is lost.
             if let Some(Some(record)) = record {
@@ -503,7 +503,7 @@ impl State {
                 }
                 let store = self.ctx.buckets.queue_state.clone();
                 let t = token.clone();
-                self.send_later(async move {
+                self.start_io(async move {
                     let result = store.get::<QueueState>(&t).await;
                     Event::ConvReloaded { token: t, result }
                 });
@@ -563,7 +563,7 @@ impl State {
             Err(e) => {
                 tracing::error!(error = %e, "reloading queue state failed; retrying");
                 let store = self.ctx.buckets.queue_state.clone();
-                self.send_later(async move {
+                self.start_io(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let result = store.get::<QueueState>(&token).await;
                     Event::ConvReloaded { token, result }

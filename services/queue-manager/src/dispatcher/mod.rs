@@ -429,7 +429,7 @@ struct State {
     /// next job's lease, usually) or is written on its own by the periodic flush, and no
     /// caller is told "completed" before it is stored.
     unflushed: HashMap<String, u64>,
-    /// Store I/O started since the loop last looked (see `send_later`).
+    /// Store I/O started since the loop last looked (see `start_io`).
     io: Vec<BoxFuture<'static, Event>>,
 }
 
@@ -530,7 +530,7 @@ impl State {
 
     /// Starts store I/O whose outcome comes back as `event`. The loop polls it in place rather
     /// than on a task of its own: no spawn, no channel hop, per write.
-    fn send_later(&mut self, event: impl std::future::Future<Output = Event> + Send + 'static) {
+    fn start_io(&mut self, event: impl std::future::Future<Output = Event> + Send + 'static) {
         self.io.push(Box::pin(event));
     }
 

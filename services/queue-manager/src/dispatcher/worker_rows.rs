@@ -168,7 +168,7 @@ impl State {
         let revision = entry.revision;
         let store = self.ctx.buckets.workers.clone();
         let worker_id = worker_id.to_string();
-        self.send_later(async move {
+        self.start_io(async move {
             let key = common::token::escape(&worker_id);
             let result = store.write(&key, &row, revision).await;
             Event::WorkerWritten { worker_id, result }
@@ -193,7 +193,7 @@ impl State {
             }
             Err(e) if e.is_conflict() => {
                 let store = self.ctx.buckets.workers.clone();
-                self.send_later(async move {
+                self.start_io(async move {
                     let key = common::token::escape(&worker_id);
                     let revision = store.get::<Value>(&key).await.ok().flatten().map(|v| v.revision);
                     Event::WorkerReloaded { worker_id, revision }
@@ -237,7 +237,7 @@ impl State {
             self.watermark_writing = true;
             let store = self.ctx.buckets.queue_state.clone();
             let revision = self.watermark_revision;
-            self.send_later(async move {
+            self.start_io(async move {
                 let result = store.write(WATERMARK_KEY, &watermark, revision).await;
                 let ok = result.is_ok();
                 let revision = match result {
