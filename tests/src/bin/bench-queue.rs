@@ -51,7 +51,8 @@ struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Measure only the agent-factory throughput run (for profiling, e.g. under callgrind).
+    /// Measure only the agent-factory throughput run, `runs` times on one stack (for
+    /// profiling, e.g. under callgrind).
     #[arg(long)]
     profile_throughput: bool,
 }
@@ -169,7 +170,15 @@ fn server_side_times() {
     let text = common::telemetry::metrics_handle().render();
     let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
     println!("\n| operation (status 200) | calls | mean time in the service (ms) |\n|---|---|---|");
-    for op in ["enqueueMessage", "claimNextJob", "completeAndClaimNext", "completeJob"] {
+    let count_prefix = format!("{}_count{{op=\"", common::telemetry::OP_DURATION);
+    let mut ops: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&count_prefix))
+        .filter(|l| l.contains("status=\"200\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    ops.sort_unstable();
+    for op in ops {
         let label = format!("{{op=\"{op}\",status=\"200\"}}");
         let find = |suffix: &str| {
             text.lines()
@@ -198,7 +207,9 @@ async fn main() -> anyhow::Result<()> {
     // Producers and workers get their own connections, as separate processes would have.
     let clients = Clients::connect(&stack).await?;
     if args.profile_throughput {
-        queue_throughput(&stack, &clients, &args, 1).await;
+        for run in 1..=args.runs {
+            queue_throughput(&stack, &clients, &args, run).await;
+        }
         server_side_times();
         stack.stop().await;
         stack_runtime.shutdown_background();
