@@ -353,6 +353,34 @@ async fn a_long_poll_claim_returns_when_a_message_arrives() {
 }
 
 #[tokio::test]
+async fn a_long_poll_for_one_conversation_gets_its_first_message_before_any_free_worker() {
+    let stack = stack().await;
+    let poll = |id: &'static str, filter: Option<&str>| {
+        let worker = stack.worker(id);
+        let mut args = json!({ "workerId": id, "waitMs": 20_000 });
+        if let Some(c) = filter {
+            args["conversationId"] = json!(c);
+        }
+        tokio::spawn(async move { worker.ok("claimNextJob", args).await })
+    };
+    // A free worker waits first, then one that asked for "c1" only; both are parked before
+    // the message exists, so the order of arrival cannot decide it.
+    let free = poll("free", None);
+    let mine = poll("mine", Some("c1"));
+    tests::wait_until("both claims are parked", std::time::Duration::from_secs(5), || async {
+        let stats = stack.admin().ok("getQueueStats", json!({})).await;
+        (stats["parkedClaims"] == 2).then_some(())
+    })
+    .await;
+    enqueue(&stack, "c1", "for you").await;
+    let job = mine.await.unwrap();
+    assert_eq!((job["conversationId"].as_str(), job["payload"]["messageText"].as_str()), (Some("c1"), Some("for you")));
+    // The free worker still waits; another conversation's message is its.
+    enqueue(&stack, "c2", "anyone").await;
+    assert_eq!(free.await.unwrap()["conversationId"], "c2");
+}
+
+#[tokio::test]
 async fn heartbeats_extend_the_lease_and_foreign_leases_are_refused() {
     let stack = stack().await;
     enqueue(&stack, "c1", "a").await;

@@ -405,6 +405,9 @@ struct State {
     /// Leased conversations by lease expiry, for recovery.
     leased: BTreeSet<(Millis, String)>,
     parked: HashMap<String, Parked>,
+    /// Parked workers by the conversation their claim asked for (`conversationId`), so a
+    /// conversation's first message finds its worker without a scan of every long poll.
+    parked_for: HashMap<String, Vec<String>>,
     /// When each long poll ends, by deadline (entries of polls that ended early linger).
     park_deadlines: BTreeSet<(tokio::time::Instant, String, u64)>,
     free_parked: VecDeque<(String, u64)>,
@@ -499,6 +502,7 @@ impl State {
             timer_of: HashMap::default(),
             leased: BTreeSet::new(),
             parked: HashMap::default(),
+            parked_for: HashMap::default(),
             park_deadlines: BTreeSet::new(),
             free_parked: VecDeque::new(),
             next_park_id: 0,
@@ -572,6 +576,7 @@ impl State {
         }
         // Parked long polls end empty so workers retry against the next leader; one whose
         // completion was never stored fails, so the worker completes again there.
+        self.parked_for.clear();
         for (_, parked) in self.parked.drain() {
             let answer = match &parked.completing {
                 Some(token) if self.unflushed.contains_key(token) => {

@@ -56,14 +56,9 @@ impl State {
             return;
         }
         // A parked worker that asked for exactly this conversation.
-        let filtered = self
-            .parked
-            .iter()
-            .find(|(id, p)| {
-                p.args.conversation_id.as_deref() == Some(conversation_id.as_str())
-                    && self.workers.get(*id).is_none_or(|w| w.row.assignment.is_none())
-            })
-            .map(|(id, _)| id.clone());
+        let filtered = self.parked_for.get(&conversation_id).and_then(|waiting| {
+            waiting.iter().find(|w| self.workers.get(*w).is_none_or(|w| w.row.assignment.is_none())).cloned()
+        });
         if let Some(worker) = filtered {
             self.take_parked(&worker, token);
             return;
@@ -88,7 +83,7 @@ impl State {
     }
 
     pub(super) fn take_parked(&mut self, worker_id: &str, token: &str) {
-        if let Some(parked) = self.parked.remove(worker_id) {
+        if let Some(parked) = self.unpark(worker_id) {
             // A completing poll is only ever handed the conversation it completed (it is that
             // conversation's owner and not free), so this lease write carries the completion.
             debug_assert!(parked.completing.as_deref().is_none_or(|t| t == token));
@@ -262,9 +257,13 @@ impl State {
         let free = parked.args.conversation_id.is_none()
             && parked.completing.is_none()
             && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
-        if let Some(old) = self.parked.insert(worker_id.clone(), parked) {
+        if let Some(old) = self.unpark(&worker_id) {
             self.end_park(old);
         }
+        if let Some(filter) = &parked.args.conversation_id {
+            self.parked_for.entry(filter.clone()).or_default().push(worker_id.clone());
+        }
+        self.parked.insert(worker_id.clone(), parked);
         if free {
             self.free_parked.push_back((worker_id.clone(), park_id));
         }
@@ -280,11 +279,25 @@ impl State {
         while self.park_deadlines.first().is_some_and(|(t, ..)| *t <= now) {
             let Some((_, worker_id, park_id)) = self.park_deadlines.pop_first() else { break };
             if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
-                && let Some(p) = self.parked.remove(&worker_id)
+                && let Some(p) = self.unpark(&worker_id)
             {
                 self.end_park(p);
             }
         }
+    }
+
+    /// Takes a worker's long poll out of the parked set and of the by-conversation index.
+    pub(super) fn unpark(&mut self, worker_id: &str) -> Option<Parked> {
+        let parked = self.parked.remove(worker_id)?;
+        if let Some(filter) = &parked.args.conversation_id
+            && let Some(waiting) = self.parked_for.get_mut(filter)
+        {
+            waiting.retain(|w| w != worker_id);
+            if waiting.is_empty() {
+                self.parked_for.remove(filter);
+            }
+        }
+        Some(parked)
     }
 
     /// Writes a lease for the conversation's head to `args.worker_id`, then answers the claim.

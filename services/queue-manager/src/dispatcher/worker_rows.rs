@@ -122,7 +122,7 @@ impl State {
             self.owner_of.insert(common::token::escape(&a.conversation_id), worker_id.clone());
         }
         if status != WorkerStatus::Active
-            && let Some(p) = self.parked.remove(&worker_id)
+            && let Some(p) = self.unpark(&worker_id)
         {
             self.end_park(p);
         }
