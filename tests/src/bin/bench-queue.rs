@@ -116,19 +116,25 @@ fn monitoring_client() -> &'static reqwest::Client {
     CLIENT.get_or_init(reqwest::Client::new)
 }
 
-/// nats-server's `in_msgs` and `out_msgs` counters (0 if unreadable).
+/// A monitoring endpoint's JSON (`null` if there is none or it cannot be read: the figures it
+/// feeds are then reported as 0).
+async fn monitoring_json(url: Option<&str>) -> Value {
+    let Some(url) = url else { return Value::Null };
+    match monitoring_client().get(url).send().await {
+        Ok(resp) => resp.json().await.unwrap_or_default(),
+        Err(_) => Value::Null,
+    }
+}
+
+/// nats-server's `in_msgs` and `out_msgs` counters.
 async fn server_msgs(varz: Option<&str>) -> (u64, u64) {
-    let Some(url) = varz else { return (0, 0) };
-    let Ok(resp) = monitoring_client().get(url).send().await else { return (0, 0) };
-    let v: Value = resp.json().await.unwrap_or_default();
+    let v = monitoring_json(varz).await;
     (v["in_msgs"].as_u64().unwrap_or(0), v["out_msgs"].as_u64().unwrap_or(0))
 }
 
-/// The last sequence of every JetStream stream: the writes it has taken (0 streams if unreadable).
+/// The last sequence of every JetStream stream: the writes it has taken.
 async fn stream_writes(jsz: Option<&str>) -> HashMap<String, u64> {
-    let Some(url) = jsz else { return HashMap::new() };
-    let Ok(resp) = monitoring_client().get(url).send().await else { return HashMap::new() };
-    let v: Value = resp.json().await.unwrap_or_default();
+    let v = monitoring_json(jsz).await;
     let accounts = v["account_details"].as_array().cloned().unwrap_or_default();
     accounts
         .iter()
@@ -316,8 +322,8 @@ fn latency(mut samples: Vec<f64>) -> Latency {
 }
 
 /// Calls `op` with typed arguments and answer, riding out unavailability. The benchmark's
-/// clients are typed, as the worker runtime is: building and dropping `Value` trees would
-/// spend the CPU the measured system shares with them.
+/// clients are typed (the worker runtime reads its answers into structs too): building and
+/// dropping `Value` trees would spend the CPU the measured system shares with them.
 async fn retry<A: Serialize + Sync, R: DeserializeOwned>(api: &Api, op: &str, args: &A) -> R {
     let call = || api.ops.call_through_failover(op, &api.token, args, common::ops::FAILOVER_PATIENCE);
     tests::workload::retrying(call).await.unwrap_or_else(|e| panic!("{op} failed: {e:?}"))
