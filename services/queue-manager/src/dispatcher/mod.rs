@@ -374,6 +374,8 @@ struct WorkerEntry {
 
 struct Parked {
     park_id: u64,
+    /// When the long poll ends empty (real time: a transport matter).
+    deadline: tokio::time::Instant,
     args: ClaimArgs,
     reply: Reply,
     /// Set for the long poll of a `completeAndClaimNext` whose completion is held (see
@@ -408,7 +410,7 @@ struct State {
     /// Parked workers by the conversation their claim asked for (`conversationId`), so a
     /// conversation's first message finds its worker without a scan of every long poll.
     parked_for: HashMap<String, Vec<String>>,
-    /// When each long poll ends, by deadline (entries of polls that ended early linger).
+    /// The parked long polls by deadline (kept equal to `parked` by `park` and `unpark`).
     park_deadlines: BTreeSet<(tokio::time::Instant, String, u64)>,
     free_parked: VecDeque<(String, u64)>,
     next_park_id: u64,
@@ -576,7 +578,6 @@ impl State {
         }
         // Parked long polls end empty so workers retry against the next leader; one whose
         // completion was never stored fails, so the worker completes again there.
-        self.parked_for.clear();
         for (_, parked) in self.parked.drain() {
             let answer = match &parked.completing {
                 Some(token) if self.unflushed.contains_key(token) => {

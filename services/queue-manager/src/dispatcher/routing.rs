@@ -252,7 +252,8 @@ impl State {
         }
         self.next_park_id += 1;
         let park_id = self.next_park_id;
-        let parked = Parked { park_id, args, reply, completing };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+        let parked = Parked { park_id, deadline, args, reply, completing };
         let worker_id = parked.args.worker_id.clone();
         let free = parked.args.conversation_id.is_none()
             && parked.completing.is_none()
@@ -267,28 +268,34 @@ impl State {
         if free {
             self.free_parked.push_back((worker_id.clone(), park_id));
         }
-        // Long-poll timeouts are a transport matter, so they run on real time. A park that
-        // ends early leaves its deadline behind; `expire_parks` skips it by its id.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
         self.park_deadlines.insert((deadline, worker_id, park_id));
     }
 
     /// Ends the long polls whose wait is over.
     pub(super) fn expire_parks(&mut self) {
         let now = tokio::time::Instant::now();
-        while self.park_deadlines.first().is_some_and(|(t, ..)| *t <= now) {
-            let Some((_, worker_id, park_id)) = self.park_deadlines.pop_first() else { break };
-            if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
-                && let Some(p) = self.unpark(&worker_id)
-            {
-                self.end_park(p);
+        while let Some((deadline, worker_id, _)) = self.park_deadlines.first().cloned()
+            && deadline <= now
+        {
+            match self.unpark(&worker_id) {
+                Some(p) => self.end_park(p),
+                // Cannot happen while `park_deadlines` mirrors `parked`; never loop on it.
+                None => {
+                    self.park_deadlines.pop_first();
+                }
             }
         }
     }
 
-    /// Takes a worker's long poll out of the parked set and of the by-conversation index.
+    /// Takes a worker's long poll out of the parked set and its indexes.
     pub(super) fn unpark(&mut self, worker_id: &str) -> Option<Parked> {
         let parked = self.parked.remove(worker_id)?;
+        self.park_deadlines.remove(&(parked.deadline, worker_id.to_string(), parked.park_id));
+        if parked.args.conversation_id.is_none() {
+            // It may be queued as a free worker; without this a free worker that re-polls
+            // every wait would leave one stale entry per poll.
+            self.free_parked.retain(|(w, id)| !(w == worker_id && *id == parked.park_id));
+        }
         if let Some(filter) = &parked.args.conversation_id
             && let Some(waiting) = self.parked_for.get_mut(filter)
         {
