@@ -340,11 +340,7 @@ async fn a_long_poll_claim_returns_when_a_message_arrives() {
     let waiting =
         tokio::spawn(async move { worker.ok("claimNextJob", json!({ "workerId": "w1", "waitMs": 20_000 })).await });
     // Enqueue only once the claim is parked, so the test shows the wake-up, not a lucky order.
-    tests::wait_until("the claim is parked", std::time::Duration::from_secs(5), || async {
-        let stats = stack.admin().ok("getQueueStats", json!({})).await;
-        (stats["parkedClaims"] == 1).then_some(())
-    })
-    .await;
+    parked_claims(&stack, 1).await;
     enqueue(&stack, "c1", "ping").await;
     let job = waiting.await.unwrap();
     assert_eq!(job["payload"]["messageText"], "ping");
@@ -367,11 +363,7 @@ async fn a_long_poll_for_one_conversation_gets_its_first_message_before_any_free
     // the message exists, so the order of arrival cannot decide it.
     let free = poll("free", None);
     let mine = poll("mine", Some("c1"));
-    tests::wait_until("both claims are parked", std::time::Duration::from_secs(5), || async {
-        let stats = stack.admin().ok("getQueueStats", json!({})).await;
-        (stats["parkedClaims"] == 2).then_some(())
-    })
-    .await;
+    parked_claims(&stack, 2).await;
     enqueue(&stack, "c1", "for you").await;
     let job = mine.await.unwrap();
     assert_eq!((job["conversationId"].as_str(), job["payload"]["messageText"].as_str()), (Some("c1"), Some("for you")));
@@ -541,11 +533,7 @@ async fn complete_and_wait(stack: &TestStack, worker: &str, job: &Value) -> toki
     let args = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": 20_000});
     let worker = stack.worker(worker);
     let call = tokio::spawn(async move { worker.ok("completeAndClaimNext", args).await });
-    tests::wait_until("the claim is parked", std::time::Duration::from_secs(10), || async {
-        let stats = stack.admin().ok("getQueueStats", json!({})).await;
-        (stats["parkedClaims"] == 1).then_some(())
-    })
-    .await;
+    parked_claims(stack, 1).await;
     call
 }
 
@@ -603,4 +591,14 @@ async fn a_held_completion_is_stored_before_its_worker_hears_of_it() {
     assert_eq!(complete(&stack, "w2", &job).await, true);
     assert_eq!(stored_state(&stack, "c2").await["lastCompleted"]["leaseId"], job["leaseId"]);
     call.abort();
+}
+
+/// Waits until the queue leader holds `n` parked long polls, so a test's next step shows a
+/// wake-up rather than a lucky order.
+async fn parked_claims(stack: &TestStack, n: u64) {
+    tests::wait_until("the claims are parked", std::time::Duration::from_secs(10), || async {
+        let stats = stack.admin().ok("getQueueStats", json!({})).await;
+        (stats["parkedClaims"] == n).then_some(())
+    })
+    .await;
 }

@@ -55,7 +55,23 @@ async fn pool_with(max_workers: u32, spawn_step: u32, base: &[(&str, &str)]) -> 
     Pool { stack, fake }
 }
 
+/// A pool (5 workers, 2 per step) whose reconcile spawned the worker of `conv-a`; returns it
+/// with that worker's id.
+async fn pool_with_one_worker() -> (Pool, String) {
+    let p = pool(5, 2).await;
+    p.enqueue("conv-a").await;
+    p.reconcile().await;
+    (p, format!("afw-{T0}-0"))
+}
+
 impl Pool {
+    /// `worker` claims its job and completes it.
+    async fn work_one(&self, worker: &str) {
+        let job = self.stack.worker(worker).ok("claimNextJob", json!({"workerId": worker})).await;
+        let done = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"]});
+        self.stack.worker(worker).ok("completeJob", done).await;
+    }
+
     async fn reconcile(&self) -> Value {
         self.stack.admin().ok("reconcileWorkerPool", json!({})).await
     }
@@ -189,10 +205,7 @@ async fn scheduler_spawn_failure_cleans_up_and_fails_the_call_after_the_cycle() 
 
 #[tokio::test]
 async fn scheduler_stopped_machine_without_claims_is_torn_down_in_one_check() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
+    let (p, worker) = pool_with_one_worker().await;
     let machine = p.fake.machines(APP)[0].id.clone();
     p.fake.set_machine_state(APP, &machine, "stopped");
     p.advance(60_000).await;
@@ -206,13 +219,8 @@ async fn scheduler_stopped_machine_without_claims_is_torn_down_in_one_check() {
 
 #[tokio::test]
 async fn scheduler_worker_that_claimed_waits_for_its_snapshot_then_goes() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
-    let job = p.stack.worker(&worker).ok("claimNextJob", json!({"workerId": worker})).await;
-    let done = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"]});
-    p.stack.worker(&worker).ok("completeJob", done).await;
+    let (p, worker) = pool_with_one_worker().await;
+    p.work_one(&worker).await;
     p.advance(1_800_001).await;
     let result = p.idle_check().await;
     assert_eq!((result["stopped"].as_u64(), result["pending"].as_u64()), (Some(1), Some(1)));
@@ -231,10 +239,7 @@ async fn scheduler_worker_that_claimed_waits_for_its_snapshot_then_goes() {
 
 #[tokio::test]
 async fn scheduler_transient_and_freshly_missing_machines_stay_active() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
+    let (p, worker) = pool_with_one_worker().await;
     let machine = p.fake.machines(APP)[0].id.clone();
     p.fake.set_manual_transitions(true);
     p.fake.set_machine_state(APP, &machine, "creating");
@@ -253,10 +258,7 @@ async fn scheduler_transient_and_freshly_missing_machines_stay_active() {
 
 #[tokio::test]
 async fn scheduler_500_on_destroy_keeps_the_worker_stopping_and_its_volume() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
+    let (p, worker) = pool_with_one_worker().await;
     for status in ["draining", "stopping"] {
         p.stack
             .admin()
@@ -416,10 +418,7 @@ async fn scheduler_self_registered_worker_is_drained_at_its_idle_deadline() {
 
 #[tokio::test]
 async fn scheduler_overdue_worker_whose_machine_is_gone_is_stopped_and_its_volume_deleted() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
+    let (p, worker) = pool_with_one_worker().await;
     let machine = p.fake.machines(APP)[0].id.clone();
     // The machine vanishes behind our back (destroyed at the provider).
     p.fake.set_machine_state(APP, &machine, "destroyed");
@@ -481,13 +480,8 @@ async fn scheduler_idle_worker_that_keeps_polling_lives_until_its_idle_timeout_n
 
 #[tokio::test]
 async fn scheduler_safe_fly_cleanup_waits_for_the_drained_workers_snapshots() {
-    let p = pool(5, 2).await;
-    p.enqueue("conv-a").await;
-    p.reconcile().await;
-    let worker = format!("afw-{T0}-0");
-    let job = p.stack.worker(&worker).ok("claimNextJob", json!({"workerId": worker})).await;
-    let done = json!({"workerId": worker, "messageId": job["messageId"], "leaseId": job["leaseId"]});
-    p.stack.worker(&worker).ok("completeJob", done).await;
+    let (p, worker) = pool_with_one_worker().await;
+    p.work_one(&worker).await;
     // The worker's part of the protocol: once drained, snapshot.
     let (stack_worker, row_worker) = (p.stack.worker(&worker), worker.clone());
     let ctx = p.stack.ctx.clone();
