@@ -274,15 +274,12 @@ impl State {
     /// Ends the long polls whose wait is over.
     pub(super) fn expire_parks(&mut self) {
         let now = tokio::time::Instant::now();
-        while let Some((deadline, worker_id, _)) = self.park_deadlines.first().cloned()
-            && deadline <= now
-        {
-            match self.unpark(&worker_id) {
-                Some(p) => self.end_park(p),
-                // Cannot happen while `park_deadlines` mirrors `parked`; never loop on it.
-                None => {
-                    self.park_deadlines.pop_first();
-                }
+        while self.park_deadlines.first().is_some_and(|(t, ..)| *t <= now) {
+            let Some((_, worker_id, park_id)) = self.park_deadlines.pop_first() else { break };
+            if self.parked.get(&worker_id).is_some_and(|p| p.park_id == park_id)
+                && let Some(p) = self.unpark(&worker_id)
+            {
+                self.end_park(p);
             }
         }
     }
