@@ -545,6 +545,8 @@ impl State {
         let mut flush = tokio::time::interval(Duration::from_millis(self.q().lazy_flush_ms));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut io = FuturesUnordered::new();
+        // One timer for every long poll, re-armed at the earliest deadline (real time: a poll's
+        // wait is a transport matter). It starts unarmed; its branch is off until then.
         let park_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(park_timer);
         let mut park_armed = None;
