@@ -726,17 +726,35 @@ fn foreign_process_alive(pid: u32, binary: &Path) -> bool {
         return false;
     };
     // `pid (comm) S …`: the state follows the last ')' (comm may itself contain parentheses).
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-    if matches!(state, Some('Z' | 'X' | 'x') | None) {
+    let Some((head, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    if matches!(rest.trim_start().chars().next(), Some('Z' | 'X' | 'x') | None) {
         return false;
     }
     let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
         return false;
     };
+    if cmdline.is_empty() {
+        // A process still inside execve(2) (as a worker is for a moment after spawn returns)
+        // has no arguments yet, but the kernel has already named it after the new program.
+        let comm = head.split_once('(').map_or("", |(_, comm)| comm);
+        return comm_names(comm, binary);
+    }
     // A script started through its shebang shows as `<interpreter> <script>`, so the binary may
     // be the first or the second argument.
     let binary = binary.as_os_str().as_encoded_bytes();
     cmdline.split(|b| *b == 0).take(2).any(|arg| arg == binary)
+}
+
+/// Whether a process name (`comm`: the program's file name, cut to 15 bytes) is `binary`'s.
+fn comm_names(comm: &str, binary: &Path) -> bool {
+    const TASK_COMM_LEN: usize = 15;
+    let Some(name) = binary.file_name() else {
+        return false;
+    };
+    let name = name.as_encoded_bytes();
+    !comm.is_empty() && comm.as_bytes() == &name[..name.len().min(TASK_COMM_LEN)]
 }
 
 #[cfg(test)]
@@ -931,6 +949,15 @@ mod tests {
         p.wait_for_state(APP, &machine.machine_id, STOPPED, Duration::from_millis(300)).await.unwrap();
         assert_eq!(only_machine(&p).await.raw_state, STOPPED);
         p.destroy(APP, &machine.machine_id).await.unwrap();
+    }
+
+    #[test]
+    fn a_process_in_exec_is_recognised_by_its_name_cut_to_fifteen_bytes() {
+        assert!(comm_names("worker.sh", Path::new("/tmp/x/worker.sh")));
+        assert!(comm_names("af-worker-with-", Path::new("/opt/af-worker-with-a-long-name")));
+        assert!(!comm_names("af-worker-with", Path::new("/opt/af-worker-with-a-long-name")));
+        assert!(!comm_names("kworker/0:1", Path::new("/opt/af-worker")));
+        assert!(!comm_names("", Path::new("/")));
     }
 
     #[tokio::test]
