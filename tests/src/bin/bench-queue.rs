@@ -200,7 +200,10 @@ fn server_side_times() {
     }
 }
 
-#[tokio::main]
+/// The benchmark's clients (producers, workers, the raw baseline) run on this one thread, as a
+/// lean load generator would: a second client thread only adds wake-ups across threads on a
+/// 2-core machine already shared by nats-server and the stack's two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     eprintln!("starting nats-server and the stack ...");
