@@ -250,7 +250,9 @@ impl OpRegistry {
         for (name, handler) in self.handlers {
             let spec = find(name).ok_or_else(|| anyhow::anyhow!("unknown operation {name}"))?;
             let sub = ctx.nats.queue_subscribe(subject(name), format!("af-{}", spec.service.as_str())).await?;
-            streams.push(sub.map(move |msg| (spec, handler.clone(), msg)).boxed());
+            // The registry lookup of a labelled metric is done once per operation, not per call.
+            let served = metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => "200");
+            streams.push(sub.map(move |msg| (spec, handler.clone(), served.clone(), msg)).boxed());
         }
         // The subscriptions are registered once the server has processed them; flush so a
         // caller that starts right after `serve` is spawned finds a responder.
@@ -260,9 +262,9 @@ impl OpRegistry {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 next = all.next() => {
-                    let Some((spec, handler, msg)) = next else { break };
+                    let Some((spec, handler, served, msg)) = next else { break };
                     let ctx = ctx.clone();
-                    tokio::spawn(async move { handle(ctx, spec, handler, msg).await });
+                    tokio::spawn(async move { handle(ctx, spec, handler, served, msg).await });
                 }
             }
         }
@@ -270,7 +272,13 @@ impl OpRegistry {
     }
 }
 
-async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, msg: async_nats::Message) {
+async fn handle(
+    ctx: ServiceContext,
+    spec: &'static OpSpec,
+    handler: Handler,
+    served: metrics::Histogram,
+    msg: async_nats::Message,
+) {
     let Some(reply) = msg.reply.clone() else {
         tracing::debug!(op = spec.name, "request without reply subject ignored");
         return;
@@ -279,8 +287,8 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
     let span = tracing::info_span!("op", otel.name = spec.name, op = spec.name, role = tracing::field::Empty);
     crate::telemetry::set_parent_from_headers(&span, msg.headers.as_ref());
     let result = async {
-        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
-        let caller = ctx.auth.authenticate(header(HEADER_AUTHORIZATION).as_deref())?;
+        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+        let caller = ctx.auth.authenticate(header(HEADER_AUTHORIZATION))?;
         tracing::Span::current().record("role", caller.role.as_str());
         if !spec.roles.contains(&caller.role) {
             return Err(OpError::forbidden(format!("role '{}' may not call '{}'", caller.role.as_str(), spec.name)));
@@ -306,8 +314,11 @@ async fn handle(ctx: ServiceContext, spec: &'static OpSpec, handler: Handler, ms
         }
     };
     let status = status_text(status);
-    metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status)
-        .record(started.elapsed().as_secs_f64());
+    let histogram = match status {
+        "200" => served,
+        _ => metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status),
+    };
+    histogram.record(started.elapsed().as_secs_f64());
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_STATUS, status);
     if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
