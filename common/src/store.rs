@@ -65,6 +65,13 @@ impl JsonStore {
     /// Writes `value` only if the key does not exist (or was deleted). Returns the new revision.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<u64, StoreError> {
         let bytes = encode(key, value)?;
+        // A key never written before (every new conversation's first lease) is one publish.
+        // Anything else, including a key whose last entry is a delete marker, goes through
+        // the client's create, which knows those cases.
+        match self.update_bytes(key, bytes.clone(), 0).await {
+            Err(StoreError::Conflict { .. }) => {}
+            done => return done,
+        }
         self.kv.create(key, bytes).await.map_err(|e| match e.kind() {
             kv::CreateErrorKind::AlreadyExists => StoreError::Conflict { key: key.to_string() },
             _ if is_wrong_last_sequence(&e) => StoreError::Conflict { key: key.to_string() },

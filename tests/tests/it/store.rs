@@ -35,6 +35,13 @@ async fn a_compare_and_set_write_wins_once_and_a_stale_revision_is_a_conflict() 
     assert_eq!((stored.value, stored.revision), (json!({"n": 2}), second));
     // A key async-nats refuses is refused here too, not written under a strange subject.
     assert!(store.update("bad key", &json!({}), second).await.is_err());
+    // A deleted key can be created again (its last entry is a delete marker, not absence).
+    store.delete("k", second).await.expect("delete");
+    let again = store.create("k", &json!({"n": 6})).await.expect("create after delete");
+    assert_eq!(
+        store.get::<serde_json::Value>("k").await.expect("get").map(|e| (e.value, e.revision)),
+        Some((json!({"n": 6}), again))
+    );
 }
 
 #[tokio::test]
