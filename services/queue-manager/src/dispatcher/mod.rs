@@ -19,6 +19,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::push::Ordered;
 use common::OpError;
 use common::clock::Millis;
 use common::model::{Assignment, WorkerRow, WorkerStatus};
@@ -149,7 +150,6 @@ pub enum Command {
 
 enum Event {
     Command(Command),
-    Inbox { seq: u64, token: String, job: Arc<Job> },
     ConvWritten { token: String, result: Result<u64, StoreError>, state: QueueState, after: After },
     ConvReloaded { token: String, result: Result<Option<Versioned<QueueState>>, StoreError> },
     WorkerWritten { worker_id: String, result: Result<u64, StoreError> },
@@ -270,40 +270,14 @@ impl Dispatcher {
                 ..Default::default()
             })
             .await?;
-        let mut messages = consumer.messages().await?;
-        let tail_tx = tx.clone();
-        let tail_stop = leadership.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = tail_stop.cancelled() => return,
-                    next = messages.next() => next,
-                };
-                let Some(Ok(msg)) = next else {
-                    tracing::error!("inbox tail ended; giving up leadership");
-                    tail_stop.cancel();
-                    return;
-                };
-                let Ok(info) = msg.info() else { continue };
-                let seq = info.stream_sequence;
-                let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
-                match serde_json::from_slice::<Job>(&msg.payload) {
-                    Ok(job) => {
-                        if tail_tx.send(Event::Inbox { seq, token, job: Arc::new(job) }).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::error!(seq, error = %e, "undecodable inbox message skipped"),
-                }
-            }
-        });
+        let inbox = consumer.messages().await?;
         state.tx = Some(tx.clone());
         state.ready = Some(ready);
         tokio::spawn(signal_demand(ctx.nats.clone(), state.demand.clone(), leadership.clone()));
         if last_seq < start_seq {
             state.mark_caught_up();
         }
-        let handle = tokio::spawn(Box::pin(state.run(rx, leadership)));
+        let handle = tokio::spawn(Box::pin(state.run(rx, inbox, leadership)));
         Ok((Self { tx }, handle))
     }
 }
@@ -540,7 +514,15 @@ impl State {
         self.io.push(Box::pin(event));
     }
 
-    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Event>, leadership: CancellationToken) {
+    /// The loop: finished store I/O, then commands, then the inbox tail (read here rather than
+    /// on a task of its own: no channel hop per message; the inbox is durable, so under a
+    /// flood of commands new messages wait there).
+    async fn run(
+        mut self: Box<Self>,
+        mut rx: mpsc::Receiver<Event>,
+        mut inbox: Ordered,
+        leadership: CancellationToken,
+    ) {
         let clock = self.ctx.clock.clone();
         let mut flush = tokio::time::interval(Duration::from_millis(self.q().lazy_flush_ms));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -568,6 +550,15 @@ impl State {
                 event = rx.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,
+                },
+                next = inbox.next() => match next {
+                    Some(Ok(msg)) => self.on_inbox_message(&msg),
+                    end => {
+                        let error = end.and_then(Result::err);
+                        tracing::error!(error = ?error, "inbox tail ended; giving up leadership");
+                        leadership.cancel();
+                        break;
+                    }
                 },
                 _ = &mut park_timer, if park_armed.is_some() => {
                     park_armed = None;
@@ -649,7 +640,6 @@ impl State {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Command(command) => self.command(command),
-            Event::Inbox { seq, token, job } => self.on_inbox(seq, token, job),
             Event::ConvWritten { token, result, state, after } => self.on_conv_written(token, result, state, after),
             Event::ConvReloaded { token, result } => self.on_conv_reloaded(token, result),
             Event::WorkerWritten { worker_id, result } => self.on_worker_written(worker_id, result),
@@ -671,6 +661,16 @@ impl State {
                     self.watermark = watermark;
                 }
             }
+        }
+    }
+
+    fn on_inbox_message(&mut self, msg: &async_nats::jetstream::Message) {
+        let Ok(info) = msg.info() else { return };
+        let seq = info.stream_sequence;
+        let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
+        match serde_json::from_slice::<Job>(&msg.payload) {
+            Ok(job) => self.on_inbox(seq, token, Arc::new(job)),
+            Err(e) => tracing::error!(seq, error = %e, "undecodable inbox message skipped"),
         }
     }
 
