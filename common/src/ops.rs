@@ -313,12 +313,12 @@ async fn handle(
             (err.http_status(), serde_json::to_vec(&err.to_body()).unwrap_or_default())
         }
     };
-    let status = status_text(status);
     let histogram = match status {
-        "200" => served,
-        _ => metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status),
+        200 => served,
+        _ => metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => status_text(status)),
     };
     histogram.record(started.elapsed().as_secs_f64());
+    let status = status_text(status);
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_STATUS, status);
     if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
