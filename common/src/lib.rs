@@ -5,11 +5,13 @@
 //! This crate holds no service's business logic: a type lives here only when two or more
 //! crates need it.
 
+pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod ids;
 pub mod leader;
 pub mod model;
 pub mod nats_server;

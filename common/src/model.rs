@@ -1,12 +1,13 @@
 //! Records stored in KV that more than one service reads. Field names are the original's
 //! (camelCase on the wire and at rest).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 
 /// One agent (`af_profiles`, key = escaped agentKey).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentProfile {
     pub agent_key: String,
@@ -21,7 +22,7 @@ pub struct AgentProfile {
     pub updated_at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BridgeConfig {
     pub enabled: bool,
@@ -42,7 +43,7 @@ pub const MESSAGE_CONFIG_KEY: &str = "message";
 /// Key of the provider runtime configuration row in `af_runtime_config`.
 pub const PROVIDER_CONFIG_KEY: &str = "provider";
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,7 +52,7 @@ pub struct MessageConfig {
     pub telegram_attachment_retention_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProviderConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,7 +78,7 @@ pub const SCALING_CONFIG_KEY: &str = "scaling";
 
 /// How the worker pool scales (spec §2.1 `scaling`). Stored as runtime configuration so every
 /// reconcile — triggered, periodic or called — uses the same policy (fix L4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScalingPolicy {
     /// Most live worker machines (a hard cap, fix L5).
@@ -89,12 +90,17 @@ pub struct ScalingPolicy {
     /// Time between periodic reconciles while there is work or teardown pending.
     pub reconcile_interval_ms: i64,
     /// A draining worker that has not delivered its final snapshot by then is torn down anyway
-    /// (fix L10).
-    pub drain_deadline_ms: i64,
+    /// (fix L10). Added by the rewrite; default `scheduler.drain_deadline_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_ms: Option<i64>,
+    /// The original's field, accepted and kept; the original never used it either (spec §6.2
+    /// Q6), since demand is counted in conversations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_per_worker_target: Option<f64>,
 }
 
 /// A stored runtime configuration row with its last update time.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeConfigRow<T> {
     pub config: T,
@@ -103,7 +109,7 @@ pub struct RuntimeConfigRow<T> {
 
 /// The conversation → agent binding (`af_conversations`), created once by the first enqueue
 /// and never changed: an enqueue for another agent is refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationRecord {
     pub conversation_id: String,
@@ -111,7 +117,7 @@ pub struct ConversationRecord {
     pub created_at: Millis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerStatus {
     Active,
@@ -148,7 +154,7 @@ impl WorkerStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineRef {
     pub app_name: String,
@@ -158,7 +164,7 @@ pub struct MachineRef {
 }
 
 /// Sticky ownership of one conversation by one worker (or a spawn-time pre-assignment).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Assignment {
     pub conversation_id: String,
@@ -168,7 +174,7 @@ pub struct Assignment {
 }
 
 /// A worker row (`af_workers`, key = escaped workerId).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerRow {
     pub worker_id: String,
@@ -199,7 +205,7 @@ pub struct WorkerRow {
 /// conversation with sequence `<= done_seq` is finished (done or dead-lettered); the first
 /// unfinished one, once attempted, is `head`. Only the head can be in flight, which is what
 /// keeps a conversation strictly in order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueState {
     pub conversation_id: String,
@@ -213,7 +219,7 @@ pub struct QueueState {
     pub last_completed: Option<CompletedLease>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CompletedLease {
     pub message_id: String,
@@ -221,7 +227,7 @@ pub struct CompletedLease {
     pub worker_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeadState {
     pub seq: u64,
@@ -237,7 +243,7 @@ pub struct HeadState {
     pub lease: Option<Lease>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Lease {
     pub lease_id: String,

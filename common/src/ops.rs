@@ -1,6 +1,8 @@
-//! The operation catalogue: every operation declared once (name, owning service, roles allowed),
-//! served over NATS request/reply on `af.op.<name>` and exposed by ingress as
-//! `POST /v1/ops/<name>`. Both transports carry the same JSON and the same error body.
+//! The transports of the operation catalogue ([`crate::api`]): every operation is served over
+//! NATS request/reply on `af.op.<name>` and exposed by ingress as `POST /v1/ops/<name>`. Both
+//! transports carry the same JSON and the same error body. Handlers are registered and calls
+//! made by contract type ([`OpRegistry::handle`], [`OpClient::call`]), so the arguments and
+//! results are the contract's own types on both sides.
 //!
 //! Requests carry `Authorization: Bearer <token>` in a NATS header, so a service authenticates
 //! every call itself whether it came through ingress or straight from a worker on NATS.
@@ -19,7 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::config::LimitSettings;
 use crate::error::{ErrorCode, OpError};
 use crate::service::ServiceContext;
@@ -33,153 +35,7 @@ const NO_RESPONDERS: &str = "no service is serving";
 /// How long a service-to-service call waits out a leader failover (the leader lease lives 3 s).
 pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    QueueManager,
-    Hydration,
-    Scheduler,
-    PushDispatcher,
-    Cleanup,
-}
-
-impl Service {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::QueueManager => "queue-manager",
-            Self::Hydration => "hydration",
-            Self::Scheduler => "scheduler",
-            Self::PushDispatcher => "push-dispatcher",
-            Self::Cleanup => "cleanup",
-        }
-    }
-}
-
-/// One operation of the catalogue.
-#[derive(Debug, Clone, Copy)]
-pub struct OpSpec {
-    pub name: &'static str,
-    pub service: Service,
-    pub roles: &'static [Role],
-    pub summary: &'static str,
-    /// Overrides `limits.max_string_bytes` for operations that carry file contents.
-    pub max_string_bytes: Option<usize>,
-}
-
-impl OpSpec {
-    const fn with_max_string_bytes(self, bytes: usize) -> Self {
-        Self { max_string_bytes: Some(bytes), ..self }
-    }
-}
-
-use Role::{Admin, App, Worker};
-use Service::{Cleanup, Hydration, QueueManager, Scheduler};
-
-const fn op(name: &'static str, service: Service, roles: &'static [Role], summary: &'static str) -> OpSpec {
-    OpSpec { name, service, roles, summary, max_string_bytes: None }
-}
-
-/// The original's limit on a skill bundle (spec §2.3): one file may use all of it.
-pub const SKILL_BUNDLE_MAX_BYTES: usize = 200_000;
-
-/// Every operation of the system. docs/api.md mirrors this table (a test keeps them in step).
-pub const CATALOGUE: &[OpSpec] = &[
-    // Queue.
-    op("enqueueMessage", QueueManager, &[Admin, App], "queue a message for a conversation"),
-    op("claimNextJob", QueueManager, &[Admin, Worker], "lease the next job for a worker, optionally waiting"),
-    op("heartbeatJob", QueueManager, &[Admin, Worker], "extend the lease of a processing job"),
-    op("completeJob", QueueManager, &[Admin, Worker], "mark a leased job done"),
-    op(
-        "completeAndClaimNext",
-        QueueManager,
-        &[Admin, Worker],
-        "complete a job and claim the next one, in one round trip",
-    ),
-    op("failJob", QueueManager, &[Admin, Worker], "fail a leased job: retry with backoff or dead-letter"),
-    op("releaseStuckJobs", QueueManager, &[Admin], "recover jobs whose lease expired"),
-    op("getQueueStats", QueueManager, &[Admin, App], "counts of ready, processing and dead-lettered jobs"),
-    op("listJobsByStatus", QueueManager, &[Admin], "jobs in one status"),
-    op("listQueueItemsForConversation", QueueManager, &[Admin, App], "a conversation's jobs, newest first"),
-    op("hasQueuedJobsForConversation", QueueManager, &[Admin, App, Worker], "whether a conversation has queued jobs"),
-    op("requeueDeadLetter", QueueManager, &[Admin], "put a dead-lettered job back at the end of its conversation"),
-    op("purgeDeadLetter", QueueManager, &[Admin], "delete a dead-lettered job"),
-    // Workers.
-    op("getWorkerControlState", QueueManager, &[Admin, Worker], "whether a worker should stop"),
-    op("getWorkerStats", QueueManager, &[Admin, App], "active workers and their load"),
-    op("upsertWorkerState", QueueManager, &[Admin], "create or move a worker row through its lifecycle"),
-    op("listWorkersForScheduler", QueueManager, &[Admin], "every worker row"),
-    op(
-        "getActiveConversationsForScheduler",
-        QueueManager,
-        &[Admin],
-        "conversations with work claimable now or in flight",
-    ),
-    op("getActiveConversationCountForScheduler", QueueManager, &[Admin], "how many conversations need a worker"),
-    op(
-        "getReadyConversationCountForScheduler",
-        QueueManager,
-        &[Admin],
-        "how many conversations have a job claimable now",
-    ),
-    op("recordWorkerSnapshot", QueueManager, &[Admin], "note a worker's ready snapshot; draining becomes stopping"),
-    op("issueWorkerToken", QueueManager, &[Admin], "mint the bearer token a worker uses"),
-    // Test clock.
-    op("getTestClock", QueueManager, &[Admin], "the clock mode and the time every service sees"),
-    op("setTestClock", QueueManager, &[Admin], "manual clock only: set the time of the whole stack"),
-    op("advanceTestClock", QueueManager, &[Admin], "manual clock only: move the time of the whole stack forward"),
-    // Profiles, secrets, runtime configuration.
-    op("upsertAgentProfile", Hydration, &[Admin], "create or update an agent profile"),
-    op("getAgentProfile", Hydration, &[Admin, App], "one agent profile"),
-    op("listAgentProfiles", Hydration, &[Admin], "every agent profile"),
-    op("importPlaintextSecret", Hydration, &[Admin], "store a new active version of a secret"),
-    op("getSecretsStatus", Hydration, &[Admin], "which secret refs have an active version"),
-    op("providerRuntimeConfig", Hydration, &[Admin], "the stored provider configuration"),
-    op("setProviderRuntimeConfig", Hydration, &[Admin], "store the provider configuration"),
-    op("scalingRuntimeConfig", Hydration, &[Admin], "the stored scaling policy of the worker pool"),
-    op("setScalingRuntimeConfig", Hydration, &[Admin], "store the scaling policy of the worker pool"),
-    op("messageRuntimeConfig", Hydration, &[Admin], "the stored message configuration"),
-    op("setMessageRuntimeConfig", Hydration, &[Admin], "store the message configuration"),
-    // Worker pool.
-    op("reconcileWorkerPool", Scheduler, &[Admin], "bring the worker pool to the demand: spawn, drain, tear down"),
-    op("checkIdleShutdowns", Scheduler, &[Admin], "drain idle workers and tear down drained ones"),
-    op("runFlyCleanup", Cleanup, &[Admin], "destroy every machine and volume of the Fly app, with a report"),
-    op("deleteFlyVolume", Cleanup, &[Admin], "delete one Fly volume by id"),
-    op("reapOrphans", Cleanup, &[Admin], "remove provider machines and volumes no worker row accounts for"),
-    // Conversation history and hydration.
-    op("appendConversationMessages", Hydration, &[Admin, Worker], "append to a conversation's history (lease-fenced)"),
-    op("getConversationHistory", Hydration, &[Admin, App], "a conversation's history, newest first, in pages"),
-    op("getHydrationBundleForClaimedJob", Hydration, &[Admin, Worker], "everything a worker needs for its claimed job"),
-    op("getWorkerSpawnOpenClawEnv", Hydration, &[Admin], "bridge environment forwarded to spawned workers"),
-    // Workspace snapshots.
-    op("prepareDataSnapshotUpload", Hydration, &[Admin, Worker], "start a snapshot upload"),
-    op("finalizeDataSnapshotUpload", Hydration, &[Admin, Worker], "verify an uploaded archive and mark it ready"),
-    op("failDataSnapshotUpload", Hydration, &[Admin, Worker], "mark a snapshot upload failed"),
-    op("getLatestDataSnapshotForRestore", Hydration, &[Admin, Worker], "the newest ready snapshot of a conversation"),
-    op("listSnapshotsForConversation", Hydration, &[Admin, App], "a conversation's snapshots, newest first"),
-    op("listSnapshotsForUserAgent", Hydration, &[Admin, App], "snapshots of a user's conversation with an agent"),
-    op("getLatestSnapshotForUserAgent", Hydration, &[Admin, App], "the newest snapshot of a user-agent conversation"),
-    op("expireOldDataSnapshots", Hydration, &[Admin], "expire snapshots past retention and reap abandoned uploads"),
-    op("authorizeBlobTransfer", Hydration, &[Admin, App, Worker], "ingress: may this caller move this archive or file"),
-    // Identity bindings.
-    op("bindUserAgent", Hydration, &[Admin, App], "bind a consumer user to an agent"),
-    op("revokeUserAgentBinding", Hydration, &[Admin, App], "revoke a consumer user's active bindings"),
-    op("resolveAgentForUser", Hydration, &[Admin, App], "the agent a consumer user is bound to"),
-    op("getUserAgentBinding", Hydration, &[Admin, App], "a consumer user's active binding"),
-    // Global skills.
-    op("deployGlobalSkill", Hydration, &[Admin], "deploy a skill version to a release channel")
-        .with_max_string_bytes(SKILL_BUNDLE_MAX_BYTES),
-    op("listGlobalSkills", Hydration, &[Admin], "global skills with their active release"),
-    op("setGlobalSkillStatus", Hydration, &[Admin], "enable or disable a global skill"),
-    op("deleteGlobalSkill", Hydration, &[Admin], "delete a skill with all its versions and releases"),
-    op("getWorkerGlobalSkillsManifest", Hydration, &[Admin, Worker], "the skills a worker materialises"),
-    // Attachments.
-    op("attachMessageMedia", Hydration, &[Admin, App], "attach uploaded media to an enqueued message"),
-    op("listMessageAttachments", Hydration, &[Admin, App], "the attachment records of a message"),
-    op("expireOldTelegramAttachments", Hydration, &[Admin], "expire attachments past retention, deleting the blobs"),
-];
-
-pub fn find(name: &str) -> Option<&'static OpSpec> {
-    CATALOGUE.iter().find(|spec| spec.name == name)
-}
+pub use crate::api::{CATALOGUE, OpSpec, Operation, SKILL_BUNDLE_MAX_BYTES, Service, find};
 
 pub fn subject(name: &str) -> String {
     format!("{SUBJECT_PREFIX}.{name}")
@@ -199,42 +55,32 @@ impl OpRegistry {
         Self::default()
     }
 
-    /// Registers the handler of `name`, which must be in the catalogue.
-    pub fn register<A, R, F, Fut>(&mut self, name: &'static str, handler: F) -> &mut Self
+    /// Serves operation `O`: `handler` gets its own clone of `state` (usually the
+    /// `ServiceContext`), the authenticated caller and the decoded arguments, and answers the
+    /// contract's result (or the result already encoded as JSON, see [`Encoded`]).
+    pub fn handle<O, S, F, Fut, R>(&mut self, state: &S, handler: F) -> &mut Self
     where
-        A: DeserializeOwned + Send + 'static,
-        R: Serialize + 'static,
-        F: Fn(Caller, A) -> Fut + Send + Sync + 'static,
+        O: Operation,
+        S: Clone + Send + Sync + 'static,
+        F: Fn(S, Caller, O::Args) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, OpError>> + Send + 'static,
+        R: Reply<O::Output> + 'static,
     {
-        assert!(find(name).is_some(), "operation '{name}' is not in the catalogue");
+        let state = state.clone();
         let handler = Arc::new(handler);
+        let name = O::SPEC.name;
         self.handlers.insert(
             name,
             Arc::new(move |caller, body, limits| {
                 let handler = handler.clone();
+                let state = state.clone();
                 Box::pin(async move {
-                    let args: A = parse_args(name, &body, &limits)?;
-                    let result = handler(caller, args).await?;
-                    serde_json::to_vec(&result).map_err(OpError::internal)
+                    let args: O::Args = parse_args(name, &body, &limits)?;
+                    handler(state, caller, args).await?.into_body()
                 })
             }),
         );
         self
-    }
-
-    /// Registers `name` with a handler that gets its own clone of `state` (usually the
-    /// `ServiceContext`) per call, so modules need no clone-then-move dance per operation.
-    pub fn register_with<S, A, R, F, Fut>(&mut self, state: &S, name: &'static str, handler: F) -> &mut Self
-    where
-        S: Clone + Send + Sync + 'static,
-        A: DeserializeOwned + Send + 'static,
-        R: Serialize + 'static,
-        F: Fn(S, Caller, A) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<R, OpError>> + Send + 'static,
-    {
-        let state = state.clone();
-        self.register(name, move |caller, args| handler(state.clone(), caller, args))
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -518,12 +364,22 @@ impl OpClient {
         }
     }
 
-    /// Like [`OpClient::call`], but rides out a failover: while no process serves `name` (a
+    /// Like [`OpClient::call`], but rides out a failover: while no process serves `O` (a
     /// leader is being elected), it retries for up to `patience`. Only "no responders" is
     /// retried — such a request reached nobody, so a retry cannot apply it twice.
-    pub async fn call_through_failover<A: Serialize, R: DeserializeOwned>(
+    pub async fn call_through_failover<O: Operation>(
         &self,
-        name: &str,
+        token: &str,
+        args: &O::Args,
+        patience: Duration,
+    ) -> Result<O::Output, OpError> {
+        self.call_by_name_through_failover(&O::SPEC, token, args, patience).await
+    }
+
+    /// [`OpClient::call_through_failover`] with arguments and a result of the caller's choosing.
+    pub async fn call_by_name_through_failover<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        spec: &OpSpec,
         token: &str,
         args: &A,
         patience: Duration,
@@ -531,7 +387,7 @@ impl OpClient {
         let deadline = tokio::time::Instant::now() + patience;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.call(name, token, args).await {
+            match self.call_by_name(spec, token, args).await {
                 Err(e) if e.message.starts_with(NO_RESPONDERS) && tokio::time::Instant::now() < deadline => {
                     // Real time: this waits for a process to take over, not for business time.
                     tokio::time::sleep(pause).await;
@@ -542,30 +398,67 @@ impl OpClient {
         }
     }
 
-    /// Calls `name` with typed arguments and result.
-    pub async fn call<A: Serialize, R: DeserializeOwned>(
+    /// Calls operation `O` with its arguments; answers its result or the error it carries.
+    pub async fn call<O: Operation>(&self, token: &str, args: &O::Args) -> Result<O::Output, OpError> {
+        self.call_by_name(&O::SPEC, token, args).await
+    }
+
+    /// Calls `spec`'s operation with arguments and a result of the caller's choosing, for
+    /// generic tools (the CLI's `op` command, tests that send what a foreign client would).
+    pub async fn call_by_name<A: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
-        name: &str,
+        spec: &OpSpec,
         token: &str,
         args: &A,
     ) -> Result<R, OpError> {
+        self.call_with_authorization(spec, &format!("Bearer {token}"), args).await
+    }
+
+    /// Calls `O` with a caller's whole `Authorization` header (ingress acting for its caller).
+    pub async fn call_as<O: Operation>(&self, authorization: &str, args: &O::Args) -> Result<O::Output, OpError> {
+        self.call_with_authorization(&O::SPEC, authorization, args).await
+    }
+
+    async fn call_with_authorization<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        spec: &OpSpec,
+        authorization: &str,
+        args: &A,
+    ) -> Result<R, OpError> {
         let body = serde_json::to_vec(args).map_err(|e| OpError::invalid(e.to_string()))?;
-        let auth = format!("Bearer {token}");
-        let (status, reply) = self.call_raw(name, Some(&auth), Bytes::from(body), claim_wait(name, args)).await;
+        let wait = crate::api::request_wait(spec, &body);
+        let (status, reply) = self.call_raw(spec.name, Some(authorization), Bytes::from(body), wait).await;
         decode_reply(status, &reply)
     }
 }
 
-/// Long-polling operations need a request timeout beyond their wait.
-fn claim_wait<A: Serialize>(name: &str, args: &A) -> Duration {
-    if name != "claimNextJob" {
-        return Duration::ZERO;
+/// What a handler of an operation with result `T` may answer: the value itself, or the value
+/// already encoded as JSON ([`Encoded`]) by code that built it without the type at hand.
+pub trait Reply<T> {
+    fn into_body(self) -> Result<Vec<u8>, OpError>;
+}
+
+impl<T: Serialize> Reply<T> for T {
+    fn into_body(self) -> Result<Vec<u8>, OpError> {
+        serde_json::to_vec(&self).map_err(OpError::internal)
     }
-    serde_json::to_value(args)
-        .ok()
-        .and_then(|v| v.get("waitMs").and_then(|w| w.as_u64()))
-        .map(Duration::from_millis)
-        .unwrap_or_default()
+}
+
+/// A `T` already encoded as JSON. The queue dispatcher builds its answers this way inside its
+/// event loop, so a reply is never decoded and encoded again on its way out.
+pub struct Encoded<T>(Box<serde_json::value::RawValue>, std::marker::PhantomData<fn() -> T>);
+
+impl<T> Encoded<T> {
+    /// Takes `json` as an encoding of a `T`, as the code that produced it promises.
+    pub fn trusting(json: Box<serde_json::value::RawValue>) -> Self {
+        Self(json, std::marker::PhantomData)
+    }
+}
+
+impl<T> Reply<T> for Encoded<T> {
+    fn into_body(self) -> Result<Vec<u8>, OpError> {
+        Ok(String::from(Box::<str>::from(self.0)).into_bytes())
+    }
 }
 
 /// Turns a reply into the result or the error it carries.

@@ -54,16 +54,12 @@ impl ServiceContext {
     /// Calls another service's operation as this service, with the admin credential the
     /// services share through configuration, riding out a leader failover. Without that
     /// credential the cross-service step cannot run, and the error says so.
-    pub async fn call_service<R: serde::de::DeserializeOwned>(
-        &self,
-        name: &str,
-        args: &serde_json::Value,
-    ) -> Result<R, crate::OpError> {
+    pub async fn call_service<O: crate::api::Operation>(&self, args: &O::Args) -> Result<O::Output, crate::OpError> {
         use secrecy::ExposeSecret;
         let token = self.settings.auth.admin_token.as_ref().ok_or_else(|| {
-            crate::OpError::internal(format!("auth.admin_token is not configured; calling '{name}' needs it"))
+            crate::OpError::internal(format!("auth.admin_token is not configured; calling '{}' needs it", O::SPEC.name))
         })?;
-        self.ops.call_through_failover(name, token.expose_secret(), args, crate::ops::FAILOVER_PATIENCE).await
+        self.ops.call_through_failover::<O>(token.expose_secret(), args, crate::ops::FAILOVER_PATIENCE).await
     }
 
     /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology, and

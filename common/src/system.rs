@@ -1,32 +1,12 @@
 //! Stack-wide operations that belong to no single domain: the manual test clock.
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::api::system::{AdvanceTestClockArgs, ClockView, SetTestClockArgs};
 use crate::clock::{ManualTime, test_clock_disabled};
 use crate::error::OpError;
 use crate::service::{ServiceContext, TEST_CLOCK_KEY, TestClockRecord};
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClockView {
-    pub mode: &'static str,
-    pub now_ms: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SetTestClockArgs {
-    pub now_ms: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AdvanceTestClockArgs {
-    pub ms: i64,
-}
-
 pub fn get_test_clock(ctx: &ServiceContext) -> ClockView {
-    ClockView { mode: if ctx.clock.is_manual() { "manual" } else { "system" }, now_ms: ctx.clock.now_ms() }
+    ClockView { mode: if ctx.clock.is_manual() { "manual" } else { "system" }.to_string(), now_ms: ctx.clock.now_ms() }
 }
 
 /// Sets the manual clock of the whole stack; earlier instants are allowed.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (CI runs it through .ci/run):
 #   1. installs nats-server 2.15.x into .tools/ (the integration tests start real servers),
-#   2. makes sure cargo-nextest is available,
+#   2. installs openapi-spec-validator into .tools/ (GET /openapi.json is validated with it),
+#      and makes sure cargo-nextest is available,
 #   3. checks formatting, runs clippy with warnings as errors,
 #   4. runs the whole test suite with nextest's `ci` profile (.config/nextest.toml).
 # Exits non-zero as soon as a step fails.
@@ -17,6 +18,10 @@ step "installing nats-server (ops/scripts/install-nats.sh)"
 AF_NATS_SERVER_BIN="$(./ops/scripts/install-nats.sh)"
 export AF_NATS_SERVER_BIN
 echo "nats-server: $AF_NATS_SERVER_BIN" >&2
+
+step "installing the OpenAPI validator (ops/scripts/install-openapi-validator.sh)"
+AF_OPENAPI_VALIDATOR_BIN="$(./ops/scripts/install-openapi-validator.sh)"
+export AF_OPENAPI_VALIDATOR_BIN
 
 step "checking cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then

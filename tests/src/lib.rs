@@ -195,10 +195,18 @@ pub struct Api {
 }
 
 impl Api {
-    /// Calls `op`; like every well-behaved client, rides out a leader failover (a loaded CI
-    /// machine can make a leader miss a lease renewal).
+    /// Calls `op` with JSON arguments, as a client written against the original would; like
+    /// every well-behaved client, rides out a leader failover (a loaded CI machine can make a
+    /// leader miss a lease renewal).
     pub async fn call(&self, op: &str, args: Value) -> Result<Value, OpError> {
-        Box::pin(self.ops.call_through_failover(op, &self.token, &args, common::ops::FAILOVER_PATIENCE)).await
+        let spec = common::ops::find(op).unwrap_or_else(|| panic!("'{op}' is not in the catalogue"));
+        let patience = common::ops::FAILOVER_PATIENCE;
+        Box::pin(self.ops.call_by_name_through_failover(spec, &self.token, &args, patience)).await
+    }
+
+    /// Calls operation `O` with its contract types.
+    pub async fn typed<O: common::api::Operation>(&self, args: &O::Args) -> Result<O::Output, OpError> {
+        Box::pin(self.ops.call_through_failover::<O>(&self.token, args, common::ops::FAILOVER_PATIENCE)).await
     }
 
     /// Calls and panics with the error if the call fails.

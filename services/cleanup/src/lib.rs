@@ -12,11 +12,10 @@
 
 pub mod provider_cleanup;
 
+use common::api;
 use common::auth::Caller;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
-use provider_cleanup::{CleanupArgs, DeleteVolumeArgs, ReapArgs};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "cleanup";
@@ -27,13 +26,13 @@ const SWEEP_BATCH: usize = 500;
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut ops = OpRegistry::new();
-    ops.register_with(&ctx, "runFlyCleanup", |ctx, _: Caller, args: CleanupArgs| async move {
+    ops.handle::<api::RunFlyCleanup, _, _, _, _>(&ctx, |ctx, _: Caller, args| async move {
         provider_cleanup::run_fly_cleanup(&ctx, args).await
     });
-    ops.register_with(&ctx, "deleteFlyVolume", |ctx, _: Caller, args: DeleteVolumeArgs| async move {
+    ops.handle::<api::DeleteFlyVolume, _, _, _, _>(&ctx, |ctx, _: Caller, args| async move {
         provider_cleanup::delete_fly_volume(&ctx, args).await
     });
-    ops.register_with(&ctx, "reapOrphans", |ctx, _: Caller, args: ReapArgs| async move {
+    ops.handle::<api::ReapOrphans, _, _, _, _>(&ctx, |ctx, _: Caller, args| async move {
         provider_cleanup::reap_orphans(&ctx, args).await
     });
     let serve = ops.serve(ctx.clone(), shutdown.clone());
@@ -69,11 +68,15 @@ async fn retention_loop(ctx: ServiceContext, lead: CancellationToken) {
 
 /// One pass of every retention step. Failures are logged and retried on the next pass.
 pub async fn sweep_once(ctx: &ServiceContext) {
-    for op in ["expireOldDataSnapshots", "expireOldTelegramAttachments"] {
-        match ctx.call_service::<Value>(op, &json!({"limit": SWEEP_BATCH})).await {
-            Ok(result) => tracing::debug!(op, %result, "retention step done"),
-            Err(e) => tracing::warn!(op, error = %e, "retention step failed; retrying next pass"),
-        }
+    let sweep = api::snapshots::SnapshotSweepArgs { limit: Some(SWEEP_BATCH), ..Default::default() };
+    match ctx.call_service::<api::ExpireOldDataSnapshots>(&sweep).await {
+        Ok(result) => tracing::debug!(?result, "snapshot retention done"),
+        Err(e) => tracing::warn!(error = %e, "snapshot retention failed; retrying next pass"),
+    }
+    let sweep = api::attachments::AttachmentSweepArgs { limit: Some(SWEEP_BATCH), ..Default::default() };
+    match ctx.call_service::<api::ExpireOldTelegramAttachments>(&sweep).await {
+        Ok(result) => tracing::debug!(?result, "attachment retention done"),
+        Err(e) => tracing::warn!(error = %e, "attachment retention failed; retrying next pass"),
     }
     match provider_cleanup::reap_orphans(ctx, Default::default()).await {
         Ok(report) => tracing::debug!(?report, "orphan reaper done"),

@@ -12,14 +12,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::OpError;
+use common::api::{self, queue::UpsertWorkerArgs};
 use common::clock::Millis;
-use common::model::{ProviderConfig, WorkerRow, WorkerStatus};
+use common::ids::WorkerId;
+use common::model::{WorkerRow, WorkerStatus};
 use common::service::ServiceContext;
 use common::token::escape;
 use futures::StreamExt;
 use scheduler::provider::{Provider, ProviderError, dedicated_volume_name};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 const DEFAULT_MACHINE_CONCURRENCY: usize = 6;
 const DEFAULT_VOLUME_CONCURRENCY: usize = 16;
@@ -28,63 +28,11 @@ const SAFE_DRAIN_WAIT: Duration = Duration::from_secs(120);
 /// Orphans are removed after being seen unaccounted for this long (business time).
 pub const ORPHAN_GRACE_MS: Millis = 30 * 60 * 1000;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CleanupArgs {
-    fly_api_token: Option<String>,
-    machine_concurrency: Option<f64>,
-    volume_concurrency: Option<f64>,
-    provider_config: Option<ProviderConfig>,
-    /// Drain and snapshot the app's live workers before destroying anything (L14).
-    #[serde(default)]
-    safe: bool,
-}
+pub use common::api::pool::{CleanupArgs, CleanupReport, DeleteVolumeArgs, DeleteVolumeResult, ReapArgs, ReapReport};
 
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct CleanupReport {
-    app_name: String,
-    machines_found: usize,
-    machines_deleted: usize,
-    machines_remaining: usize,
-    machine_ids_deleted: Vec<String>,
-    machine_ids_remaining: Vec<String>,
-    volumes_found: usize,
-    volumes_deleted: usize,
-    volumes_remaining: usize,
-    volume_ids_deleted: Vec<String>,
-    volume_ids_remaining: Vec<String>,
-    warnings: Vec<String>,
-    errors: Vec<String>,
-    /// Safe mode only: workers drained first, and whether all delivered their snapshot in time.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drained_workers: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drain_complete: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DeleteVolumeArgs {
-    app_name: String,
-    volume_id: String,
-    fly_api_token: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ReapArgs {
-    grace_ms: Option<i64>,
-}
-
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ReapReport {
-    pub machines_removed: Vec<String>,
-    pub volumes_removed: Vec<String>,
-    /// Unaccounted for, but not yet past the grace period.
-    pub waiting: usize,
-    pub errors: Vec<String>,
+async fn worker_rows(ctx: &ServiceContext) -> Result<Vec<WorkerRow>, OpError> {
+    let rows = ctx.call_service::<api::ListWorkersForScheduler>(&Default::default()).await?;
+    Ok(rows.into_iter().map(WorkerRow::from).collect())
 }
 
 async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {
@@ -231,16 +179,17 @@ pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<
 async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), OpError> {
     // Watch the worker rows before asking anyone to drain, so no change is missed.
     let mut changes = ctx.buckets.workers.raw().watch_all().await.map_err(OpError::internal)?;
-    let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
+    let rows = worker_rows(ctx).await?;
     let ours = |r: &WorkerRow| r.machine_ref.as_ref().is_some_and(|m| m.app_name == app);
     let live: Vec<&WorkerRow> = rows.iter().filter(|r| ours(r) && r.status == WorkerStatus::Active).collect();
     for row in &live {
-        let args = json!({"workerId": row.worker_id, "provider": row.provider, "status": "draining", "load": row.load});
-        ctx.call_service::<serde_json::Value>("upsertWorkerState", &args).await?;
+        let worker_id = WorkerId::trusted(row.worker_id.clone());
+        let args = UpsertWorkerArgs::new(worker_id, row.provider.clone(), WorkerStatus::Draining, row.load);
+        ctx.call_service::<api::UpsertWorkerState>(&args).await?;
     }
     let deadline = tokio::time::Instant::now() + SAFE_DRAIN_WAIT;
     loop {
-        let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
+        let rows = worker_rows(ctx).await?;
         if !rows.iter().any(|r| ours(r) && r.status == WorkerStatus::Draining) {
             return Ok((live.len(), true));
         }
@@ -253,7 +202,7 @@ async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), O
     }
 }
 
-pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> Result<serde_json::Value, OpError> {
+pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> Result<DeleteVolumeResult, OpError> {
     let (app, volume) = (args.app_name.trim(), args.volume_id.trim());
     if app.is_empty() || volume.is_empty() {
         return Err(OpError::invalid("appName and volumeId are required."));
@@ -265,7 +214,7 @@ pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> 
     )
     .await?;
     match fly(ctx, &token).delete_volume(app, volume).await {
-        Ok(()) => Ok(json!({"ok": true, "message": "Volume deleted."})),
+        Ok(()) => Ok(DeleteVolumeResult { ok: true, message: "Volume deleted.".to_string() }),
         Err(e) => Err(OpError::unavailable(format!("Delete volume failed: {e}"))),
     }
 }
@@ -282,7 +231,7 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
     let provider = resolved.provider.as_ref();
     let now = ctx.clock.now_ms();
     // Everything some row not yet stopped may own, by machine id, worker name and volume.
-    let rows: Vec<WorkerRow> = ctx.call_service("listWorkersForScheduler", &json!({})).await?;
+    let rows = worker_rows(ctx).await?;
     let live: Vec<&WorkerRow> = rows.iter().filter(|r| r.status != WorkerStatus::Stopped).collect();
     let owned_machines: HashSet<String> = live
         .iter()
@@ -349,7 +298,7 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
     Ok(report)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Sighting {
     first_seen_at: Millis,

@@ -11,6 +11,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use comfy_table::{ContentArrangement, Table, presets};
 use common::OpError;
+use common::api::profiles::{AgentKeyArgs, ImportSecretArgs, Plaintext, SecretsStatusArgs, UpsertAgentProfileArgs};
+use common::api::queue::{ClaimArgs, EnqueueArgs, ListJobsArgs};
+use common::api::{self, Ignored, Operation};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
@@ -110,7 +113,7 @@ enum Command {
         #[arg(long)]
         status: String,
         #[arg(long)]
-        limit: Option<u64>,
+        limit: Option<usize>,
     },
     /// Every worker row.
     Workers,
@@ -205,28 +208,29 @@ async fn execute(
         Command::Profile(cmd) => profile(api, cmd, raw, out).await,
         Command::Secret(cmd) => secret(api, cmd, raw, input, out).await,
         Command::Enqueue { conversation, agent, user, text, priority, idempotency_key } => {
-            let mut args = json!({
-                "conversationId": conversation,
-                "agentKey": agent,
-                "payload": { "provider": "cli", "providerUserId": user, "messageText": text },
-            });
-            insert_opt(&mut args, "priority", priority.map(Value::from));
-            insert_opt(&mut args, "idempotencyKey", idempotency_key.map(Value::from));
-            let result = api.call("enqueueMessage", &args).await?;
-            let id = result.as_str().or_else(|| result.get("messageId").and_then(Value::as_str));
-            match id {
-                Some(id) if !raw => writeln!(out, "{id}").map_err(io_error),
-                _ => print_json(out, &result),
-            }
+            let payload = json!({ "provider": "cli", "providerUserId": user, "messageText": text });
+            let args = EnqueueArgs {
+                conversation_id: id_arg("--conversation", &conversation)?,
+                agent_key: id_arg("--agent", &agent)?,
+                payload: payload.as_object().cloned().unwrap_or_default(),
+                priority: priority.map(|p| p as f64),
+                scheduled_for: None,
+                max_attempts: None,
+                idempotency_key,
+                now_ms: Ignored,
+                provider_config: Ignored,
+            };
+            let id = api.call::<api::EnqueueMessage>(&args).await?;
+            if raw { print_json(out, &json!(id)) } else { writeln!(out, "{id}").map_err(io_error) }
         }
         Command::Stats => {
-            let stats = api.call("getQueueStats", &json!({})).await?;
-            render_object(out, raw, &stats)
+            let stats = api.call::<api::GetQueueStats>(&Default::default()).await?;
+            render_object(out, raw, &json!(stats))
         }
         Command::Jobs { status, limit } => {
-            let mut args = json!({ "status": status });
-            insert_opt(&mut args, "limit", limit.map(Value::from));
-            let jobs = api.call("listJobsByStatus", &args).await?;
+            let status = serde_json::from_value(json!(status))
+                .map_err(|_| CliError::Usage(format!("error: unknown job status '{status}'\n")))?;
+            let jobs = json!(api.call::<api::ListJobsByStatus>(&ListJobsArgs { status, limit }).await?);
             let columns = [
                 "_id",
                 "conversationId",
@@ -241,16 +245,17 @@ async fn execute(
             render(out, raw, &jobs, &columns)
         }
         Command::Workers => {
-            let workers = api.call("listWorkersForScheduler", &json!({})).await?;
+            let workers = json!(api.call::<api::ListWorkersForScheduler>(&Default::default()).await?);
             let columns = ["workerId", "status", "load", "heartbeatAt", "assignment.conversationId"];
             render(out, raw, &workers, &columns)
         }
         Command::Claim { worker, wait_ms, conversation } => {
-            let mut args = json!({ "workerId": worker });
-            insert_opt(&mut args, "waitMs", wait_ms.map(Value::from));
-            insert_opt(&mut args, "conversationId", conversation.map(Value::from));
-            let job = api.call("claimNextJob", &args).await?;
-            if job.is_null() && !raw { writeln!(out, "no job").map_err(io_error) } else { print_json(out, &job) }
+            let conversation_id = conversation.map(|c| id_arg("--conversation", &c)).transpose()?;
+            let args = ClaimArgs { worker_id: id_arg("--worker", &worker)?, conversation_id, wait_ms, now_ms: Ignored };
+            match api.call::<api::ClaimNextJob>(&args).await? {
+                None if !raw => writeln!(out, "no job").map_err(io_error),
+                job => print_json(out, &json!(job)),
+            }
         }
     }
 }
@@ -258,24 +263,27 @@ async fn execute(
 async fn profile(api: &Api, cmd: ProfileCommand, raw: bool, out: &mut impl Write) -> Result<(), CliError> {
     match cmd {
         ProfileCommand::Upsert { agent_key, version, secret_refs, disabled, bot_identity } => {
-            let mut args = json!({
-                "agentKey": agent_key,
-                "version": version,
-                "secretsRef": secret_refs,
-                "enabled": !disabled,
-            });
-            insert_opt(&mut args, "botIdentity", bot_identity.map(Value::from));
-            let result = api.call("upsertAgentProfile", &args).await?;
-            print_json(out, &result)
+            let secrets_ref = secret_refs.iter().map(|r| id_arg("--secret-ref", r)).collect::<Result<Vec<_>, _>>()?;
+            let args = UpsertAgentProfileArgs {
+                agent_key: id_arg("--agent-key", &agent_key)?,
+                version,
+                secrets_ref,
+                bot_identity,
+                bridge_config: None,
+                enabled: !disabled,
+            };
+            let result = api.call::<api::UpsertAgentProfile>(&args).await?;
+            print_json(out, &json!(result))
         }
         ProfileCommand::List => {
-            let profiles = api.call("listAgentProfiles", &json!({})).await?;
+            let profiles = json!(api.call::<api::ListAgentProfiles>(&Default::default()).await?);
             let columns = ["agentKey", "version", "enabled", "botIdentity", "secretsRef"];
             render(out, raw, &profiles, &columns)
         }
         ProfileCommand::Get { agent_key } => {
-            let profile = api.call("getAgentProfile", &json!({ "agentKey": agent_key })).await?;
-            print_json(out, &profile)
+            let args = AgentKeyArgs { agent_key: id_arg("agent key", &agent_key)? };
+            let profile = api.call::<api::GetAgentProfile>(&args).await?;
+            print_json(out, &json!(profile))
         }
     }
 }
@@ -297,18 +305,29 @@ async fn secret(
                     "error: the secret value is read from stdin, which was empty\n".to_string(),
                 ));
             }
-            let args = json!({ "secretRef": secret_ref, "plaintextValue": value });
-            let result = api.call("importPlaintextSecret", &args).await?;
-            match result.get("version") {
-                Some(version) if !raw => writeln!(out, "stored {secret_ref} version {version}").map_err(io_error),
-                _ => print_json(out, &result),
+            let args = ImportSecretArgs {
+                secret_ref: id_arg("--ref", &secret_ref)?,
+                plaintext_value: Plaintext::new(SecretString::from(value.to_string())),
+                metadata: None,
+            };
+            let result = api.call::<api::ImportPlaintextSecret>(&args).await?;
+            if raw {
+                print_json(out, &json!(result))
+            } else {
+                writeln!(out, "stored {secret_ref} version {}", result.version).map_err(io_error)
             }
         }
         SecretCommand::Status { refs } => {
-            let status = api.call("getSecretsStatus", &json!({ "secretRefs": refs })).await?;
+            let secret_refs = refs.iter().map(|r| id_arg("secret ref", r)).collect::<Result<Vec<_>, _>>()?;
+            let status = json!(api.call::<api::GetSecretsStatus>(&SecretsStatusArgs { secret_refs }).await?);
             render(out, raw, &status, &["secretRef", "hasActive", "version"])
         }
     }
+}
+
+/// Parses a command-line id by its contract's rule.
+fn id_arg<T: TryFrom<String, Error = common::OpError>>(flag: &str, value: &str) -> Result<T, CliError> {
+    T::try_from(value.to_string()).map_err(|e| CliError::Usage(format!("error: {flag}: {}\n", e.message)))
 }
 
 /// The HTTP client of the operations API.
@@ -343,9 +362,12 @@ impl Api {
         read_token_file(&self.token_file)
     }
 
-    async fn call(&self, name: &str, args: &Value) -> Result<Value, CliError> {
+    /// Calls operation `O`.
+    async fn call<O: Operation>(&self, args: &O::Args) -> Result<O::Output, CliError> {
         let body = serde_json::to_vec(args).map_err(|e| CliError::Other(e.to_string()))?;
-        self.call_raw(name, body).await
+        let result = self.call_raw(O::SPEC.name, body).await?;
+        serde_json::from_value(result)
+            .map_err(|e| CliError::Other(format!("undecodable answer of {}: {e}", O::SPEC.name)))
     }
 
     async fn call_raw(&self, name: &str, body: Vec<u8>) -> Result<Value, CliError> {
@@ -407,12 +429,6 @@ fn read_all(input: &mut impl Read) -> Result<String, CliError> {
 
 fn io_error(e: std::io::Error) -> CliError {
     CliError::Other(format!("writing output: {e}"))
-}
-
-fn insert_opt(args: &mut Value, key: &str, value: Option<Value>) {
-    if let (Some(map), Some(value)) = (args.as_object_mut(), value) {
-        map.insert(key.to_string(), value);
-    }
 }
 
 fn print_json(out: &mut impl Write, value: &Value) -> Result<(), CliError> {

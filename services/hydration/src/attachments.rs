@@ -11,6 +11,10 @@
 
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use common::OpError;
+use common::api;
+use common::api::attachments::{AttachMediaArgs, AttachmentSweep};
+pub use common::api::attachments::{Attachment, AttachmentStatus};
+use common::api::history::BundleAttachment;
 use common::auth::{Caller, Role};
 use common::clock::Millis;
 use common::ops::OpRegistry;
@@ -19,7 +23,6 @@ use common::store::StoreError;
 use common::token::escape;
 use common::topology::{INBOX_STREAM, inbox_subject};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{fence, runtime_config};
@@ -30,82 +33,18 @@ const KINDS: [&str; 5] = ["photo", "video", "audio", "voice", "document"];
 const DEFAULT_SWEEP: usize = 100;
 const MAX_SWEEP: usize = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachmentStatus {
-    Ready,
-    Expired,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttachmentRecord {
-    pub message_id: String,
-    pub conversation_id: String,
-    pub agent_key: String,
-    pub provider: String,
-    pub kind: String,
-    pub status: AttachmentStatus,
-    pub storage_id: String,
-    pub telegram_file_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mime_type: Option<String>,
-    pub size_bytes: u64,
-    pub created_at: Millis,
-    pub expires_at: Millis,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AttachArgs {
-    message_id: String,
-    conversation_id: String,
-    attachments: Vec<NewAttachment>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct NewAttachment {
-    kind: String,
-    storage_id: String,
-    telegram_file_id: Option<String>,
-    file_name: Option<String>,
-    mime_type: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct MessageArgs {
-    message_id: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SweepArgs {
-    limit: Option<usize>,
-}
-
-#[derive(Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SweepResult {
-    /// Attachments marked expired (their files deleted).
-    pub expired: usize,
-    /// Uploaded files no attachment references, removed after `snapshots.upload_timeout_ms`.
-    pub orphaned_files_removed: usize,
-}
+/// A stored attachment is exactly what the operations return.
+pub type AttachmentRecord = Attachment;
 
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(
+    ops.handle::<api::AttachMessageMedia, _, _, _, _>(
         ctx,
-        "attachMessageMedia",
-        |ctx, _: Caller, args: AttachArgs| async move { attach(&ctx, args).await },
+        |ctx, _: Caller, args| async move { attach(&ctx, args).await },
     );
-    ops.register_with(ctx, "listMessageAttachments", |ctx, _: Caller, args: MessageArgs| async move {
-        for_message(&ctx, args.message_id.trim()).await
+    ops.handle::<api::ListMessageAttachments, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
+        for_message(&ctx, &args.message_id).await
     });
-    ops.register_with(ctx, "expireOldTelegramAttachments", |ctx, _: Caller, args: SweepArgs| async move {
+    ops.handle::<api::ExpireOldTelegramAttachments, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         sweep(&ctx, args.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await
     });
 }
@@ -160,11 +99,8 @@ async fn pending_job(ctx: &ServiceContext, conversation_id: &str, message_id: &s
     }
 }
 
-async fn attach(ctx: &ServiceContext, args: AttachArgs) -> Result<Vec<AttachmentRecord>, OpError> {
-    let (message_id, conversation_id) = (args.message_id.trim(), args.conversation_id.trim());
-    if message_id.is_empty() || conversation_id.is_empty() {
-        return Err(OpError::invalid("messageId and conversationId are required"));
-    }
+async fn attach(ctx: &ServiceContext, args: AttachMediaArgs) -> Result<Vec<AttachmentRecord>, OpError> {
+    let (message_id, conversation_id) = (args.message_id.as_str(), args.conversation_id.as_str());
     if args.attachments.is_empty() {
         return Err(OpError::invalid("attachments: at least one is required"));
     }
@@ -192,7 +128,7 @@ async fn attach(ctx: &ServiceContext, args: AttachArgs) -> Result<Vec<Attachment
     let payload_provider = job.get("payload").and_then(|p| p.get("provider")).and_then(Value::as_str);
     let mut out = Vec::new();
     for a in args.attachments {
-        let storage_id = a.storage_id.trim().to_string();
+        let storage_id = a.storage_id.into_string();
         let info = match ctx.buckets.media.info(&storage_id).await {
             Ok(info) if !info.deleted => info,
             _ => {
@@ -250,7 +186,7 @@ pub(crate) async fn hydrate_payload(
         }
     }
     for record in &records {
-        let view = record_view(ctx, record);
+        let view = record_view(ctx, record)?;
         let same = |v: &&mut Value| v.get("storageId").and_then(Value::as_str) == Some(record.storage_id.as_str());
         match items.iter_mut().find(|v| same(v)) {
             Some(item) => *item = view,
@@ -262,27 +198,19 @@ pub(crate) async fn hydrate_payload(
 }
 
 /// The attachment as a bundle shows it (spec §3.5.2).
-fn record_view(ctx: &ServiceContext, r: &AttachmentRecord) -> Value {
-    let mut view = serde_json::json!({
-        "kind": r.kind,
-        "status": r.status,
-        "storageId": r.storage_id,
-        "telegramFileId": r.telegram_file_id,
-        "sizeBytes": r.size_bytes,
-        "expiresAt": r.expires_at,
-    });
-    if let Some(obj) = view.as_object_mut() {
-        if let Some(name) = &r.file_name {
-            obj.insert("fileName".into(), name.clone().into());
-        }
-        if let Some(mime) = &r.mime_type {
-            obj.insert("mimeType".into(), mime.clone().into());
-        }
-        if r.status == AttachmentStatus::Ready {
-            obj.insert("downloadUrl".into(), download_url(ctx, &r.storage_id).into());
-        }
-    }
-    view
+fn record_view(ctx: &ServiceContext, r: &AttachmentRecord) -> Result<Value, OpError> {
+    let view = BundleAttachment {
+        kind: r.kind.clone(),
+        status: r.status,
+        storage_id: r.storage_id.clone(),
+        telegram_file_id: r.telegram_file_id.clone(),
+        file_name: r.file_name.clone(),
+        mime_type: r.mime_type.clone(),
+        size_bytes: r.size_bytes,
+        expires_at: r.expires_at,
+        download_url: (r.status == AttachmentStatus::Ready).then(|| download_url(ctx, &r.storage_id)),
+    };
+    serde_json::to_value(view).map_err(OpError::internal)
 }
 
 /// Whether `caller` may read the file `storage_id`: admins always; a worker only while it
@@ -302,10 +230,10 @@ pub(crate) async fn authorize_read(ctx: &ServiceContext, caller: &Caller, storag
     }
 }
 
-async fn sweep(ctx: &ServiceContext, limit: usize) -> Result<SweepResult, OpError> {
+async fn sweep(ctx: &ServiceContext, limit: usize) -> Result<AttachmentSweep, OpError> {
     let now = ctx.clock.now_ms();
     let records = ctx.buckets.attachments.scan::<AttachmentRecord>(">").await.map_err(OpError::internal)?;
-    let mut result = SweepResult::default();
+    let mut result = AttachmentSweep::default();
     let due = records.iter().filter(|(_, v)| v.value.status == AttachmentStatus::Ready && v.value.expires_at <= now);
     for (key, versioned) in due.take(limit) {
         delete_file(ctx, &versioned.value.storage_id).await?;

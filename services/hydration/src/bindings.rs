@@ -48,6 +48,9 @@
 use std::collections::BTreeMap;
 
 use common::OpError;
+use common::api;
+use common::api::bindings::{AgentForUser, BindArgs, RevokeResult};
+pub use common::api::bindings::{BindingSource, BindingStatus, BindingView};
 use common::auth::Caller;
 use common::clock::Millis;
 use common::ops::OpRegistry;
@@ -71,22 +74,6 @@ pub const MAX_METADATA_VALUE_BYTES: usize = 512;
 pub const MAX_METADATA_TOTAL_BYTES: usize = 2048;
 /// Attempts of one compare-and-set loop over an index key before answering `409`.
 const INDEX_CAS_ATTEMPTS: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BindingStatus {
-    Active,
-    Revoked,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BindingSource {
-    Manual,
-    TelegramPairing,
-    #[default]
-    Api,
-}
 
 /// One binding as stored inside its user's document (the consumerUserId is the document's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,37 +164,19 @@ pub struct TelegramIndex {
 }
 
 /// The binding view every operation returns (spec §3.8.2); absent fields are `null`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BindingView {
-    pub consumer_user_id: String,
-    pub agent_key: String,
-    pub conversation_id: String,
-    pub bot_identity: Option<String>,
-    pub status: BindingStatus,
-    pub source: BindingSource,
-    pub telegram_user_id: Option<String>,
-    pub telegram_chat_id: Option<String>,
-    pub metadata: Option<BTreeMap<String, String>>,
-    pub bound_at: Millis,
-    pub revoked_at: Option<Millis>,
-}
-
-impl BindingView {
-    pub fn new(consumer_user_id: &str, binding: &Binding) -> Self {
-        Self {
-            consumer_user_id: consumer_user_id.to_string(),
-            agent_key: binding.agent_key.clone(),
-            conversation_id: binding.conversation_id.clone(),
-            bot_identity: binding.bot_identity.clone(),
-            status: binding.status,
-            source: binding.source,
-            telegram_user_id: binding.telegram_user_id.clone(),
-            telegram_chat_id: binding.telegram_chat_id.clone(),
-            metadata: binding.metadata.clone(),
-            bound_at: binding.bound_at,
-            revoked_at: binding.revoked_at,
-        }
+pub fn binding_view(consumer_user_id: &str, binding: &Binding) -> BindingView {
+    BindingView {
+        consumer_user_id: consumer_user_id.to_string(),
+        agent_key: binding.agent_key.clone(),
+        conversation_id: binding.conversation_id.clone(),
+        bot_identity: binding.bot_identity.clone(),
+        status: binding.status,
+        source: binding.source,
+        telegram_user_id: binding.telegram_user_id.clone(),
+        telegram_chat_id: binding.telegram_chat_id.clone(),
+        metadata: binding.metadata.clone(),
+        bound_at: binding.bound_at,
+        revoked_at: binding.revoked_at,
     }
 }
 
@@ -223,58 +192,22 @@ pub struct UserAgentTarget {
     pub binding_active: bool,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BindArgs {
-    consumer_user_id: String,
-    agent_key: String,
-    #[serde(default)]
-    bot_identity: Option<String>,
-    #[serde(default)]
-    source: Option<BindingSource>,
-    #[serde(default)]
-    telegram_user_id: Option<String>,
-    #[serde(default)]
-    telegram_chat_id: Option<String>,
-    #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ConsumerArgs {
-    consumer_user_id: String,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RevokeResult {
-    revoked: usize,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ResolveResult {
-    consumer_user_id: String,
-    agent_key: Option<String>,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(ctx, "bindUserAgent", |ctx, _: Caller, args: BindArgs| async move { bind(&ctx, args).await });
-    ops.register_with(ctx, "revokeUserAgentBinding", |ctx, _: Caller, args: ConsumerArgs| async move {
-        validate_id("consumerUserId", &args.consumer_user_id)?;
+    ops.handle::<api::BindUserAgent, _, _, _, _>(ctx, |ctx, _: Caller, args| async move { bind(&ctx, args).await });
+    ops.handle::<api::RevokeUserAgentBinding, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         let revoked = revoke(&ctx, &args.consumer_user_id).await?;
         Ok(RevokeResult { revoked })
     });
-    ops.register_with(ctx, "resolveAgentForUser", |ctx, _: Caller, args: ConsumerArgs| async move {
-        validate_id("consumerUserId", &args.consumer_user_id)?;
+    ops.handle::<api::ResolveAgentForUser, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         let active = active_binding(&ctx, &args.consumer_user_id).await?;
-        Ok(ResolveResult { agent_key: active.map(|b| b.agent_key), consumer_user_id: args.consumer_user_id })
+        Ok(AgentForUser {
+            agent_key: active.map(|b| b.agent_key),
+            consumer_user_id: args.consumer_user_id.into_string(),
+        })
     });
-    ops.register_with(ctx, "getUserAgentBinding", |ctx, _: Caller, args: ConsumerArgs| async move {
-        validate_id("consumerUserId", &args.consumer_user_id)?;
+    ops.handle::<api::GetUserAgentBinding, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         let active = active_binding(&ctx, &args.consumer_user_id).await?;
-        Ok(active.map(|b| BindingView::new(&args.consumer_user_id, &b)))
+        Ok(active.map(|b| binding_view(&args.consumer_user_id, &b)))
     });
 }
 
@@ -319,7 +252,7 @@ pub async fn resolve_telegram(
         // The key is a hint (see the module doc): only the holder's active binding decides.
         let doc = load_user(ctx, holder).await?;
         if let Some(active) = doc.as_ref().and_then(UserBindings::active).filter(|b| b.carries(bot, user, chat)) {
-            return Ok(Some(BindingView::new(holder, active)));
+            return Ok(Some(binding_view(holder, active)));
         }
     }
     Ok(None)
@@ -397,7 +330,6 @@ struct BindRequest {
 /// trimmed (they become index keys, so they must be canonical); a blank botIdentity counts as
 /// absent (spec step 2), a blank Telegram id is refused.
 fn validate_bind(args: BindArgs) -> Result<BindRequest, OpError> {
-    validate_id("consumerUserId", &args.consumer_user_id)?;
     validate_agent_key(&args.agent_key)?;
     let bot_identity = args.bot_identity.map(|b| b.trim().to_string()).filter(|b| !b.is_empty());
     if let Some(bot) = &bot_identity {
@@ -415,8 +347,8 @@ fn validate_bind(args: BindArgs) -> Result<BindRequest, OpError> {
         validate_metadata(metadata)?;
     }
     Ok(BindRequest {
-        consumer_user_id: args.consumer_user_id,
-        agent_key: args.agent_key,
+        consumer_user_id: args.consumer_user_id.into_string(),
+        agent_key: args.agent_key.into_string(),
         bot_identity,
         source: args.source.unwrap_or_default(),
         telegram_user_id,
@@ -538,7 +470,7 @@ async fn bind(ctx: &ServiceContext, args: BindArgs) -> Result<BindingView, OpErr
         .await?;
 
     // Step 4: a concurrent bind of the same Telegram identity that claimed a key after us wins.
-    let mut view = BindingView::new(me, &binding);
+    let mut view = binding_view(me, &binding);
     for key in &claimed {
         let holder = ctx.buckets.bindings.get::<TelegramIndex>(key).await?;
         if holder.is_some_and(|h| h.value.consumer_user_id != me) {
@@ -681,7 +613,7 @@ mod tests {
 
     #[test]
     fn the_view_has_every_field_with_nulls_for_absent_ones() {
-        let view = BindingView::new("u1", &binding("sales", BindingStatus::Active, 5));
+        let view = binding_view("u1", &binding("sales", BindingStatus::Active, 5));
         assert_eq!(
             serde_json::to_value(&view).unwrap(),
             json!({
@@ -703,7 +635,7 @@ mod tests {
         b.bot_identity = Some("42".into());
         b.telegram_chat_id = Some("7".into());
         b.metadata = Some(BTreeMap::from([("displayName".to_string(), "Ann".to_string())]));
-        let value = serde_json::to_value(BindingView::new("u1", &b)).unwrap();
+        let value = serde_json::to_value(binding_view("u1", &b)).unwrap();
         assert_eq!(value["status"], json!("revoked"));
         assert_eq!(value["source"], json!("telegram_pairing"));
         assert_eq!(value["revokedAt"], json!(6));
@@ -826,10 +758,16 @@ mod tests {
             let err = validate_bind(args(v)).unwrap_err();
             assert!(err.message.contains(field), "{} should name {field}", err.message);
         };
-        fails(json!({"consumerUserId": " ", "agentKey": "a"}), "consumerUserId");
-        fails(json!({"consumerUserId": "u".repeat(257), "agentKey": "a"}), "consumerUserId");
-        fails(json!({"consumerUserId": "u\n1", "agentKey": "a"}), "consumerUserId");
-        fails(json!({"consumerUserId": "u", "agentKey": ""}), "agentKey");
+        // Ids are refused while the arguments are read, before any store is touched.
+        let refused = |v: serde_json::Value, kind: &str| {
+            let err = serde_json::from_value::<BindArgs>(v).expect_err("refused");
+            assert!(err.to_string().contains(kind), "{err} should name {kind}");
+        };
+        refused(json!({"consumerUserId": " ", "agentKey": "a"}), "consumer user id");
+        refused(json!({"consumerUserId": "u".repeat(5000), "agentKey": "a"}), "consumer user id");
+        refused(json!({"consumerUserId": "u\n1", "agentKey": "a"}), "consumer user id");
+        refused(json!({"consumerUserId": "u", "agentKey": ""}), "agent key");
+        fails(json!({"consumerUserId": "u", "agentKey": "k".repeat(129)}), "agentKey");
         fails(json!({"consumerUserId": "u", "agentKey": "a", "telegramChatId": " "}), "telegramChatId");
         fails(json!({"consumerUserId": "u", "agentKey": "a", "botIdentity": "b".repeat(300)}), "botIdentity");
         let many: BTreeMap<String, String> = (0..17).map(|i| (format!("k{i}"), "v".to_string())).collect();
@@ -841,9 +779,11 @@ mod tests {
         assert!(
             serde_json::from_value::<BindArgs>(json!({"consumerUserId": "u", "agentKey": "a", "source": "x"})).is_err()
         );
+        // The original's nowMs is accepted and ignored (spec §6.1 S6); unknown arguments are not.
         assert!(
-            serde_json::from_value::<BindArgs>(json!({"consumerUserId": "u", "agentKey": "a", "nowMs": 1})).is_err()
+            serde_json::from_value::<BindArgs>(json!({"consumerUserId": "u", "agentKey": "a", "nowMs": 1})).is_ok()
         );
+        assert!(serde_json::from_value::<BindArgs>(json!({"consumerUserId": "u", "agentKey": "a", "now": 1})).is_err());
     }
 
     #[test]

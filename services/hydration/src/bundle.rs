@@ -6,10 +6,12 @@
 //! (fix S2). The lease is read from `af_queue_state`, which the queue leader writes before the
 //! job is handed out, so a worker asking right after its claim always finds it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::OpError;
+use common::api;
+pub use common::api::history::BridgeRuntimeConfig;
+use common::api::history::{Bundle, BundleArgs, ConversationState, SpawnEnv};
 use common::auth::{Caller, Role};
 use common::crypto::SecretCipher;
 use common::model::{AgentProfile, QueueState, WorkerRow};
@@ -18,22 +20,11 @@ use common::service::ServiceContext;
 use common::token::escape;
 use common::topology::INBOX_STREAM;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::history::HistoryItem;
 use crate::secrets::{active_secret, bot_token_refs, first_active_secret, scoped_candidates};
 use crate::{attachments, fence, history, profiles};
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BundleArgs {
-    message_id: String,
-    workspace_id: Option<String>,
-    /// The conversation of the job (the claim returns it). Optional for callers written
-    /// against the original; without it the conversation is found through the worker row.
-    conversation_id: Option<String>,
-}
 
 /// The part of an inbox message the bundle needs (the queue's `Job`).
 #[derive(Debug, Deserialize)]
@@ -45,51 +36,13 @@ struct InboxJob {
     payload: serde_json::Map<String, Value>,
 }
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Bundle {
-    message_id: String,
-    conversation_id: String,
-    agent_key: String,
-    payload: serde_json::Map<String, Value>,
-    conversation_state: ConversationState,
-    telegram_bot_token: Option<String>,
-    bridge_runtime_config: Option<BridgeRuntimeConfig>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ConversationState {
-    context_history: Vec<HistoryItem>,
-    /// Always empty, as in the original (spec §1.2).
-    pending_tool_calls: Vec<Value>,
-}
-
-/// Spec §3.5.3; every field is a string or null.
-#[derive(Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BridgeRuntimeConfig {
-    pub base_url: Option<String>,
-    pub app_base_url_map_json: Option<String>,
-    pub service_id: Option<String>,
-    pub app_key: Option<String>,
-    pub service_key: Option<String>,
-    pub service_key_secret_ref: Option<String>,
-    pub bot_identity: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
 pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
     let state = (ctx.clone(), cipher);
-    ops.register_with(
+    ops.handle::<api::GetHydrationBundleForClaimedJob, _, _, _, _>(
         &state,
-        "getHydrationBundleForClaimedJob",
-        |(ctx, cipher), caller: Caller, args: BundleArgs| async move { bundle(&ctx, &cipher, &caller, args).await },
+        |(ctx, cipher), caller: Caller, args| async move { bundle(&ctx, &cipher, &caller, args).await },
     );
-    ops.register_with(&state, "getWorkerSpawnOpenClawEnv", |(ctx, cipher), _: Caller, _: NoArgs| async move {
+    ops.handle::<api::GetWorkerSpawnOpenClawEnv, _, _, _, _>(&state, |(ctx, cipher), _: Caller, _| async move {
         spawn_env(&ctx, &cipher).await
     });
 }
@@ -100,10 +53,7 @@ async fn bundle(
     caller: &Caller,
     args: BundleArgs,
 ) -> Result<Option<Bundle>, OpError> {
-    let message_id = args.message_id.trim();
-    if message_id.is_empty() {
-        return Err(OpError::invalid("messageId is required"));
-    }
+    let message_id = args.message_id.as_str();
     let Some((conversation_id, state)) = find_head(ctx, caller, message_id, args.conversation_id.as_deref()).await?
     else {
         return Ok(None);
@@ -134,7 +84,6 @@ async fn bundle(
     let bot_token = first_active_secret(ctx, cipher, &bot_token_refs(&profile.secrets_ref)).await?;
     let mut payload = job.payload;
     attachments::hydrate_payload(ctx, message_id, &mut payload).await?;
-    let _ = args.workspace_id; // Accepted for the original's signature; history is per conversation.
     Ok(Some(Bundle {
         message_id: job.message_id,
         conversation_id: job.conversation_id,
@@ -156,7 +105,7 @@ async fn find_head(
     message_id: &str,
     conversation_id: Option<&str>,
 ) -> Result<Option<(String, QueueState)>, OpError> {
-    let conversation_id = match (conversation_id.map(str::trim).filter(|c| !c.is_empty()), &caller.worker_id) {
+    let conversation_id = match (conversation_id, &caller.worker_id) {
         (Some(c), _) => Some(c.to_string()),
         (None, Some(worker_id)) => {
             let row = ctx.buckets.workers.get::<WorkerRow>(&escape(worker_id)).await.map_err(OpError::internal)?;
@@ -232,7 +181,7 @@ async fn profile_or_secret(
 
 /// Spec §3.5.4: the bridge variables every spawned worker gets. A global secret wins; otherwise
 /// a value is forwarded only when every bridge-enabled profile agrees on it.
-async fn spawn_env(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<BTreeMap<String, String>, OpError> {
+async fn spawn_env(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<SpawnEnv, OpError> {
     let global = |secret_ref: &'static str| async move {
         Ok::<_, OpError>(active_secret(ctx, cipher, secret_ref).await?.map(|v| v.expose_secret().to_string()))
     };
@@ -246,7 +195,6 @@ async fn spawn_env(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<BTreeM
         .map(|(_, v)| v.value)
         .filter(|p| p.enabled && p.bridge_config.as_ref().is_some_and(|b| b.enabled))
         .collect();
-    let mut env = BTreeMap::new();
     let service_id = match global("agent-bridge.serviceId").await? {
         Some(v) => Some(v),
         None => {
@@ -271,16 +219,12 @@ async fn spawn_env(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<BTreeM
         }
     };
     let linking = global("agent-bridge.linkingSharedSecret").await?;
-    for (key, value) in [
-        ("OPENCLAW_SERVICE_ID", service_id),
-        ("OPENCLAW_SERVICE_KEY", service_key),
-        ("OPENCLAW_LINKING_SHARED_SECRET", linking),
-    ] {
-        if let Some(v) = value.filter(|v| !v.trim().is_empty()) {
-            env.insert(key.to_string(), v);
-        }
-    }
-    Ok(env)
+    let present = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+    Ok(SpawnEnv {
+        service_id: present(service_id),
+        service_key: present(service_key),
+        linking_shared_secret: present(linking),
+    })
 }
 
 /// The single distinct non-empty value, if there is exactly one.

@@ -20,6 +20,9 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use common::OpError;
+use common::api;
+use common::api::history::{AppendMessagesArgs, AppendResult, HistoryArgs, HistoryPage};
+pub use common::api::history::{HistoryItem, HistoryRole};
 use common::auth::Caller;
 use common::clock::Millis;
 use common::ops::OpRegistry;
@@ -40,33 +43,6 @@ const MAX_PAGE: usize = 200;
 const APPEND_ATTEMPTS: usize = 16;
 /// A batch must fit a NATS message (1 MiB by default) with room for headers.
 const MAX_BATCH_BYTES: usize = 1_000_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HistoryRole {
-    System,
-    User,
-    Assistant,
-    Tool,
-}
-
-impl HistoryRole {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::User => "user",
-            Self::Assistant => "assistant",
-            Self::Tool => "tool",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryItem {
-    pub role: HistoryRole,
-    pub content: String,
-    pub at: Millis,
-}
 
 /// The body of one history stream message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,65 +67,22 @@ pub struct HydrationCache {
     pub last_seq: u64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AppendArgs {
-    conversation_id: String,
-    workspace_id: Option<String>,
-    messages: Vec<NewItem>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewItem {
-    role: HistoryRole,
-    content: String,
-    at: Option<Millis>,
-}
-
-#[derive(Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-struct AppendResult {
-    updated: bool,
-    message_count: usize,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct HistoryArgs {
-    conversation_id: String,
-    limit: Option<usize>,
-    /// Continue before this position (the `nextCursor` of the previous page).
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct HistoryPage {
-    conversation_id: String,
-    items: Vec<HistoryItem>,
-    /// Pass back as `cursor` for the next (older) page; absent at the start of the history.
-    next_cursor: Option<String>,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(ctx, "appendConversationMessages", |ctx, caller: Caller, args: AppendArgs| async move {
+    ops.handle::<api::AppendConversationMessages, _, _, _, _>(ctx, |ctx, caller: Caller, args| async move {
         append(&ctx, &caller, args).await
     });
-    ops.register_with(ctx, "getConversationHistory", |ctx, _: Caller, args: HistoryArgs| async move {
-        page(&ctx, args).await
-    });
+    ops.handle::<api::GetConversationHistory, _, _, _, _>(
+        ctx,
+        |ctx, _: Caller, args| async move { page(&ctx, args).await },
+    );
 }
 
 pub(crate) async fn history_stream(ctx: &ServiceContext) -> Result<Stream<()>, OpError> {
     ctx.js.get_stream_no_info(HISTORY_STREAM).await.map_err(OpError::internal)
 }
 
-async fn append(ctx: &ServiceContext, caller: &Caller, args: AppendArgs) -> Result<AppendResult, OpError> {
-    let conversation_id = args.conversation_id.trim();
-    if conversation_id.is_empty() {
-        return Err(OpError::invalid("conversationId is required"));
-    }
+async fn append(ctx: &ServiceContext, caller: &Caller, args: AppendMessagesArgs) -> Result<AppendResult, OpError> {
+    let conversation_id = args.conversation_id.as_str();
     let max = ctx.settings.history.max_batch_items;
     if args.messages.len() > max {
         return Err(OpError::invalid(format!("messages: at most {max} items per call (history.max_batch_items)")));
@@ -328,10 +261,7 @@ pub(crate) async fn current_cache(
 }
 
 async fn page(ctx: &ServiceContext, args: HistoryArgs) -> Result<HistoryPage, OpError> {
-    let conversation_id = args.conversation_id.trim();
-    if conversation_id.is_empty() {
-        return Err(OpError::invalid("conversationId is required"));
-    }
+    let conversation_id = args.conversation_id.as_str();
     let limit = args.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let stream = history_stream(ctx).await?;
     let (seq, index) = match args.cursor.as_deref() {

@@ -4,12 +4,14 @@
 //! profiles.
 
 use common::OpError;
+use common::api;
+use common::api::profiles::UpsertAgentProfileArgs;
 use common::auth::Caller;
+use common::ids::AgentKey;
 use common::model::{AgentProfile, BridgeConfig};
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use common::token::escape;
-use serde::Deserialize;
 
 /// The secret refs every profile carries (spec §2.5): the scheduler needs both to spawn workers.
 pub const MANDATORY_SECRET_REFS: [&str; 2] = ["convex.url", "fly.apiToken"];
@@ -23,48 +25,25 @@ pub const MAX_VERSION_BYTES: usize = 64;
 pub const MAX_SECRET_REF_BYTES: usize = 256;
 pub const MAX_SECRET_REFS: usize = 64;
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct UpsertArgs {
-    agent_key: String,
-    version: String,
-    secrets_ref: Vec<String>,
-    #[serde(default)]
-    bot_identity: Option<String>,
-    #[serde(default)]
-    bridge_config: Option<BridgeConfig>,
-    enabled: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AgentKeyArgs {
-    agent_key: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(
+    ops.handle::<api::UpsertAgentProfile, _, _, _, _>(
         ctx,
-        "upsertAgentProfile",
-        |ctx, _: Caller, args: UpsertArgs| async move { upsert(&ctx, args).await },
+        |ctx, _: Caller, args| async move { upsert(&ctx, args).await },
     );
-    ops.register_with(ctx, "getAgentProfile", |ctx, _: Caller, args: AgentKeyArgs| async move {
+    ops.handle::<api::GetAgentProfile, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         validate_agent_key(&args.agent_key)?;
         get_profile(&ctx, &args.agent_key).await
     });
-    ops.register_with(ctx, "listAgentProfiles", |ctx, _: Caller, _: NoArgs| async move { list(&ctx).await });
+    ops.handle::<api::ListAgentProfiles, _, _, _, _>(ctx, |ctx, _: Caller, _| async move { list(&ctx).await });
 }
 
 /// Creates or patches the profile and returns its id, which is the agentKey itself: profiles
 /// are keyed by agentKey, so no second identifier is needed.
-async fn upsert(ctx: &ServiceContext, args: UpsertArgs) -> Result<String, OpError> {
+async fn upsert(ctx: &ServiceContext, args: UpsertAgentProfileArgs) -> Result<AgentKey, OpError> {
     validate_agent_key(&args.agent_key)?;
     validate_version(&args.version)?;
-    validate_secret_refs(&args.secrets_ref)?;
+    let given: Vec<String> = args.secrets_ref.iter().map(|r| r.to_string()).collect();
+    validate_secret_refs(&given)?;
     if let Some(bridge) = &args.bridge_config {
         validate_bridge_config(bridge)?;
     }
@@ -76,7 +55,7 @@ async fn upsert(ctx: &ServiceContext, args: UpsertArgs) -> Result<String, OpErro
             let mut profile = match current {
                 Some(existing) => existing,
                 None => AgentProfile {
-                    agent_key: args.agent_key.clone(),
+                    agent_key: args.agent_key.to_string(),
                     version: String::new(),
                     secrets_ref: Vec::new(),
                     bot_identity: None,
@@ -96,8 +75,7 @@ async fn upsert(ctx: &ServiceContext, args: UpsertArgs) -> Result<String, OpErro
             }
             // The refs are derived from the bridge config the profile ends up with, so a patch
             // that omits bridgeConfig keeps the bridge refs of the stored one.
-            profile.secrets_ref =
-                effective_secrets_ref(&args.agent_key, &args.secrets_ref, profile.bridge_config.as_ref());
+            profile.secrets_ref = effective_secrets_ref(&args.agent_key, &given, profile.bridge_config.as_ref());
             validate_secret_ref_count(&profile.secrets_ref)?;
             profile.updated_at = now;
             Ok(Some(profile))

@@ -6,6 +6,7 @@
 //! `common::model`. This module owns the message-config normalisation rule.
 
 use common::OpError;
+use common::api;
 use common::auth::Caller;
 use common::clock::Millis;
 use common::model::{
@@ -15,70 +16,36 @@ use common::model::{
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use common::store::JsonStore;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+
+pub use common::api::profiles::MessageConfigInput;
 
 /// The largest retention accepted, in ms (JavaScript's `Number.MAX_SAFE_INTEGER`, so every
 /// accepted value is an exact integer on both sides of the JSON API).
 pub const MAX_RETENTION_MS: f64 = 9_007_199_254_740_991.0;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SetProviderArgs {
-    provider_config: ProviderConfig,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SetScalingArgs {
-    scaling_policy: ScalingPolicy,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SetMessageArgs {
-    message_config: MessageConfigInput,
-}
-
-/// The message configuration as given, before normalisation. Retention is a JSON number that
-/// may carry a fraction; it is floored.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MessageConfigInput {
-    #[serde(default)]
-    pub system_prompt: Option<String>,
-    #[serde(default)]
-    pub telegram_attachment_retention_ms: Option<f64>,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(
-        ctx,
-        "providerRuntimeConfig",
-        |ctx, _: Caller, _: NoArgs| async move { provider_config(&ctx).await },
-    );
-    ops.register_with(ctx, "setProviderRuntimeConfig", |ctx, _: Caller, args: SetProviderArgs| async move {
+    ops.handle::<api::ProviderRuntimeConfig, _, _, _, _>(ctx, |ctx, _: Caller, _| async move {
+        provider_config(&ctx).await
+    });
+    ops.handle::<api::SetProviderRuntimeConfig, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         let now = ctx.clock.now_ms();
         write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await
     });
-    ops.register_with(
+    ops.handle::<api::ScalingRuntimeConfig, _, _, _, _>(
         ctx,
-        "scalingRuntimeConfig",
-        |ctx, _: Caller, _: NoArgs| async move { scaling_policy(&ctx).await },
+        |ctx, _: Caller, _| async move { scaling_policy(&ctx).await },
     );
-    ops.register_with(ctx, "setScalingRuntimeConfig", |ctx, _: Caller, args: SetScalingArgs| async move {
+    ops.handle::<api::SetScalingRuntimeConfig, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         validate_scaling(&args.scaling_policy)?;
         let now = ctx.clock.now_ms();
         write(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY, args.scaling_policy, now).await
     });
-    ops.register_with(ctx, "messageRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
-        read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
-    });
-    ops.register_with(ctx, "setMessageRuntimeConfig", |ctx, _: Caller, args: SetMessageArgs| async move {
+    ops.handle::<api::MessageRuntimeConfig, _, _, _, _>(
+        ctx,
+        |ctx, _: Caller, _| async move { message_config(&ctx).await },
+    );
+    ops.handle::<api::SetMessageRuntimeConfig, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         set_message_config(&ctx, args.message_config).await
     });
 }
@@ -98,7 +65,8 @@ pub fn validate_scaling(p: &ScalingPolicy) -> Result<(), OpError> {
     if p.reconcile_interval_ms < 100 {
         return fail("reconcileIntervalMs", "at least 100");
     }
-    if p.drain_deadline_ms < 1000 {
+    // Absent means the configured `scheduler.drain_deadline_ms`, validated with the settings.
+    if p.drain_deadline_ms.is_some_and(|ms| ms < 1000) {
         return fail("drainDeadlineMs", "at least 1000");
     }
     Ok(())
@@ -228,5 +196,34 @@ mod tests {
         let err = normalise_message_config(&input(None, Some(1e300))).expect_err("must fail");
         assert!(err.message.contains("telegramAttachmentRetentionMs"));
         assert!(normalise_message_config(&input(None, Some(MAX_RETENTION_MS))).is_ok());
+    }
+
+    #[test]
+    fn drain_deadline_is_checked_only_when_given() {
+        let mut policy = ScalingPolicy {
+            max_workers: 2,
+            spawn_step: 1,
+            idle_timeout_ms: 60_000,
+            reconcile_interval_ms: 15_000,
+            drain_deadline_ms: None,
+            queue_per_worker_target: Some(3.0),
+        };
+        assert!(validate_scaling(&policy).is_ok(), "absent: the configured default applies");
+        policy.drain_deadline_ms = Some(999);
+        let err = validate_scaling(&policy).expect_err("too short");
+        assert_eq!(err.message, "scalingPolicy.drainDeadlineMs: at least 1000");
+        policy.drain_deadline_ms = Some(1000);
+        assert!(validate_scaling(&policy).is_ok());
+    }
+
+    #[test]
+    fn the_originals_now_ms_is_accepted_and_unknown_arguments_refused() {
+        use common::api::profiles::{SetMessageConfigArgs, SetProviderConfigArgs};
+        let ok = serde_json::json!({"messageConfig": {"systemPrompt": "p"}, "nowMs": 5});
+        assert!(serde_json::from_value::<SetMessageConfigArgs>(ok).is_ok());
+        let ok = serde_json::json!({"providerConfig": {"appName": "a"}, "nowMs": 5});
+        assert!(serde_json::from_value::<SetProviderConfigArgs>(ok).is_ok());
+        let bad = serde_json::json!({"messageConfig": {}, "clock": 5});
+        assert!(serde_json::from_value::<SetMessageConfigArgs>(bad).is_err());
     }
 }

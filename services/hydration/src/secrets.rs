@@ -16,16 +16,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::OpError;
+use common::api;
+use common::api::profiles::{ImportSecretArgs, ImportedSecret, SecretStatus};
 use common::auth::Caller;
 use common::clock::Millis;
 use common::crypto::{Sealed, SecretCipher};
+use common::ids::SecretRef;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use common::token::escape;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer, Serialize};
-
-use crate::profiles::validate_secret_ref;
+use serde::{Deserialize, Serialize};
 
 /// Versions kept per secret ref (the active one always among them).
 pub const MAX_VERSIONS_PER_REF: usize = 20;
@@ -80,70 +81,22 @@ pub fn aad(secret_ref: &str, version: u64) -> String {
     format!("{secret_ref}#{version}")
 }
 
-/// A plaintext argument. Its `Debug` is redacted, and a value of the wrong JSON type is refused
-/// without echoing it (serde's own message would quote a number or a boolean).
-struct Plaintext(SecretString);
-
-impl<'de> Deserialize<'de> for Plaintext {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match serde_json::Value::deserialize(deserializer) {
-            Ok(serde_json::Value::String(s)) => Ok(Self(SecretString::from(s))),
-            _ => Err(serde::de::Error::custom("plaintextValue: must be a string")),
-        }
-    }
-}
-
-impl std::fmt::Debug for Plaintext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Plaintext([REDACTED])")
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ImportArgs {
-    secret_ref: String,
-    plaintext_value: Plaintext,
-    #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ImportResult {
-    secret_id: String,
-    secret_ref: String,
-    version: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StatusArgs {
-    secret_refs: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SecretStatus {
-    secret_ref: String,
-    has_active: bool,
-    version: Option<u64>,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
-    ops.register_with(
+    ops.handle::<api::ImportPlaintextSecret, _, _, _, _>(
         &(ctx.clone(), cipher),
-        "importPlaintextSecret",
-        |(ctx, cipher), _: Caller, args: ImportArgs| async move { import(&ctx, &cipher, args).await },
+        |(ctx, cipher), _: Caller, args| async move { import(&ctx, &cipher, args).await },
     );
-    ops.register_with(ctx, "getSecretsStatus", |ctx, _: Caller, args: StatusArgs| async move {
-        status(&ctx, args.secret_refs).await
+    ops.handle::<api::GetSecretsStatus, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
+        status(&ctx, args.secret_refs.into_iter().map(SecretRef::into_string).collect()).await
     });
 }
 
-async fn import(ctx: &ServiceContext, cipher: &SecretCipher, args: ImportArgs) -> Result<ImportResult, OpError> {
-    validate_secret_ref("secretRef", &args.secret_ref)?;
-    let plaintext = args.plaintext_value.0;
+async fn import(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    args: ImportSecretArgs,
+) -> Result<ImportedSecret, OpError> {
+    let plaintext = args.plaintext_value.into_secret();
     let len = plaintext.expose_secret().len();
     if len == 0 {
         return Err(OpError::invalid("plaintextValue: must not be empty"));
@@ -154,7 +107,7 @@ async fn import(ctx: &ServiceContext, cipher: &SecretCipher, args: ImportArgs) -
         )));
     }
     let now = ctx.clock.now_ms();
-    let secret_ref = args.secret_ref;
+    let secret_ref = args.secret_ref.into_string();
     let stored = ctx
         .buckets
         .secrets
@@ -176,7 +129,7 @@ async fn import(ctx: &ServiceContext, cipher: &SecretCipher, args: ImportArgs) -
         .map(|v| v.version)
         .ok_or_else(|| OpError::internal("secret written without an active version"))?;
     tracing::info!(secret_ref = %secret_ref, version, "secret version imported");
-    Ok(ImportResult { secret_id: aad(&secret_ref, version), secret_ref, version })
+    Ok(ImportedSecret { secret_id: aad(&secret_ref, version), secret_ref, version })
 }
 
 /// Appends a new active version to `current` (spec §3.2): `version = max + 1`, every previous
@@ -326,13 +279,15 @@ mod tests {
 
     #[test]
     fn plaintext_arguments_are_not_echoed() {
-        let err =
-            serde_json::from_value::<ImportArgs>(serde_json::json!({"secretRef": "r", "plaintextValue": 987654321}))
-                .expect_err("must fail");
+        let err = serde_json::from_value::<ImportSecretArgs>(
+            serde_json::json!({"secretRef": "r", "plaintextValue": 987654321}),
+        )
+        .expect_err("must fail");
         assert!(!err.to_string().contains("987654321"), "{err}");
-        let args =
-            serde_json::from_value::<ImportArgs>(serde_json::json!({"secretRef": "r", "plaintextValue": "hunter2"}))
-                .expect("parses");
+        let args = serde_json::from_value::<ImportSecretArgs>(
+            serde_json::json!({"secretRef": "r", "plaintextValue": "hunter2"}),
+        )
+        .expect("parses");
         assert!(!format!("{args:?}").contains("hunter2"));
     }
 

@@ -16,6 +16,12 @@
 //! strictly (K2, in `common::skills`); redeploying the version that is already active in a
 //! channel creates no new release, and a deploy keeps a skill an admin disabled disabled (K4).
 
+use common::api;
+pub use common::api::skills::SkillStatus;
+use common::api::skills::{
+    DeletedSkill, DeploySkillArgs, DeployedSkill, ListSkillsArgs, ManifestArgs, ReleaseView, SetSkillStatusArgs,
+    SkillSlugArgs, SkillStatusResult, SkillView,
+};
 use common::auth::Caller;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
@@ -44,13 +50,6 @@ const DEFAULT_WORKSPACE: &str = "default";
 const SLUG_ERROR: &str = "Invalid skill slug. Use lowercase letters, numbers, '-' and '_'.";
 const VERSION_ERROR: &str = "Invalid skill version. Use semantic versioning format.";
 const ENTRY_POINT_ERROR: &str = "entryPoint is required.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SkillStatus {
-    Active,
-    Disabled,
-}
 
 /// One skill, as stored under `skill.<slug>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,145 +166,20 @@ impl SkillDoc {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FileArg {
-    path: String,
-    content: String,
-    #[serde(default)]
-    sha256: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DeployArgs {
-    slug: String,
-    #[serde(default)]
-    display_name: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-    version: String,
-    files: Vec<FileArg>,
-    #[serde(default)]
-    entry_point: Option<String>,
-    #[serde(default)]
-    module_format: Option<ModuleFormat>,
-    #[serde(default)]
-    release_channel: Option<ReleaseChannel>,
-    #[serde(default)]
-    actor: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DeployResult {
-    skill_id: String,
-    version_id: String,
-    release_id: String,
-    slug: String,
-    version: String,
-    sha256: String,
-    release_channel: ReleaseChannel,
-    /// New: a skill an admin disabled stays disabled after a deploy, so the caller sees it.
-    status: SkillStatus,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ListArgs {
-    #[serde(default)]
-    release_channel: Option<ReleaseChannel>,
-    #[serde(default)]
-    status: Option<SkillStatus>,
-    #[serde(default)]
-    limit: Option<i64>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SkillView {
-    skill_id: String,
-    slug: String,
-    display_name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<String>,
-    status: SkillStatus,
-    updated_at: i64,
-    active_release: Option<ReleaseView>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ReleaseView {
-    release_id: String,
-    version_id: String,
-    version: String,
-    sha256: String,
-    module_format: ModuleFormat,
-    entry_point: String,
-    release_channel: ReleaseChannel,
-    activated_at: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StatusArgs {
-    slug: String,
-    status: SkillStatus,
-    #[serde(default)]
-    actor: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusResult {
-    updated: bool,
-    slug: String,
-    status: SkillStatus,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SlugArgs {
-    slug: String,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DeleteResult {
-    deleted: bool,
-    slug: String,
-    deleted_versions: usize,
-    deleted_releases: usize,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ManifestArgs {
-    #[serde(default)]
-    workspace_id: Option<String>,
-    #[serde(default)]
-    worker_id: Option<String>,
-    #[serde(default)]
-    release_channel: Option<ReleaseChannel>,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(
+    ops.handle::<api::DeployGlobalSkill, _, _, _, _>(
         ctx,
-        "deployGlobalSkill",
-        |ctx, _: Caller, args: DeployArgs| async move { deploy(&ctx, args).await },
+        |ctx, _: Caller, args| async move { deploy(&ctx, args).await },
     );
-    ops.register_with(ctx, "listGlobalSkills", |ctx, _: Caller, args: ListArgs| async move { list(&ctx, args).await });
-    ops.register_with(ctx, "setGlobalSkillStatus", |ctx, _: Caller, args: StatusArgs| async move {
+    ops.handle::<api::ListGlobalSkills, _, _, _, _>(ctx, |ctx, _: Caller, args| async move { list(&ctx, args).await });
+    ops.handle::<api::SetGlobalSkillStatus, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
         set_status(&ctx, args).await
     });
-    ops.register_with(
+    ops.handle::<api::DeleteGlobalSkill, _, _, _, _>(
         ctx,
-        "deleteGlobalSkill",
-        |ctx, _: Caller, args: SlugArgs| async move { delete(&ctx, args).await },
+        |ctx, _: Caller, args| async move { delete(&ctx, args).await },
     );
-    ops.register_with(ctx, "getWorkerGlobalSkillsManifest", |ctx, caller: Caller, args: ManifestArgs| async move {
+    ops.handle::<api::GetWorkerGlobalSkillsManifest, _, _, _, _>(ctx, |ctx, caller: Caller, args| async move {
         // The original ignored workerId; here a worker may only ask as itself.
         if let Some(worker_id) = &args.worker_id {
             caller.require_worker(worker_id)?;
@@ -345,7 +219,7 @@ fn check_max_bytes(field: &str, value: Option<&str>, max: usize) -> Result<(), O
 
 /// The validated inputs of a deploy, in the spec's order of checks: files first, then slug,
 /// version and entryPoint. Returns the version document to store.
-fn validated_version(args: &DeployArgs, actor: &str, now: i64) -> Result<VersionDoc, OpError> {
+fn validated_version(args: &DeploySkillArgs, actor: &str, now: i64) -> Result<VersionDoc, OpError> {
     let slug = normalize_slug(&args.slug);
     let version = args.version.trim().to_string();
     let module_format = args.module_format.unwrap_or_default();
@@ -388,7 +262,7 @@ fn validated_version(args: &DeployArgs, actor: &str, now: i64) -> Result<Version
     })
 }
 
-async fn deploy(ctx: &ServiceContext, args: DeployArgs) -> Result<DeployResult, OpError> {
+async fn deploy(ctx: &ServiceContext, args: DeploySkillArgs) -> Result<DeployedSkill, OpError> {
     let actor = actor_or_default(args.actor.as_deref());
     let now = ctx.clock.now_ms();
     let version = validated_version(&args, &actor, now)?;
@@ -433,7 +307,7 @@ async fn deploy(ctx: &ServiceContext, args: DeployArgs) -> Result<DeployResult, 
         new_release = created,
         "global skill deployed"
     );
-    Ok(DeployResult {
+    Ok(DeployedSkill {
         skill_id: version.skill_id,
         version_id: version.version_id,
         release_id,
@@ -517,7 +391,7 @@ async fn all_skills(ctx: &ServiceContext) -> Result<(Vec<SkillDoc>, Vec<SkillPro
     Ok((docs, problems))
 }
 
-async fn list(ctx: &ServiceContext, args: ListArgs) -> Result<Vec<SkillView>, OpError> {
+async fn list(ctx: &ServiceContext, args: ListSkillsArgs) -> Result<Vec<SkillView>, OpError> {
     let channel = args.release_channel.unwrap_or_default();
     let limit = args.limit.unwrap_or(DEFAULT_LIST_LIMIT).clamp(1, MAX_LIST_LIMIT) as usize;
     let (docs, _) = all_skills(ctx).await?;
@@ -549,8 +423,8 @@ async fn list(ctx: &ServiceContext, args: ListArgs) -> Result<Vec<SkillView>, Op
         .collect())
 }
 
-async fn set_status(ctx: &ServiceContext, args: StatusArgs) -> Result<StatusResult, OpError> {
-    let slug = normalize_slug(&args.slug);
+async fn set_status(ctx: &ServiceContext, args: SetSkillStatusArgs) -> Result<SkillStatusResult, OpError> {
+    let slug = args.slug.into_string();
     let actor = actor_or_default(args.actor.as_deref());
     check_max_bytes("actor", Some(&actor), MAX_NAME_BYTES)?;
     let now = ctx.clock.now_ms();
@@ -569,7 +443,7 @@ async fn set_status(ctx: &ServiceContext, args: StatusArgs) -> Result<StatusResu
     if written.is_some() {
         tracing::info!(slug = %slug, status = ?args.status, "global skill status set");
     }
-    Ok(StatusResult { updated: written.is_some(), slug, status: args.status })
+    Ok(SkillStatusResult { updated: written.is_some(), slug, status: args.status })
 }
 
 /// Deletes every version document, then the skill document at the revision it was read at. A
@@ -577,16 +451,16 @@ async fn set_status(ctx: &ServiceContext, args: StatusArgs) -> Result<StatusResu
 /// removes the version the deploy added. Versions go first so that an interrupted delete leaves
 /// a skill whose missing versions the manifest reports, never orphan versions that would make a
 /// later deploy of the same version conflict.
-async fn delete(ctx: &ServiceContext, args: SlugArgs) -> Result<DeleteResult, OpError> {
+async fn delete(ctx: &ServiceContext, args: SkillSlugArgs) -> Result<DeletedSkill, OpError> {
     const ATTEMPTS: usize = 16;
-    let slug = normalize_slug(&args.slug);
+    let slug = args.slug.into_string();
     let store = &ctx.buckets.skills;
     let key = skill_key(&slug);
     let mut deleted_versions = std::collections::HashSet::new();
     for _ in 0..ATTEMPTS {
         // Read raw so that a corrupt skill document can still be deleted.
         let Some(skill) = store.get::<serde_json::Value>(&key).await? else {
-            return Ok(DeleteResult { deleted: false, slug, deleted_versions: 0, deleted_releases: 0 });
+            return Ok(DeletedSkill { deleted: false, slug, deleted_versions: 0, deleted_releases: 0 });
         };
         let releases = skill.value.get("releases").and_then(|r| r.as_array()).map_or(0, Vec::len);
         for (version_key, entry) in store.scan::<serde_json::Value>(&versions_filter(&slug)).await? {
@@ -602,7 +476,7 @@ async fn delete(ctx: &ServiceContext, args: SlugArgs) -> Result<DeleteResult, Op
         match store.delete(&key, skill.revision).await {
             Ok(()) => {
                 tracing::info!(slug = %slug, versions = deleted_versions.len(), releases, "global skill deleted");
-                return Ok(DeleteResult {
+                return Ok(DeletedSkill {
                     deleted: true,
                     slug,
                     deleted_versions: deleted_versions.len(),
@@ -728,7 +602,7 @@ mod tests {
         }
     }
 
-    fn args(json: serde_json::Value) -> DeployArgs {
+    fn args(json: serde_json::Value) -> DeploySkillArgs {
         serde_json::from_value(json).expect("valid args")
     }
 
@@ -806,5 +680,18 @@ mod tests {
         assert_eq!(skill_key("web"), "skill.web");
         assert_eq!(version_key("web", "1.0.0+b"), "version.web.1=2E0=2E0=2Bb");
         assert_eq!(versions_filter("web"), "version.web.*");
+    }
+
+    #[test]
+    fn status_and_delete_refuse_hostile_slugs_while_reading_the_arguments() {
+        use common::api::skills::{SetSkillStatusArgs, SkillSlugArgs};
+        let long = "a".repeat(5000);
+        for slug in [long.as_str(), "a.>", "*", "a b"] {
+            assert!(serde_json::from_value::<SkillSlugArgs>(serde_json::json!({"slug": slug})).is_err(), "{slug}");
+            let args = serde_json::json!({"slug": slug, "status": "disabled"});
+            assert!(serde_json::from_value::<SetSkillStatusArgs>(args).is_err(), "{slug}");
+        }
+        let args: SkillSlugArgs = serde_json::from_value(serde_json::json!({"slug": " Web "})).expect("valid");
+        assert_eq!(skill_key(&args.slug), "skill.web", "normalised as before");
     }
 }

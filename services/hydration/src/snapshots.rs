@@ -18,8 +18,16 @@
 
 use async_nats::jetstream::object_store::{DeleteErrorKind, ObjectStore};
 use common::OpError;
+use common::api;
+use common::api::queue::RecordSnapshotArgs;
+use common::api::snapshots::{
+    FailSnapshotArgs, FinalizeSnapshotArgs, PrepareSnapshotArgs, PreparedUpload, RestoreArgs, RestoreTarget,
+    SnapshotSweep, SnapshotView, UserAgentSnapshotsArgs,
+};
+pub use common::api::snapshots::{SnapshotReason, SnapshotStatus};
 use common::auth::{Caller, Role};
 use common::clock::Millis;
+use common::ids::{SnapshotId, WorkerId};
 use common::model::WorkerRow;
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
@@ -37,23 +45,6 @@ const DEFAULT_LIST: usize = 50;
 const MAX_LIST: usize = 200;
 const DEFAULT_SWEEP: usize = 100;
 const MAX_SWEEP: usize = 1000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotStatus {
-    Uploading,
-    Ready,
-    Failed,
-    Expired,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotReason {
-    Drain,
-    Signal,
-    Manual,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -84,148 +75,31 @@ impl SnapshotRecord {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PrepareArgs {
-    worker_id: String,
-    workspace_id: Option<String>,
-    agent_key: String,
-    conversation_id: Option<String>,
-    reason: SnapshotReason,
-}
-
-/// Where and how to upload the archive.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Prepared {
-    snapshot_id: String,
-    /// HTTP upload through ingress: `PUT` the archive with the worker's bearer token.
-    upload_url: String,
-    expires_at: Millis,
-    /// For workers on NATS: put the archive into this object store under this name.
-    object_store: String,
-    object_name: String,
-    chunk_bytes: usize,
-    max_bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FinalizeArgs {
-    worker_id: String,
-    snapshot_id: String,
-    /// Accepted for the original's signature; the archive is always the object named by the
-    /// snapshot id, so a different value is refused.
-    storage_id: Option<String>,
-    sha256: String,
-    size_bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FailArgs {
-    worker_id: String,
-    snapshot_id: String,
-    error: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RestoreArgs {
-    workspace_id: Option<String>,
-    agent_key: String,
-    conversation_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ListArgs {
-    conversation_id: Option<String>,
-    limit: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct UserAgentArgs {
-    consumer_user_id: String,
-    agent_key: String,
-    limit: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SweepArgs {
-    limit: Option<usize>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RestoreTarget {
-    snapshot_id: String,
-    download_url: String,
-    object_store: String,
-    object_name: String,
-    sha256: Option<String>,
-    size_bytes: Option<u64>,
-    created_at: Millis,
-}
-
-/// A snapshot as list operations show it (spec §3.13); `downloadUrl` only for admins.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SnapshotView {
-    snapshot_id: String,
-    created_at: Millis,
-    size_bytes: Option<u64>,
-    sha256: Option<String>,
-    download_url: Option<String>,
-    status: SnapshotStatus,
-    conversation_id: String,
-    workspace_id: String,
-    agent_key: String,
-    reason: SnapshotReason,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-#[derive(Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SweepResult {
-    /// Ready snapshots past retention: record expired, archive deleted.
-    pub expired: usize,
-    /// Uploads still `uploading` past the upload timeout: record failed, partial archive deleted.
-    pub abandoned: usize,
-    /// Archives deleted: those of the snapshots just ended, and any left behind earlier.
-    pub archives_deleted: usize,
-    /// Ended (expired or failed) records older than another retention period, removed.
-    pub purged: usize,
-}
-
 pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    ops.register_with(ctx, "prepareDataSnapshotUpload", |ctx, caller: Caller, a: PrepareArgs| async move {
+    ops.handle::<api::PrepareDataSnapshotUpload, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         prepare(&ctx, &caller, a).await
     });
-    ops.register_with(ctx, "finalizeDataSnapshotUpload", |ctx, caller: Caller, a: FinalizeArgs| async move {
+    ops.handle::<api::FinalizeDataSnapshotUpload, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         finalize(&ctx, &caller, a).await
     });
-    ops.register_with(ctx, "failDataSnapshotUpload", |ctx, caller: Caller, a: FailArgs| async move {
+    ops.handle::<api::FailDataSnapshotUpload, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         fail(&ctx, &caller, a).await
     });
-    ops.register_with(ctx, "getLatestDataSnapshotForRestore", |ctx, caller: Caller, a: RestoreArgs| async move {
+    ops.handle::<api::GetLatestDataSnapshotForRestore, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         restore_target(&ctx, &caller, a).await
     });
-    ops.register_with(ctx, "listSnapshotsForConversation", |ctx, caller: Caller, a: ListArgs| async move {
+    ops.handle::<api::ListSnapshotsForConversation, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         let conversation_id = required_conversation(a.conversation_id.as_deref())?;
         list_views(&ctx, &caller, &conversation_id, None, a.limit).await
     });
-    ops.register_with(ctx, "listSnapshotsForUserAgent", |ctx, caller: Caller, a: UserAgentArgs| async move {
+    ops.handle::<api::ListSnapshotsForUserAgent, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
         user_agent_views(&ctx, &caller, a).await
     });
-    ops.register_with(ctx, "getLatestSnapshotForUserAgent", |ctx, caller: Caller, a: UserAgentArgs| async move {
-        let mut views = user_agent_views(&ctx, &caller, UserAgentArgs { limit: Some(1), ..a }).await?;
+    ops.handle::<api::GetLatestSnapshotForUserAgent, _, _, _, _>(ctx, |ctx, caller: Caller, a| async move {
+        let mut views = user_agent_views(&ctx, &caller, UserAgentSnapshotsArgs { limit: Some(1), ..a }).await?;
         Ok::<_, OpError>(views.pop())
     });
-    ops.register_with(ctx, "expireOldDataSnapshots", |ctx, _caller: Caller, a: SweepArgs| async move {
+    ops.handle::<api::ExpireOldDataSnapshots, _, _, _, _>(ctx, |ctx, _caller: Caller, a| async move {
         sweep(&ctx, a.limit.unwrap_or(DEFAULT_SWEEP).clamp(1, MAX_SWEEP)).await
     });
 }
@@ -285,16 +159,16 @@ async fn require_owner(ctx: &ServiceContext, caller: &Caller, conversation_id: &
     }
 }
 
-async fn prepare(ctx: &ServiceContext, caller: &Caller, args: PrepareArgs) -> Result<Prepared, OpError> {
+async fn prepare(ctx: &ServiceContext, caller: &Caller, args: PrepareSnapshotArgs) -> Result<PreparedUpload, OpError> {
     let worker_id = required("workerId", &args.worker_id)?;
     caller.require_worker(&worker_id)?;
     let conversation_id = required_conversation(args.conversation_id.as_deref())?;
     let agent_key = required("agentKey", &args.agent_key)?;
     require_owner(ctx, caller, &conversation_id).await?;
     let now = ctx.clock.now_ms();
-    let snapshot_id = format!("{}.s{}", escape(&conversation_id), uuid::Uuid::now_v7().simple());
+    let snapshot_id = SnapshotId::parse(format!("{}.s{}", escape(&conversation_id), uuid::Uuid::now_v7().simple()))?;
     let record = SnapshotRecord {
-        snapshot_id: snapshot_id.clone(),
+        snapshot_id: snapshot_id.to_string(),
         workspace_id: args.workspace_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(|| DEFAULT_WORKSPACE.into()),
         agent_key,
         worker_id,
@@ -310,11 +184,11 @@ async fn prepare(ctx: &ServiceContext, caller: &Caller, args: PrepareArgs) -> Re
         completed_at: None,
     };
     ctx.buckets.snapshots.create(&snapshot_id, &record).await.map_err(OpError::internal)?;
-    Ok(Prepared {
+    Ok(PreparedUpload {
         upload_url: archive_url(ctx, &snapshot_id),
         expires_at: record.expires_at,
         object_store: common::topology::SNAPSHOT_ARCHIVES.to_string(),
-        object_name: snapshot_id.clone(),
+        object_name: snapshot_id.to_string(),
         chunk_bytes: ctx.settings.snapshots.chunk_bytes,
         max_bytes: ctx.settings.snapshots.max_archive_bytes,
         snapshot_id,
@@ -379,7 +253,7 @@ async fn own_snapshot(
     Ok(load(ctx, snapshot_id.trim()).await?.filter(|current| current.value.worker_id == worker_id))
 }
 
-async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> Result<bool, OpError> {
+async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeSnapshotArgs) -> Result<bool, OpError> {
     let Some(current) = own_snapshot(ctx, caller, &args.worker_id, &args.snapshot_id).await? else {
         return Ok(false);
     };
@@ -396,7 +270,7 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
             return Err(OpError::conflict(format!(
                 "snapshot '{}' is {} and cannot be finalized",
                 record.snapshot_id,
-                serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+                status.as_str()
             )));
         }
     }
@@ -432,11 +306,14 @@ async fn finalize(ctx: &ServiceContext, caller: &Caller, args: FinalizeArgs) -> 
 /// Tells queue-manager (which owns worker rows) about a ready snapshot: it remembers it and lets
 /// a draining worker proceed to stopping. Idempotent, so a retried finalize repeats it.
 async fn record_on_worker(ctx: &ServiceContext, record: &SnapshotRecord) -> Result<(), OpError> {
-    let args = serde_json::json!({"workerId": record.worker_id, "snapshotId": record.snapshot_id});
-    ctx.call_service::<serde_json::Value>("recordWorkerSnapshot", &args).await.map(|_| ())
+    let args = RecordSnapshotArgs {
+        worker_id: WorkerId::parse(record.worker_id.as_str())?,
+        snapshot_id: SnapshotId::parse(record.snapshot_id.as_str())?,
+    };
+    ctx.call_service::<api::RecordWorkerSnapshot>(&args).await.map(|_| ())
 }
 
-async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailArgs) -> Result<bool, OpError> {
+async fn fail(ctx: &ServiceContext, caller: &Caller, args: FailSnapshotArgs) -> Result<bool, OpError> {
     let Some(current) = own_snapshot(ctx, caller, &args.worker_id, &args.snapshot_id).await? else {
         return Ok(false);
     };
@@ -475,15 +352,19 @@ async fn restore_target(
         .await?
         .into_iter()
         .find(|r| r.workspace_id == workspace_id && r.agent_key == agent_key && r.restorable(now));
-    Ok(newest_ready.map(|r| RestoreTarget {
-        download_url: archive_url(ctx, &r.snapshot_id),
-        object_store: common::topology::SNAPSHOT_ARCHIVES.to_string(),
-        object_name: r.snapshot_id.clone(),
-        snapshot_id: r.snapshot_id,
-        sha256: r.sha256,
-        size_bytes: r.size_bytes,
-        created_at: r.created_at,
-    }))
+    newest_ready
+        .map(|r| {
+            Ok(RestoreTarget {
+                download_url: archive_url(ctx, &r.snapshot_id),
+                object_store: common::topology::SNAPSHOT_ARCHIVES.to_string(),
+                snapshot_id: SnapshotId::parse(r.snapshot_id.as_str()).map_err(OpError::internal)?,
+                object_name: r.snapshot_id,
+                sha256: r.sha256,
+                size_bytes: r.size_bytes,
+                created_at: r.created_at,
+            })
+        })
+        .transpose()
 }
 
 async fn list_views(
@@ -520,12 +401,11 @@ async fn list_views(
 async fn user_agent_views(
     ctx: &ServiceContext,
     caller: &Caller,
-    args: UserAgentArgs,
+    args: UserAgentSnapshotsArgs,
 ) -> Result<Vec<SnapshotView>, OpError> {
-    let consumer = required("consumerUserId", &args.consumer_user_id)?;
-    let agent_key = required("agentKey", &args.agent_key)?;
-    let target = bindings::user_agent_target(ctx, &consumer, &agent_key, false).await?;
-    list_views(ctx, caller, &target.conversation_id, Some((DEFAULT_WORKSPACE, &agent_key)), args.limit).await
+    let agent_key = args.agent_key.as_str();
+    let target = bindings::user_agent_target(ctx, &args.consumer_user_id, agent_key, false).await?;
+    list_views(ctx, caller, &target.conversation_id, Some((DEFAULT_WORKSPACE, agent_key)), args.limit).await
 }
 
 /// What ingress may do with a snapshot archive for `caller`.
@@ -552,11 +432,11 @@ pub(crate) async fn authorize(
     Ok(record)
 }
 
-async fn sweep(ctx: &ServiceContext, limit: usize) -> Result<SweepResult, OpError> {
+async fn sweep(ctx: &ServiceContext, limit: usize) -> Result<SnapshotSweep, OpError> {
     let now = ctx.clock.now_ms();
     let abandoned_before = now - ctx.settings.snapshots.upload_timeout_ms;
     let records = ctx.buckets.snapshots.scan::<SnapshotRecord>(">").await.map_err(OpError::internal)?;
-    let mut result = SweepResult::default();
+    let mut result = SnapshotSweep::default();
     let mut live = std::collections::HashSet::new();
     for (_, current) in &records {
         let r = &current.value;

@@ -15,42 +15,31 @@ use std::task::{Context, Poll};
 
 use async_nats::jetstream::object_store::{GetErrorKind, ObjectMetadata, ObjectStore};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use common::api;
+use common::api::snapshots::{BlobKind, BlobMode, BlobTransfer, BlobTransferArgs};
+use common::ids::{SnapshotId, StorageId};
 use common::service::ServiceContext;
 use common::{ErrorCode, OpError};
 use futures::TryStreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::{authorization, declared_length, error_response, json_response};
 
-/// The answer of `authorizeBlobTransfer` (hydration's `blobs::Transfer`).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Transfer {
-    object_store: String,
-    object_name: String,
-    max_bytes: u64,
-    chunk_bytes: usize,
-    sha256: Option<String>,
-    content_type: Option<String>,
-}
-
 /// Asks hydration what the caller (`auth`: its Authorization header) may do, and opens the
 /// object store it names.
 async fn authorize(
     ctx: &ServiceContext,
     auth: String,
-    args: serde_json::Value,
-) -> Result<(Transfer, &ObjectStore), OpError> {
-    let body = Bytes::from(serde_json::to_vec(&args).unwrap_or_default());
-    let (status, reply) = ctx.ops.call_raw("authorizeBlobTransfer", Some(&auth), body, Default::default()).await;
-    let transfer: Transfer = common::ops::decode_reply(status, &reply)?;
+    args: BlobTransferArgs,
+) -> Result<(BlobTransfer, &ObjectStore), OpError> {
+    let transfer = ctx.ops.call_as::<api::AuthorizeBlobTransfer>(&auth, &args).await?;
     let store = match transfer.object_store.as_str() {
         common::topology::SNAPSHOT_ARCHIVES => &ctx.buckets.snapshot_archives,
         common::topology::MEDIA => &ctx.buckets.media,
@@ -59,19 +48,36 @@ async fn authorize(
     Ok((transfer, store))
 }
 
+/// The transfer of one stored file named in the path, checked by its kind's id rule before
+/// anything else, so a hostile path never reaches a store or a subject.
+fn transfer_of(
+    kind: BlobKind,
+    mode: BlobMode,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<BlobTransferArgs, OpError> {
+    let Path(id) = id.map_err(|e| OpError::invalid(format!("invalid path: {}", e.body_text())))?;
+    let id = match kind {
+        BlobKind::Snapshot => SnapshotId::parse(id)?.into_string(),
+        BlobKind::Media => StorageId::parse(id)?.into_string(),
+    };
+    Ok(BlobTransferArgs { kind, mode, id: Some(id) })
+}
+
 pub(crate) async fn put_snapshot(
     State(ctx): State<ServiceContext>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    let args = json!({"kind": "snapshot", "mode": "write", "id": id});
-    upload(&ctx, request, args, |info| json!({"snapshotId": info.0, "sizeBytes": info.1, "sha256": info.2}))
-        .await
-        .unwrap_or_else(|e| error_response(&e))
+    let respond = |info: (String, u64, String)| json!({"snapshotId": info.0, "sizeBytes": info.1, "sha256": info.2});
+    let result = match transfer_of(BlobKind::Snapshot, BlobMode::Write, id) {
+        Ok(args) => upload(&ctx, request, args, respond).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| error_response(&e))
 }
 
 pub(crate) async fn post_media(State(ctx): State<ServiceContext>, request: Request) -> Response {
-    let args = json!({"kind": "media", "mode": "write"});
+    let args = BlobTransferArgs { kind: BlobKind::Media, mode: BlobMode::Write, id: None };
     let mime = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     upload(
         &ctx,
@@ -85,18 +91,26 @@ pub(crate) async fn post_media(State(ctx): State<ServiceContext>, request: Reque
 
 pub(crate) async fn get_snapshot(
     State(ctx): State<ServiceContext>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    download(&ctx, request, json!({"kind": "snapshot", "mode": "read", "id": id}))
-        .await
-        .unwrap_or_else(|e| error_response(&e))
+    let result = match transfer_of(BlobKind::Snapshot, BlobMode::Read, id) {
+        Ok(args) => download(&ctx, request, args).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| error_response(&e))
 }
 
-pub(crate) async fn get_media(State(ctx): State<ServiceContext>, Path(id): Path<String>, request: Request) -> Response {
-    download(&ctx, request, json!({"kind": "media", "mode": "read", "id": id}))
-        .await
-        .unwrap_or_else(|e| error_response(&e))
+pub(crate) async fn get_media(
+    State(ctx): State<ServiceContext>,
+    id: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    let result = match transfer_of(BlobKind::Media, BlobMode::Read, id) {
+        Ok(args) => download(&ctx, request, args).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| error_response(&e))
 }
 
 /// Streams the request body into the authorised object and answers with `respond(name, size,
@@ -104,7 +118,7 @@ pub(crate) async fn get_media(State(ctx): State<ServiceContext>, Path(id): Path<
 async fn upload(
     ctx: &ServiceContext,
     request: Request,
-    args: serde_json::Value,
+    args: BlobTransferArgs,
     respond: impl FnOnce((String, u64, String)) -> serde_json::Value,
 ) -> Result<Response, OpError> {
     let (transfer, store) = authorize(ctx, authorization(request.headers())?, args).await?;
@@ -137,7 +151,7 @@ async fn upload(
 }
 
 /// Streams the authorised object to the client.
-async fn download(ctx: &ServiceContext, request: Request, args: serde_json::Value) -> Result<Response, OpError> {
+async fn download(ctx: &ServiceContext, request: Request, args: BlobTransferArgs) -> Result<Response, OpError> {
     let (transfer, store) = authorize(ctx, authorization(request.headers())?, args).await?;
     let object = match store.get(&transfer.object_name).await {
         Ok(o) => o,

@@ -58,6 +58,7 @@ pub fn router(ctx: ServiceContext) -> Router {
     Router::new()
         .route("/v1/ops", get(list_ops))
         .route("/v1/ops/{name}", post(call_op))
+        .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -113,12 +114,8 @@ async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, re
             )));
         }
     };
-    let extra = if spec.name == "claimNextJob" {
-        Duration::from_millis(ctx.settings.queue.claim_wait_max_ms)
-    } else {
-        Duration::ZERO
-    };
-    let (status, reply) = ctx.ops.call_raw(spec.name, Some(&authorization), body, extra).await;
+    let wait = common::api::request_wait(spec, &body);
+    let (status, reply) = ctx.ops.call_raw(spec.name, Some(&authorization), body, wait).await;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, reply)
 }
@@ -159,6 +156,15 @@ async fn list_ops() -> Response {
         })
         .collect();
     json_response(StatusCode::OK, Bytes::from(serde_json::to_vec(&ops).unwrap_or_default()))
+}
+
+/// `GET /openapi.json`: the OpenAPI 3.1 document of every operation, generated from the
+/// contracts. Like the catalogue, it describes shapes only, so it needs no token.
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
+        Bytes::from(serde_json::to_vec(&common::api::openapi::document()).unwrap_or_default())
+    });
+    json_response(StatusCode::OK, DOCUMENT.clone())
 }
 
 /// `GET /healthz`: the process answers HTTP. Touches nothing else.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream;
 use bytes::Bytes;
 use common::OpError;
+use common::ids::MessageId;
 use common::model::{AgentProfile, ConversationRecord, MESSAGE_CONFIG_KEY, MessageConfig, RuntimeConfigRow};
 use common::service::ServiceContext;
 use common::store::{JsonStore, PublishError};
@@ -80,10 +81,9 @@ impl Enqueuer {
 
     /// Validates, binds and publishes; returns the message id (the existing one for a repeated
     /// idempotency key).
-    pub async fn enqueue(&self, args: EnqueueArgs) -> Result<String, OpError> {
+    pub async fn enqueue(&self, args: EnqueueArgs) -> Result<MessageId, OpError> {
         let q = &self.ctx.settings.queue;
-        let conversation_id = required_id("conversationId", &args.conversation_id)?;
-        let agent_key = required_id("agentKey", &args.agent_key)?;
+        let (conversation_id, agent_key) = (args.conversation_id.into_string(), args.agent_key.into_string());
         let profile = self.profiles.get(&common::token::escape(&agent_key)).await?;
         if !profile.is_some_and(|p| p.enabled) {
             return Err(OpError::not_found(format!("Agent profile '{agent_key}' not found or disabled")));
@@ -195,10 +195,10 @@ impl Enqueuer {
             },
         )?;
         if ack.duplicate {
-            return self.message_id_at(ack.seq).await;
+            return self.message_id_at(ack.seq).await.map(MessageId::trusted);
         }
         metrics::counter!(common::telemetry::ENQUEUED).increment(1);
-        Ok(job.message_id)
+        Ok(MessageId::trusted(job.message_id))
     }
 
     /// Binds `conversation_id` to `agent_key` on first use; refuses another agent later.
@@ -246,19 +246,6 @@ impl Enqueuer {
         let job: Job = serde_json::from_slice(&msg.payload).map_err(OpError::internal)?;
         Ok(job.message_id)
     }
-}
-
-fn required_id(field: &str, value: &str) -> Result<String, OpError> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(OpError::invalid(format!("{field} is required")));
-    }
-    if v.len() > MAX_ID_BYTES || v.chars().any(char::is_control) {
-        return Err(OpError::invalid(format!(
-            "{field} must be at most {MAX_ID_BYTES} bytes without control characters"
-        )));
-    }
-    Ok(v.to_string())
 }
 
 /// `clamp(priority ?? default, 0, max)`, rounding fractional priorities down.

@@ -13,14 +13,14 @@ pub mod retry;
 pub mod workers;
 
 use common::OpError;
+use common::api::{self, Ignored, Operation};
 use common::auth::{Caller, Role};
-use common::ops::OpRegistry;
+use common::ops::{Encoded, OpRegistry};
 use common::service::ServiceContext;
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatcher::{Command, Dispatcher};
+use crate::dispatcher::{Answer, Command, Dispatcher};
 use crate::model::*;
 
 pub const SERVICE: &str = "queue-manager";
@@ -31,9 +31,8 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
     let ctx = ctx.with_own_connection(SERVICE).await?;
     let enqueuer = enqueue::Enqueuer::start(ctx.clone()).await?;
     let mut ops = OpRegistry::new();
-    ops.register("enqueueMessage", move |_caller: Caller, args: EnqueueArgs| {
-        let enqueuer = enqueuer.clone();
-        async move { enqueuer.enqueue(args).await }
+    ops.handle::<api::EnqueueMessage, _, _, _, _>(&enqueuer, |enqueuer, _: Caller, args| async move {
+        enqueuer.enqueue(args).await
     });
     register_system_ops(&ctx, &mut ops);
     // The pid in the holder name lets operators (and the failover test) see which process leads.
@@ -53,21 +52,17 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
 }
 
 fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
-    use common::system::{AdvanceTestClockArgs, SetTestClockArgs};
-    ops.register_with(
-        ctx,
-        "getTestClock",
-        |c, _: Caller, _: Value| async move { Ok(common::system::get_test_clock(&c)) },
-    );
-    ops.register_with(ctx, "setTestClock", |c, _: Caller, args: SetTestClockArgs| async move {
+    ops.handle::<api::GetTestClock, _, _, _, _>(ctx, |c, _: Caller, _| async move {
+        Ok(common::system::get_test_clock(&c))
+    });
+    ops.handle::<api::SetTestClock, _, _, _, _>(ctx, |c, _: Caller, args| async move {
         common::system::set_test_clock(&c, args).await
     });
-    ops.register_with(ctx, "advanceTestClock", |c, _: Caller, args: AdvanceTestClockArgs| async move {
+    ops.handle::<api::AdvanceTestClock, _, _, _, _>(ctx, |c, _: Caller, args| async move {
         common::system::advance_test_clock(&c, args).await
     });
-    ops.register_with(ctx, "issueWorkerToken", |c, _: Caller, args: WorkerIdArgs| async move {
-        let worker_id = required(&args.worker_id, "workerId")?;
-        Ok(serde_json::json!({ "token": c.auth.mint_worker_token(&worker_id)? }))
+    ops.handle::<api::IssueWorkerToken, _, _, _, _>(ctx, |c, _: Caller, args| async move {
+        Ok(WorkerToken { token: c.auth.mint_worker_token(&args.worker_id)? })
     });
 }
 
@@ -108,27 +103,19 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     let _ = handle.await;
 }
 
-fn required(value: &str, field: &str) -> Result<String, OpError> {
-    let v = value.trim();
-    if v.is_empty() || v.len() > 256 {
-        return Err(OpError::invalid(format!("{field} is required (at most 256 bytes)")));
-    }
-    Ok(v.to_string())
-}
-
 fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::jetstream::Context) {
+    /// Serves `$op` from the leader's dispatcher; the dispatcher answers JSON it encoded
+    /// itself as the contract's result.
     macro_rules! route {
-        ($name:literal, $args:ty, |$caller:ident, $a:ident, $d:ident, $js:ident| $body:expr) => {
-            ops.register_with(
-                &(d.clone(), js.clone()),
-                $name,
-                |($d, $js), $caller: Caller, $a: $args| async move { $body },
-            );
+        ($op:ident, |$caller:pat_param, $a:pat_param, $d:ident, $js:pat_param| $body:expr) => {
+            ops.handle::<api::$op, _, _, _, _>(&(d.clone(), js.clone()), |($d, $js), $caller, $a| async move {
+                let answer: Answer = $body?;
+                Ok(Encoded::<<api::$op as Operation>::Output>::trusting(answer))
+            });
         };
     }
-    route!("claimNextJob", ClaimArgs, |caller, args, d, js| {
+    route!(ClaimNextJob, |caller, args, d, js| {
         caller.require_worker(&args.worker_id)?;
-        required(&args.worker_id, "workerId")?;
         // A long poll is woken by the enqueue itself; an immediate claim must first see
         // every enqueue acknowledged before it.
         if args.wait_ms.unwrap_or(0) == 0 {
@@ -136,47 +123,52 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
         }
         d.ask(|reply| Command::Claim { args, reply }).await
     });
-    route!("heartbeatJob", LeaseArgs, |caller, args, d, _js| {
+    route!(HeartbeatJob, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Heartbeat { args, reply }).await
     });
-    route!("completeJob", LeaseArgs, |caller, args, d, _js| {
+    route!(CompleteJob, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Complete { args, reply }).await
     });
-    route!("completeAndClaimNext", CompleteAndClaimArgs, |caller, args, d, _js| {
+    route!(CompleteAndClaimNext, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
-        let claim = ClaimArgs { worker_id: args.worker_id.clone(), conversation_id: None, wait_ms: args.wait_ms };
+        let claim = ClaimArgs {
+            worker_id: args.worker_id.clone(),
+            conversation_id: None,
+            wait_ms: args.wait_ms,
+            now_ms: Ignored,
+        };
         let lease = LeaseArgs {
             worker_id: args.worker_id,
             message_id: args.message_id,
             lease_id: args.lease_id,
-            provider_config: None,
+            now_ms: Ignored,
+            provider_config: Ignored,
         };
         d.ask(|reply| Command::CompleteAndClaim { args: lease, claim, reply }).await
     });
-    route!("failJob", FailArgs, |caller, args, d, _js| {
+    route!(FailJob, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
         d.ask(|reply| Command::Fail { args, reply }).await
     });
-    route!("releaseStuckJobs", ReleaseArgs, |_caller, args, d, _js| {
+    route!(ReleaseStuckJobs, |_caller, args, d, _js| {
         let limit = args.limit.unwrap_or(100);
         d.ask(|reply| Command::Release { limit, reply: Some(reply) }).await
     });
-    route!("getQueueStats", Value, |_caller, _args, d, js| {
+    route!(GetQueueStats, |_caller, _args, d, js| {
         d.barrier(&js).await?;
         d.ask(|reply| Command::Stats { reply }).await
     });
-    route!("listJobsByStatus", ListJobsArgs, |_caller, args, d, js| {
+    route!(ListJobsByStatus, |_caller, args, d, js| {
         d.barrier(&js).await?;
         d.ask(|reply| Command::ListJobs { args, reply }).await
     });
-    route!("listQueueItemsForConversation", ConversationArgs, |_caller, args, d, js| {
-        required(&args.conversation_id, "conversationId")?;
+    route!(ListQueueItemsForConversation, |_caller, args, d, js| {
         d.barrier(&js).await?;
         d.ask(|reply| Command::ListConversation { args, reply }).await
     });
-    route!("hasQueuedJobsForConversation", ConversationArgs, |caller, args, d, js| {
+    route!(HasQueuedJobsForConversation, |caller, args, d, js| {
         if caller.role == Role::Worker {
             let worker_id = caller.worker_id.clone().unwrap_or_default();
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -187,46 +179,46 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
                 return Err(OpError::forbidden("a worker may only inspect the conversation assigned to it"));
             }
         }
-        let conversation_id = args.conversation_id;
+        let conversation_id = args.conversation_id.into_string();
         d.barrier(&js).await?;
         d.ask(|reply| Command::HasQueued { conversation_id, reply }).await
     });
-    route!("getWorkerControlState", WorkerIdArgs, |caller, args, d, _js| {
+    route!(GetWorkerControlState, |caller, args, d, _js| {
         caller.require_worker(&args.worker_id)?;
-        let worker_id = args.worker_id;
+        let worker_id = args.worker_id.into_string();
         d.ask(|reply| Command::ControlState { worker_id, reply }).await
     });
-    route!("getWorkerStats", Value, |_caller, _args, d, _js| d.ask(|reply| Command::WorkerStats { reply }).await);
-    route!("listWorkersForScheduler", Value, |_caller, _args, d, _js| d
-        .ask(|reply| Command::ListWorkers { reply })
-        .await);
-    route!("upsertWorkerState", UpsertWorkerArgs, |_caller, args, d, _js| {
-        required(&args.worker_id, "workerId")?;
+    route!(GetWorkerStats, |_caller, _args, d, _js| d.ask(|reply| Command::WorkerStats { reply }).await);
+    route!(ListWorkersForScheduler, |_caller, _args, d, _js| d.ask(|reply| Command::ListWorkers { reply }).await);
+    route!(UpsertWorkerState, |_caller, args, d, _js| {
         d.ask(|reply| Command::UpsertWorker { args: Box::new(args), reply }).await
     });
-    route!("getActiveConversationsForScheduler", DemandArgs, |_caller, args, d, js| {
-        let mut rows = d.demand(&js).await?;
-        rows.truncate(args.limit.unwrap_or(usize::MAX));
-        serde_json::to_value(rows).map_err(OpError::internal)
-    });
-    route!("getActiveConversationCountForScheduler", Value, |_caller, _args, d, js| {
-        Ok(Value::from(d.demand(&js).await?.len()))
-    });
-    route!("getReadyConversationCountForScheduler", Value, |_caller, _args, d, js| {
-        Ok(Value::from(d.demand(&js).await?.iter().filter(|r| r.ready).count()))
-    });
-    route!("recordWorkerSnapshot", RecordSnapshotArgs, |_caller, args, d, _js| {
-        required(&args.worker_id, "workerId")?;
-        required(&args.snapshot_id, "snapshotId")?;
-        let (worker_id, snapshot_id) = (args.worker_id, args.snapshot_id);
+    route!(RecordWorkerSnapshot, |_caller, args, d, _js| {
+        let (worker_id, snapshot_id) = (args.worker_id.into_string(), args.snapshot_id.into_string());
         d.ask(|reply| Command::RecordSnapshot { worker_id, snapshot_id, reply }).await
     });
-    route!("requeueDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
-        let message_id = args.message_id;
+    route!(RequeueDeadLetter, |_caller, args, d, _js| {
+        let message_id = args.message_id.into_string();
         d.ask(|reply| Command::RequeueDeadLetter { message_id, reply }).await
     });
-    route!("purgeDeadLetter", MessageIdArgs, |_caller, args, d, _js| {
-        let message_id = args.message_id;
+    route!(PurgeDeadLetter, |_caller, args, d, _js| {
+        let message_id = args.message_id.into_string();
         d.ask(|reply| Command::PurgeDeadLetter { message_id, reply }).await
     });
+    ops.handle::<api::GetActiveConversationsForScheduler, _, _, _, _>(
+        &(d.clone(), js.clone()),
+        |(d, js), _: Caller, args| async move {
+            let mut rows = d.demand(&js).await?;
+            rows.truncate(args.limit.unwrap_or(usize::MAX));
+            Ok(rows)
+        },
+    );
+    ops.handle::<api::GetActiveConversationCountForScheduler, _, _, _, _>(
+        &(d.clone(), js.clone()),
+        |(d, js), _: Caller, _| async move { Ok(d.demand(&js).await?.len() as u64) },
+    );
+    ops.handle::<api::GetReadyConversationCountForScheduler, _, _, _, _>(
+        &(d.clone(), js.clone()),
+        |(d, js), _: Caller, _| async move { Ok(d.demand(&js).await?.iter().filter(|r| r.ready).count() as u64) },
+    );
 }

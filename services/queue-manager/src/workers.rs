@@ -10,8 +10,8 @@ use crate::model::{ControlState, UpsertWorkerArgs};
 /// Applies `upsertWorkerState` to `existing` (or creates the row), at time `now`.
 pub fn apply_upsert(existing: Option<&WorkerRow>, args: UpsertWorkerArgs, now: Millis) -> Result<WorkerRow, OpError> {
     let assignment = |a: crate::model::AssignmentArgs| Assignment {
-        conversation_id: a.conversation_id,
-        agent_key: a.agent_key,
+        conversation_id: a.conversation_id.into_string(),
+        agent_key: a.agent_key.into_string(),
         lease_id: a.lease_id,
         assigned_at: a.assigned_at.unwrap_or(now),
     };
@@ -24,7 +24,7 @@ pub fn apply_upsert(existing: Option<&WorkerRow>, args: UpsertWorkerArgs, now: M
     let ending = matches!(args.status, WorkerStatus::Stopping | WorkerStatus::Stopped);
     let Some(row) = existing else {
         return Ok(WorkerRow {
-            worker_id: args.worker_id,
+            worker_id: args.worker_id.into_string(),
             provider: args.provider,
             volume_id: args.volume_id,
             machine_ref,
@@ -105,24 +105,10 @@ pub fn is_fresh_owner(row: &WorkerRow, conversation_id: &str, now: Millis, stale
 mod tests {
     use super::*;
     use crate::model::AssignmentArgs;
+    use common::ids::{AgentKey, ConversationId, WorkerId};
 
     fn args(status: WorkerStatus) -> UpsertWorkerArgs {
-        UpsertWorkerArgs {
-            worker_id: "w1".into(),
-            provider: "fly".into(),
-            status,
-            load: 0,
-            scheduled_shutdown_at: None,
-            stopped_at: None,
-            machine_id: None,
-            app_name: None,
-            region: None,
-            volume_id: None,
-            assignment: None,
-            clear_last_snapshot_id: false,
-            clear_machine_ref: false,
-            clear_volume_id: false,
-        }
+        UpsertWorkerArgs::new(WorkerId::trusted("w1"), "fly", status, 0)
     }
 
     #[test]
@@ -143,8 +129,8 @@ mod tests {
     fn assignment_absent_null_or_object() {
         let mut a = args(WorkerStatus::Active);
         a.assignment = Some(Some(AssignmentArgs {
-            conversation_id: "c".into(),
-            agent_key: "k".into(),
+            conversation_id: ConversationId::trusted("c"),
+            agent_key: AgentKey::trusted("k"),
             lease_id: "spawn:w1".into(),
             assigned_at: None,
         }));

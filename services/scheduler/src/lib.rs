@@ -14,6 +14,8 @@ pub mod provider;
 use std::sync::Arc;
 
 use common::OpError;
+use common::api;
+use common::api::pool::{IdleArgs, IdleResult, ReconcileArgs, ReconcileResult};
 use common::auth::Caller;
 use common::clock::Millis;
 use common::model::{ProviderConfig, ScalingPolicy};
@@ -21,8 +23,6 @@ use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +32,7 @@ use crate::provider::Provider;
 pub const SERVICE: &str = "scheduler";
 
 /// One conversation that needs a worker (queue-manager's `getActiveConversationsForScheduler`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand {
     pub conversation_id: String,
     pub agent_key: String,
@@ -54,41 +53,6 @@ pub struct ValidProviderConfig {
 pub struct ResolvedProvider {
     pub config: ValidProviderConfig,
     pub provider: Box<dyn Provider>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ReconcileArgs {
-    workspace_id: Option<String>,
-    scaling_policy: Option<ScalingPolicy>,
-    provider_config: Option<ProviderConfig>,
-    fly_api_token: Option<String>,
-    /// Accepted for the original's signature; workers reach the API at `http.public_url`.
-    convex_url: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct IdleArgs {
-    provider_config: Option<ProviderConfig>,
-    fly_api_token: Option<String>,
-}
-
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ReconcileResult {
-    pub active_workers: usize,
-    pub spawned: usize,
-    pub terminated: usize,
-}
-
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct IdleResult {
-    pub checked: usize,
-    pub stopped: usize,
-    pub pending: usize,
-    pub next_check_scheduled: bool,
 }
 
 /// The leader's state: the context and the lock that makes reconciles single-flight.
@@ -114,10 +78,10 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
 async fn lead_pool(ctx: ServiceContext, lead: CancellationToken) {
     let scheduler = Scheduler { ctx: ctx.clone(), run_lock: Arc::new(Mutex::new(())) };
     let mut ops = OpRegistry::new();
-    ops.register_with(&scheduler, "reconcileWorkerPool", |s, _: Caller, args: ReconcileArgs| async move {
+    ops.handle::<api::ReconcileWorkerPool, _, _, _, _>(&scheduler, |s, _: Caller, args| async move {
         s.reconcile(args).await
     });
-    ops.register_with(&scheduler, "checkIdleShutdowns", |s, _: Caller, args: IdleArgs| async move {
+    ops.handle::<api::CheckIdleShutdowns, _, _, _, _>(&scheduler, |s, _: Caller, args| async move {
         s.check_idle(args).await
     });
     let serve = ops.serve(ctx.clone(), lead.clone());
@@ -189,13 +153,18 @@ impl Scheduler {
     }
 
     async fn reconcile(&self, args: ReconcileArgs) -> Result<ReconcileResult, OpError> {
-        let _ = args.convex_url;
         let _guard = self.run_lock.lock().await;
         let Some(resolved) = resolve_provider(&self.ctx, args.provider_config, args.fly_api_token).await? else {
             return Ok(ReconcileResult::default());
         };
         let scaling = self.scaling(args.scaling_policy).await?;
-        let demand: Vec<Demand> = self.ctx.call_service("getActiveConversationsForScheduler", &json!({})).await?;
+        let demand: Vec<Demand> = self
+            .ctx
+            .call_service::<api::GetActiveConversationsForScheduler>(&Default::default())
+            .await?
+            .into_iter()
+            .map(|row| Demand { conversation_id: row.conversation_id, agent_key: row.agent_key })
+            .collect();
         metrics::counter!(common::telemetry::RECONCILES).increment(1);
         metrics::gauge!(common::telemetry::POOL_DEMAND).set(demand.len() as f64);
         let workspace_id = args.workspace_id.unwrap_or_else(|| "default".to_string());
@@ -254,7 +223,8 @@ impl Scheduler {
             spawn_step: s.scheduler.spawn_step,
             idle_timeout_ms: s.queue.idle_timeout_ms,
             reconcile_interval_ms: s.scheduler.reconcile_interval_ms,
-            drain_deadline_ms: s.scheduler.drain_deadline_ms,
+            drain_deadline_ms: Some(s.scheduler.drain_deadline_ms),
+            queue_per_worker_target: None,
         })
     }
 }

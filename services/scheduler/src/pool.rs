@@ -11,9 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use common::OpError;
+use common::api;
+use common::api::queue::{AssignmentArgs, UpsertWorkerArgs};
 use common::clock::Millis;
+use common::ids::WorkerId;
+use common::ids::{AgentKey, ConversationId};
 use common::model::{ScalingPolicy, WorkerRow, WorkerStatus};
-use serde_json::{Value, json};
 
 use crate::provider::{self, Machine, MachineStatus, Provider, ProviderError, SpawnSpec};
 use crate::{Demand, ResolvedProvider, Scheduler};
@@ -75,12 +78,12 @@ impl Scheduler {
                 let next =
                     if row.status == WorkerStatus::Active { WorkerStatus::Draining } else { WorkerStatus::Stopping };
                 tracing::info!(worker = %row.worker_id, machine = id, ?next, "machine is not running at the provider");
-                self.set_status(row, next, now, json!({})).await?;
+                self.set_status(row, next, now, |_| {}).await?;
                 result.deactivated += usize::from(row.status == WorkerStatus::Active);
                 changed = true;
             } else if row.status == WorkerStatus::Active && row.heartbeat_at <= stale_cutoff {
                 tracing::info!(worker = %row.worker_id, "stale heartbeat: draining");
-                self.set_status(row, WorkerStatus::Draining, now, json!({})).await?;
+                self.set_status(row, WorkerStatus::Draining, now, |_| {}).await?;
                 result.deactivated += 1;
                 changed = true;
             }
@@ -95,7 +98,7 @@ impl Scheduler {
             scoped(r) && r.status == WorkerStatus::Active && r.load == 0 && r.scheduled_shutdown_at.is_none()
         }) {
             let deadline = row.last_claim_at.unwrap_or(row.heartbeat_at) + idle_ms;
-            self.set_status(row, WorkerStatus::Active, now, json!({"scheduledShutdownAt": deadline})).await?;
+            self.set_status(row, WorkerStatus::Active, now, |a| a.scheduled_shutdown_at = Some(deadline)).await?;
             changed = true;
         }
         if changed {
@@ -120,8 +123,8 @@ impl Scheduler {
             .filter(|r| scoped(r) && r.status == WorkerStatus::Active && r.load == 0)
             .filter(|r| idle_deadline(r, idle_ms).is_some_and(|t| t <= now))
         {
-            let extra = json!({"clearLastSnapshotId": row.last_claim_at.is_some()});
-            self.set_status(row, WorkerStatus::Draining, now, extra).await?;
+            let clear = row.last_claim_at.is_some();
+            self.set_status(row, WorkerStatus::Draining, now, |a| a.clear_last_snapshot_id = clear).await?;
             result.deactivated += 1;
             idle_drained += 1;
         }
@@ -135,7 +138,8 @@ impl Scheduler {
         for row in rows.iter().filter(|r| scoped(r) && r.status == WorkerStatus::Draining) {
             let has_snapshot = row.last_claim_at.is_none() || row.last_snapshot_id.is_some();
             let draining_since = row.scheduled_shutdown_at.unwrap_or(row.heartbeat_at).min(now);
-            let overdue = now - draining_since >= scaling.drain_deadline_ms;
+            let drain_deadline_ms = scaling.drain_deadline_ms.unwrap_or(self.ctx.settings.scheduler.drain_deadline_ms);
+            let overdue = now - draining_since >= drain_deadline_ms;
             if has_snapshot || overdue {
                 if !has_snapshot {
                     tracing::warn!(
@@ -145,7 +149,7 @@ impl Scheduler {
                     );
                     metrics::counter!(common::telemetry::FORCED_TEARDOWNS).increment(1);
                 }
-                self.set_status(row, WorkerStatus::Stopping, now, json!({})).await?;
+                self.set_status(row, WorkerStatus::Stopping, now, |_| {}).await?;
                 gated = true;
             } else {
                 awaiting += 1;
@@ -161,7 +165,7 @@ impl Scheduler {
         for row in rows.iter().filter(|r| scoped(r) && r.status == WorkerStatus::Stopping) {
             match self.tear_down(resolved, row, &machines).await {
                 Ok(()) => {
-                    let clear = json!({"clearMachineRef": true, "clearVolumeId": true});
+                    let clear = |a: &mut UpsertWorkerArgs| (a.clear_machine_ref, a.clear_volume_id) = (true, true);
                     self.set_status(row, WorkerStatus::Stopped, now, clear).await?;
                 }
                 Err(e) => {
@@ -222,8 +226,7 @@ impl Scheduler {
         if to_spawn == 0 {
             return Ok(0);
         }
-        let bridge_env: BTreeMap<String, String> =
-            self.ctx.call_service("getWorkerSpawnOpenClawEnv", &json!({})).await?;
+        let bridge_env = self.ctx.call_service::<api::GetWorkerSpawnOpenClawEnv>(&Default::default()).await?.vars();
         let targets: Vec<&Demand> = demand
             .iter()
             .filter(|d| !covered.contains(&key(&d.agent_key, &d.conversation_id)))
@@ -261,18 +264,21 @@ impl Scheduler {
     ) -> Result<(), String> {
         let cfg = &resolved.config;
         let provider = resolved.provider.as_ref();
-        let assignment = json!({
-            "conversationId": target.conversation_id, "agentKey": target.agent_key,
-            "leaseId": format!("spawn:{worker_id}"), "assignedAt": now,
-        });
-        let deadline = now + scaling.idle_timeout_ms;
-        let register = |extra: Value| {
-            let mut args = json!({
-                "workerId": worker_id, "provider": provider.kind(), "status": "active", "load": 0,
-                "scheduledShutdownAt": deadline, "assignment": assignment, "appName": cfg.app_name, "region": cfg.region,
-            });
-            merge(&mut args, extra);
-            args
+        let worker = WorkerId::parse(worker_id).map_err(|e| e.message)?;
+        let assignment = AssignmentArgs {
+            conversation_id: ConversationId::trusted(target.conversation_id.clone()),
+            agent_key: AgentKey::trusted(target.agent_key.clone()),
+            lease_id: format!("spawn:{worker_id}"),
+            assigned_at: Some(now),
+        };
+        let register = |volume_id: &str, region: &str, machine_id: Option<String>| UpsertWorkerArgs {
+            scheduled_shutdown_at: Some(now + scaling.idle_timeout_ms),
+            assignment: Some(Some(assignment.clone())),
+            app_name: Some(cfg.app_name.clone()),
+            region: Some(region.to_string()),
+            volume_id: Some(volume_id.to_string()),
+            machine_id,
+            ..UpsertWorkerArgs::new(worker.clone(), provider.kind(), WorkerStatus::Active, 0)
         };
         let volume = provider::ensure_worker_volume(
             provider,
@@ -285,7 +291,7 @@ impl Scheduler {
         .await
         .map_err(|e| format!("volume for {worker_id}: {e}"))?;
         self.ctx
-            .call_service::<Value>("upsertWorkerState", &register(json!({"volumeId": volume.id})))
+            .call_service::<api::UpsertWorkerState>(&register(&volume.id, &cfg.region, None))
             .await
             .map_err(|e| format!("pre-registering {worker_id}: {e}"))?;
         let env = self.worker_env(provider.kind(), worker_id, target, bridge_env, workspace_id, scaling);
@@ -300,9 +306,9 @@ impl Scheduler {
         };
         match provider.spawn(&cfg.app_name, &spec).await {
             Ok(machine) => {
-                let extra = json!({"machineId": machine.machine_id, "region": machine.region.unwrap_or_else(|| cfg.region.clone()), "volumeId": volume.id});
+                let region = machine.region.unwrap_or_else(|| cfg.region.clone());
                 self.ctx
-                    .call_service::<Value>("upsertWorkerState", &register(extra))
+                    .call_service::<api::UpsertWorkerState>(&register(&volume.id, &region, Some(machine.machine_id)))
                     .await
                     .map_err(|e| format!("recording the machine of {worker_id}: {e}"))?;
                 tracing::info!(worker = worker_id, conversation = %target.conversation_id, "worker spawned");
@@ -312,10 +318,13 @@ impl Scheduler {
                 if let Err(e) = provider.delete_volume(&cfg.app_name, &volume.id).await {
                     tracing::warn!(worker = worker_id, error = %e, "could not delete the volume of a failed spawn");
                 }
-                for status in ["draining", "stopping", "stopped"] {
-                    let args = json!({"workerId": worker_id, "provider": provider.kind(), "status": status, "load": 0,
-                                      "clearMachineRef": true, "clearVolumeId": true});
-                    if let Err(e) = self.ctx.call_service::<Value>("upsertWorkerState", &args).await {
+                for status in [WorkerStatus::Draining, WorkerStatus::Stopping, WorkerStatus::Stopped] {
+                    let args = UpsertWorkerArgs {
+                        clear_machine_ref: true,
+                        clear_volume_id: true,
+                        ..UpsertWorkerArgs::new(worker.clone(), provider.kind(), status, 0)
+                    };
+                    if let Err(e) = self.ctx.call_service::<api::UpsertWorkerState>(&args).await {
                         tracing::warn!(worker = worker_id, error = %e, "could not retire the row of a failed spawn");
                     }
                 }
@@ -362,24 +371,26 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Moves a row to `status` through `upsertWorkerState`, keeping its other fields.
+    /// Moves a row to `status` through `upsertWorkerState`, keeping its other fields except
+    /// what `change` sets.
     async fn set_status(
         &self,
         row: &WorkerRow,
         status: WorkerStatus,
         now: Millis,
-        extra: Value,
+        change: impl FnOnce(&mut UpsertWorkerArgs),
     ) -> Result<(), OpError> {
-        let mut args = json!({
-            "workerId": row.worker_id, "provider": row.provider, "status": status.as_str(), "load": row.load,
-            "scheduledShutdownAt": row.scheduled_shutdown_at.unwrap_or(now),
-        });
-        merge(&mut args, extra);
-        self.ctx.call_service::<Value>("upsertWorkerState", &args).await.map(|_| ())
+        let mut args = UpsertWorkerArgs {
+            scheduled_shutdown_at: Some(row.scheduled_shutdown_at.unwrap_or(now)),
+            ..UpsertWorkerArgs::new(WorkerId::trusted(row.worker_id.clone()), row.provider.clone(), status, row.load)
+        };
+        change(&mut args);
+        self.ctx.call_service::<api::UpsertWorkerState>(&args).await.map(|_| ())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, OpError> {
-        self.ctx.call_service("listWorkersForScheduler", &json!({})).await
+        let rows = self.ctx.call_service::<api::ListWorkersForScheduler>(&Default::default()).await?;
+        Ok(rows.into_iter().map(WorkerRow::from).collect())
     }
 
     /// The environment of a spawned worker (spec §2.4, later keys win): the runtime defaults,
@@ -452,10 +463,4 @@ async fn list_machines(provider: &dyn Provider, app: &str) -> Result<HashMap<Str
         .await
         .map_err(|e| OpError::unavailable(format!("listing the machines of '{app}': {e}")))?;
     Ok(machines.into_iter().map(|m| (m.machine_id.clone(), m)).collect())
-}
-
-fn merge(into: &mut Value, extra: Value) {
-    if let (Some(into), Value::Object(extra)) = (into.as_object_mut(), extra) {
-        into.extend(extra);
-    }
 }

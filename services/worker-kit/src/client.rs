@@ -9,11 +9,16 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, object_store::ObjectMetadata};
 use common::OpError;
+use common::api::skills::ManifestArgs;
+pub use common::api::snapshots::RestoreTarget;
+use common::api::snapshots::{
+    FailSnapshotArgs, FinalizeSnapshotArgs, PrepareSnapshotArgs, PreparedUpload, RestoreArgs,
+};
+use common::api::{self, Ignored, Operation};
+use common::ids::{AgentKey, ConversationId, WorkerId};
 use common::ops::OpClient;
 use futures::TryStreamExt;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::archive::{self, ArchiveSummary};
@@ -58,30 +63,7 @@ pub struct WorkerClient {
     http: reqwest::Client,
 }
 
-/// `prepareDataSnapshotUpload`'s answer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Prepared {
-    snapshot_id: String,
-    upload_url: String,
-    object_store: String,
-    object_name: String,
-    chunk_bytes: usize,
-    max_bytes: u64,
-}
-
-/// `getLatestDataSnapshotForRestore`'s answer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RestoreTarget {
-    pub snapshot_id: String,
-    pub download_url: String,
-    pub object_store: String,
-    pub object_name: String,
-    pub sha256: Option<String>,
-    pub size_bytes: Option<u64>,
-    pub created_at: i64,
-}
+type Prepared = PreparedUpload;
 
 /// Which conversation a snapshot belongs to.
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +116,10 @@ impl WorkerClient {
         &self.worker_id
     }
 
+    fn worker(&self) -> Result<WorkerId, OpError> {
+        WorkerId::parse(self.worker_id.as_str())
+    }
+
     /// The HTTP client (with nothing configured but timeouts) used for downloads.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
@@ -143,18 +129,21 @@ impl WorkerClient {
         &self.token
     }
 
-    /// Calls an operation with JSON arguments.
-    pub async fn call<R: DeserializeOwned>(&self, op: &str, args: &Value) -> Result<R, OpError> {
+    /// Calls operation `O` as this worker.
+    pub async fn call<O: Operation>(&self, args: &O::Args) -> Result<O::Output, OpError> {
         match &self.transport {
-            Transport::Nats { ops, .. } => ops.call(op, &self.token, args).await,
+            Transport::Nats { ops, .. } => ops.call::<O>(&self.token, args).await,
             Transport::Http { base_url, request_timeout } => {
-                let wait = args.get("waitMs").and_then(Value::as_u64).map(Duration::from_millis).unwrap_or_default();
+                let op = O::SPEC.name;
+                let body = serde_json::to_vec(args).map_err(|e| OpError::invalid(e.to_string()))?;
+                let wait = common::api::request_wait(&O::SPEC, &body);
                 let response = self
                     .http
                     .post(format!("{base_url}/v1/ops/{op}"))
                     .timeout(*request_timeout + wait)
                     .bearer_auth(&self.token)
-                    .json(args)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body)
                     .send()
                     .await
                     .map_err(|e| OpError::unavailable(format!("'{op}' over HTTP: {e}")))?;
@@ -175,40 +164,46 @@ impl WorkerClient {
         scope: &SnapshotScope,
         reason: &str,
     ) -> Result<UploadedSnapshot, KitError> {
-        let prepared: Prepared = self
-            .call(
-                "prepareDataSnapshotUpload",
-                &json!({
-                    "workerId": self.worker_id, "workspaceId": scope.workspace_id, "agentKey": scope.agent_key,
-                    "conversationId": scope.conversation_id, "reason": reason,
-                }),
-            )
-            .await?;
+        let reason = serde_json::from_value(serde_json::Value::from(reason))
+            .map_err(|_| OpError::invalid(format!("unknown snapshot reason '{reason}'")))?;
+        let args = PrepareSnapshotArgs {
+            worker_id: self.worker()?,
+            workspace_id: Some(scope.workspace_id.clone()),
+            agent_key: AgentKey::parse(scope.agent_key.as_str())?,
+            conversation_id: Some(ConversationId::parse(scope.conversation_id.as_str())?),
+            reason,
+            now_ms: Ignored,
+        };
+        let prepared = self.call::<api::PrepareDataSnapshotUpload>(&args).await?;
         let result = self.pack_and_upload(data_dir, &prepared).await;
         match result {
             Ok(summary) => {
-                let finalized: bool = self
-                    .call(
-                        "finalizeDataSnapshotUpload",
-                        &json!({
-                            "workerId": self.worker_id, "snapshotId": prepared.snapshot_id,
-                            "sha256": summary.sha256, "sizeBytes": summary.size_bytes,
-                        }),
-                    )
-                    .await?;
+                let args = FinalizeSnapshotArgs {
+                    worker_id: self.worker()?,
+                    snapshot_id: prepared.snapshot_id.clone(),
+                    storage_id: None,
+                    sha256: summary.sha256.clone(),
+                    size_bytes: summary.size_bytes,
+                    now_ms: Ignored,
+                };
+                let finalized = self.call::<api::FinalizeDataSnapshotUpload>(&args).await?;
                 if !finalized {
                     return Err(transfer("snapshot", "finalize was refused (unknown snapshot or another worker's)"));
                 }
                 Ok(UploadedSnapshot {
-                    snapshot_id: prepared.snapshot_id,
+                    snapshot_id: prepared.snapshot_id.into_string(),
                     sha256: summary.sha256,
                     size_bytes: summary.size_bytes,
                 })
             }
             Err(e) => {
-                let args =
-                    json!({"workerId": self.worker_id, "snapshotId": prepared.snapshot_id, "error": e.to_string()});
-                if let Err(report) = self.call::<bool>("failDataSnapshotUpload", &args).await {
+                let args = FailSnapshotArgs {
+                    worker_id: self.worker()?,
+                    snapshot_id: prepared.snapshot_id,
+                    error: e.to_string(),
+                    now_ms: Ignored,
+                };
+                if let Err(report) = self.call::<api::FailDataSnapshotUpload>(&args).await {
                     tracing::warn!(error = %report, "could not report the failed snapshot upload");
                 }
                 Err(e)
@@ -270,7 +265,13 @@ impl WorkerClient {
         scope: &SnapshotScope,
         data_dir: &Path,
     ) -> Result<Option<(RestoreTarget, ArchiveSummary)>, KitError> {
-        let target: Option<RestoreTarget> = self.call("getLatestDataSnapshotForRestore", &json!(scope)).await?;
+        let args = RestoreArgs {
+            workspace_id: Some(scope.workspace_id.clone()),
+            agent_key: AgentKey::parse(scope.agent_key.as_str())?,
+            conversation_id: Some(ConversationId::parse(scope.conversation_id.as_str())?),
+            now_ms: Ignored,
+        };
+        let target = self.call::<api::GetLatestDataSnapshotForRestore>(&args).await?;
         let Some(target) = target else { return Ok(None) };
         let dir = tempfile::tempdir()?;
         let archive_path = dir.path().join("snapshot.tar.gz");
@@ -314,7 +315,15 @@ impl WorkerClient {
         workspace_id: &str,
         release_channel: Option<&str>,
     ) -> Result<common::skills::SkillsManifest, OpError> {
-        let args = json!({"workspaceId": workspace_id, "workerId": self.worker_id, "releaseChannel": release_channel});
-        self.call("getWorkerGlobalSkillsManifest", &args).await
+        let release_channel = release_channel
+            .map(|c| serde_json::from_value(serde_json::Value::from(c)))
+            .transpose()
+            .map_err(|_| OpError::invalid(format!("unknown release channel {release_channel:?}")))?;
+        let args = ManifestArgs {
+            workspace_id: Some(workspace_id.to_string()),
+            worker_id: Some(self.worker()?),
+            release_channel,
+        };
+        self.call::<api::GetWorkerGlobalSkillsManifest>(&args).await
     }
 }

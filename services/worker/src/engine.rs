@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -22,13 +22,7 @@ use crate::config::EngineConfig;
 const ERROR_EXCERPT_CHARS: usize = 600;
 
 /// One history item as the hydration bundle carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryItem {
-    pub role: String,
-    pub content: String,
-    #[serde(default)]
-    pub at: i64,
-}
+pub use common::api::history::{HistoryItem, HistoryRole};
 
 /// What an engine gets for one job. Serialised as is (camelCase) onto the command engine's
 /// stdin.
@@ -208,8 +202,8 @@ impl OpenAiEngine {
         messages.extend(
             job.history[recent..]
                 .iter()
-                .filter(|item| matches!(item.role.as_str(), "user" | "assistant" | "system"))
-                .map(|item| json!({"role": item.role, "content": item.content})),
+                .filter(|item| matches!(item.role, HistoryRole::User | HistoryRole::Assistant | HistoryRole::System))
+                .map(|item| json!({"role": item.role.as_str(), "content": item.content})),
         );
         messages.push(json!({"role": "user", "content": job.text}));
         json!({"model": self.model, "messages": messages})
@@ -279,10 +273,10 @@ mod tests {
             workspace_id: "default".to_string(),
             text: text.to_string(),
             history: vec![
-                HistoryItem { role: "user".to_string(), content: "first".to_string(), at: 1 },
-                HistoryItem { role: "tool".to_string(), content: "x".to_string(), at: 2 },
-                HistoryItem { role: "assistant".to_string(), content: "second".to_string(), at: 3 },
-                HistoryItem { role: "user".to_string(), content: "third".to_string(), at: 4 },
+                HistoryItem { role: HistoryRole::User, content: "first".to_string(), at: 1 },
+                HistoryItem { role: HistoryRole::Tool, content: "x".to_string(), at: 2 },
+                HistoryItem { role: HistoryRole::Assistant, content: "second".to_string(), at: 3 },
+                HistoryItem { role: HistoryRole::User, content: "third".to_string(), at: 4 },
             ],
             payload: json!({"provider": "telegram", "providerUserId": "u1", "messageText": text}),
             attachments: vec![],

@@ -22,9 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::api::history::{AppendMessagesArgs, BundleArgs, NewHistoryItem};
+use common::api::queue::{Claim, ClaimArgs, ConversationArgs, FailArgs, LeaseArgs, WorkerIdArgs};
+use common::api::{self, Ignored};
 use common::clock::Clock;
+use common::ids::{AgentKey, ConversationId, WorkerId};
 use common::{ErrorCode, OpError};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +36,7 @@ use worker_kit::attachments::{self, BundleAttachment};
 use worker_kit::client::{SnapshotScope, UploadedSnapshot, WorkerClient};
 
 use crate::config::{SkillsMode, Transport, WorkerConfig};
-use crate::engine::{self, Engine, EngineJob, HistoryItem};
+use crate::engine::{self, Engine, EngineJob, HistoryRole};
 use crate::telegram::{self, Telegram};
 use crate::workspace::{self, Journal, MemoryEntry};
 
@@ -145,49 +148,13 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<Ru
 }
 
 /// `claimNextJob`'s answer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimedJob {
-    message_id: String,
-    conversation_id: String,
-    agent_key: String,
-    lease_id: String,
-    #[serde(default)]
-    attempts: u32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ControlState {
-    should_stop: bool,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
-/// The parts of `getHydrationBundleForClaimedJob`'s answer the worker uses.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Bundle {
-    #[serde(default)]
-    payload: Value,
-    #[serde(default)]
-    conversation_state: ConversationState,
-    #[serde(default)]
-    telegram_bot_token: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ConversationState {
-    #[serde(default)]
-    context_history: Vec<HistoryItem>,
-}
+type ClaimedJob = Claim;
 
 /// The conversation this worker is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Sticky {
-    conversation_id: String,
-    agent_key: String,
+    conversation_id: ConversationId,
+    agent_key: AgentKey,
 }
 
 /// One worker process's state.
@@ -247,7 +214,7 @@ impl Worker {
         Ok(RunOutcome {
             reason,
             control_reason,
-            conversation_id: self.sticky.as_ref().map(|s| s.conversation_id.clone()),
+            conversation_id: self.sticky.as_ref().map(|s| s.conversation_id.to_string()),
             snapshot,
             jobs_completed: self.jobs_completed,
             jobs_failed: self.jobs_failed,
@@ -264,7 +231,12 @@ impl Worker {
         }
         self.boot_meaningful = workspace::is_meaningful(&self.config.state_dir, &self.config.workspace_dir);
         if let Some(conversation_id) = self.config.conversation_id.clone() {
-            self.sticky = Some(Sticky { conversation_id, agent_key: self.config.agent_key.clone() });
+            let sticky = ConversationId::parse(conversation_id)
+                .and_then(|c| {
+                    Ok(Sticky { conversation_id: c, agent_key: AgentKey::parse(self.config.agent_key.clone())? })
+                })
+                .map_err(|e| WorkerError::new(format!("the pre-assigned conversation: {}", e.message)))?;
+            self.sticky = Some(sticky);
             self.restore_checked = true;
             if self.boot_meaningful {
                 tracing::info!("data directory already holds state; no snapshot restored");
@@ -402,10 +374,10 @@ impl Worker {
                 tracing::info!(idle_ms = self.config.idle_timeout.as_millis() as u64, "idle timeout reached");
                 return Ok((StopReason::Manual, None));
             }
-            let args = json!({"workerId": self.worker_id()});
+            let args = WorkerIdArgs { worker_id: self.worker() };
             let control = tokio::select! {
                 biased;
-                control = self.client.call::<ControlState>("getWorkerControlState", &args) => control,
+                control = self.client.call::<api::GetWorkerControlState>(&args) => control,
                 // A read: abandoning it is safe, and a stop must not wait for its timeout.
                 () = shutdown.cancelled() => return Ok((StopReason::Signal, None)),
             };
@@ -495,19 +467,21 @@ impl Worker {
     }
 
     async fn claim(&self, wait: Duration) -> Result<Option<ClaimedJob>, OpError> {
-        let mut args = json!({"workerId": self.worker_id(), "waitMs": wait.as_millis() as u64});
-        if let Some(sticky) = &self.sticky {
-            args["conversationId"] = json!(sticky.conversation_id);
-        }
-        self.client.call("claimNextJob", &args).await
+        let args = ClaimArgs {
+            worker_id: self.worker(),
+            conversation_id: self.sticky.as_ref().map(|s| s.conversation_id.clone()),
+            wait_ms: Some(wait.as_millis() as u64),
+            now_ms: Ignored,
+        };
+        self.client.call::<api::ClaimNextJob>(&args).await
     }
 
     /// Delayed retries of the conversation count as pending work: they keep the worker from
     /// idling out (spec §4.4 step 4).
     async fn refresh_activity_if_work_pending(&mut self) {
         let Some(sticky) = &self.sticky else { return };
-        let args = json!({"conversationId": sticky.conversation_id});
-        match self.client.call::<bool>("hasQueuedJobsForConversation", &args).await {
+        let args = ConversationArgs { conversation_id: sticky.conversation_id.clone(), limit: None };
+        match self.client.call::<api::HasQueuedJobsForConversation>(&args).await {
             Ok(true) => self.last_activity = Instant::now(),
             Ok(false) => {}
             Err(e) => tracing::debug!(error = %e, "hasQueuedJobsForConversation failed"),
@@ -574,7 +548,7 @@ impl Worker {
     fn start_heartbeat(&self, job: &ClaimedJob, lease_lost: Arc<AtomicBool>) -> CancellationToken {
         let stop = CancellationToken::new();
         let (client, interval, token) = (self.client.clone(), self.config.heartbeat_interval, stop.clone());
-        let args = json!({"workerId": self.worker_id(), "messageId": job.message_id, "leaseId": job.lease_id});
+        let args = self.lease_args(job);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -583,7 +557,7 @@ impl Worker {
                     () = token.cancelled() => return,
                     _ = ticks.tick() => {}
                 }
-                match client.call::<bool>("heartbeatJob", &args).await {
+                match client.call::<api::HeartbeatJob>(&args).await {
                     Ok(true) => tracing::debug!("lease extended"),
                     Ok(false) => {
                         tracing::warn!("heartbeat refused: the lease moved on");
@@ -599,11 +573,14 @@ impl Worker {
 
     /// Everything between claim and completion. `Err` carries the message `failJob` records.
     async fn process(&self, job: &ClaimedJob, lease_lost: &AtomicBool) -> Result<(), String> {
-        let args = json!({"messageId": job.message_id, "workspaceId": self.config.workspace_id,
-                          "conversationId": job.conversation_id});
-        let bundle: Bundle = self
+        let args = BundleArgs {
+            message_id: job.message_id.clone(),
+            workspace_id: Ignored,
+            conversation_id: Some(job.conversation_id.clone()),
+        };
+        let bundle = self
             .client
-            .call::<Option<Bundle>>("getHydrationBundleForClaimedJob", &args)
+            .call::<api::GetHydrationBundleForClaimedJob>(&args)
             .await
             .map_err(|e| format!("getHydrationBundleForClaimedJob: {e}"))?
             .ok_or_else(|| {
@@ -613,7 +590,7 @@ impl Worker {
                     job.message_id
                 )
             })?;
-        let payload = &bundle.payload;
+        let payload = &Value::Object(bundle.payload);
 
         // R2: only Telegram jobs need a bot token, and its absence fails the job before any
         // side effect.
@@ -647,9 +624,9 @@ impl Worker {
             _ => {
                 let (user_text, files) = self.user_text_with_media(job, payload).await;
                 let engine_job = EngineJob {
-                    message_id: job.message_id.clone(),
-                    conversation_id: job.conversation_id.clone(),
-                    agent_key: job.agent_key.clone(),
+                    message_id: job.message_id.to_string(),
+                    conversation_id: job.conversation_id.to_string(),
+                    agent_key: job.agent_key.to_string(),
                     workspace_id: self.config.workspace_id.clone(),
                     text: user_text.clone(),
                     history: bundle.conversation_state.context_history.clone(),
@@ -677,11 +654,15 @@ impl Worker {
             save(&journal);
         }
         if !journal.history_appended {
-            let messages = json!([{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]);
-            let args = json!({"conversationId": job.conversation_id, "workspaceId": self.config.workspace_id,
-                              "messages": messages});
+            let item = |role, content: &str| NewHistoryItem { role, content: content.to_string(), at: None };
+            let args = AppendMessagesArgs {
+                conversation_id: job.conversation_id.clone(),
+                workspace_id: Some(self.config.workspace_id.clone()),
+                messages: vec![item(HistoryRole::User, &user_text), item(HistoryRole::Assistant, &reply)],
+                now_ms: Ignored,
+            };
             self.client
-                .call::<Value>("appendConversationMessages", &args)
+                .call::<api::AppendConversationMessages>(&args)
                 .await
                 .map_err(|e| format!("appendConversationMessages: {e}"))?;
             journal.history_appended = true;
@@ -760,9 +741,23 @@ impl Worker {
         }
     }
 
+    /// This worker's id as the contracts carry it; the server validates it.
+    fn worker(&self) -> WorkerId {
+        WorkerId::trusted(self.worker_id())
+    }
+
+    fn lease_args(&self, job: &ClaimedJob) -> LeaseArgs {
+        LeaseArgs {
+            worker_id: self.worker(),
+            message_id: job.message_id.clone(),
+            lease_id: job.lease_id.clone(),
+            now_ms: Ignored,
+            provider_config: Ignored,
+        }
+    }
+
     async fn complete(&mut self, job: &ClaimedJob) {
-        let args = json!({"workerId": self.worker_id(), "messageId": job.message_id, "leaseId": job.lease_id});
-        match self.client.call::<bool>("completeJob", &args).await {
+        match self.client.call::<api::CompleteJob>(&self.lease_args(job)).await {
             Ok(true) => {
                 self.jobs_completed += 1;
                 Journal::remove(&self.config.state_dir, &job.message_id);
@@ -777,14 +772,20 @@ impl Worker {
     async fn fail(&mut self, job: &ClaimedJob, message: &str) {
         tracing::warn!(error = %message, "job failed");
         self.jobs_failed += 1;
-        let args = json!({"workerId": self.worker_id(), "messageId": job.message_id, "leaseId": job.lease_id,
-                          "errorMessage": message});
-        match self.client.call::<Value>("failJob", &args).await {
+        let args = FailArgs {
+            worker_id: self.worker(),
+            message_id: job.message_id.clone(),
+            lease_id: job.lease_id.clone(),
+            error_message: message.to_string(),
+            now_ms: Ignored,
+            provider_config: Ignored,
+        };
+        match self.client.call::<api::FailJob>(&args).await {
             Ok(result) => {
-                if result.get("deadLettered").and_then(Value::as_bool) == Some(true) {
+                if result.dead_lettered {
                     Journal::remove(&self.config.state_dir, &job.message_id);
                 }
-                tracing::info!(result = %result, "failure recorded");
+                tracing::info!(?result, "failure recorded");
             }
             Err(e) => tracing::warn!(error = %e, "failJob failed; the lease will expire and the job return"),
         }
@@ -795,8 +796,8 @@ impl Worker {
     fn scope(&self) -> Option<SnapshotScope> {
         self.sticky.as_ref().map(|s| SnapshotScope {
             workspace_id: self.config.workspace_id.clone(),
-            agent_key: s.agent_key.clone(),
-            conversation_id: s.conversation_id.clone(),
+            agent_key: s.agent_key.to_string(),
+            conversation_id: s.conversation_id.to_string(),
         })
     }
 

@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::api::queue::{Claim, ClaimArgs, CompleteAndClaimArgs, EnqueueArgs, LeaseArgs};
+use common::api::{self, Ignored, Operation};
+use common::ids::{AgentKey, ConversationId, WorkerId};
 use futures::StreamExt;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tests::{Api, TestStack, seed_profile};
 use tokio_util::sync::CancellationToken;
@@ -324,50 +325,30 @@ fn latency(mut samples: Vec<f64>) -> Latency {
     Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) }
 }
 
-/// Calls `op` with typed arguments and answer, riding out unavailability. The benchmark's
-/// clients are typed (the worker runtime reads its answers into structs too): building and
-/// dropping `Value` trees would spend the CPU the measured system shares with them.
-async fn retry<A: Serialize + Sync, R: DeserializeOwned>(api: &Api, op: &str, args: &A) -> R {
-    let call = || api.ops.call_through_failover(op, &api.token, args, common::ops::FAILOVER_PATIENCE);
-    tests::workload::retrying(call).await.unwrap_or_else(|e| panic!("{op} failed: {e:?}"))
+/// Calls `O` with its contract types, riding out unavailability. The benchmark's clients are
+/// typed, as the worker runtime is: building and dropping `Value` trees would spend the CPU the
+/// measured system shares with them.
+async fn retry<O: Operation>(api: &Api, args: &O::Args) -> O::Output {
+    let call = || api.ops.call_through_failover::<O>(&api.token, args, common::ops::FAILOVER_PATIENCE);
+    tests::workload::retrying(call).await.unwrap_or_else(|e| panic!("{} failed: {e:?}", O::SPEC.name))
 }
 
-/// The parts of a claimed job the benchmark's workers use; the payload is skipped unread.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Job {
-    message_id: String,
-    conversation_id: String,
-    lease_id: String,
+fn claim_args(worker_id: &WorkerId, conversation_id: Option<&ConversationId>, wait_ms: u64) -> ClaimArgs {
+    ClaimArgs {
+        worker_id: worker_id.clone(),
+        conversation_id: conversation_id.cloned(),
+        wait_ms: Some(wait_ms),
+        now_ms: Ignored,
+    }
 }
 
-#[derive(Deserialize)]
-struct CompletedAndNext {
-    next: Option<Job>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimArgs<'a> {
-    worker_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conversation_id: Option<&'a str>,
-    wait_ms: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct LeaseArgs<'a> {
-    worker_id: &'a str,
-    message_id: &'a str,
-    lease_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wait_ms: Option<u64>,
-}
-
-impl<'a> LeaseArgs<'a> {
-    fn of(worker_id: &'a str, job: &'a Job, wait_ms: Option<u64>) -> Self {
-        Self { worker_id, message_id: &job.message_id, lease_id: &job.lease_id, wait_ms }
+fn lease_args(worker_id: &WorkerId, job: &Claim) -> LeaseArgs {
+    LeaseArgs {
+        worker_id: worker_id.clone(),
+        message_id: job.message_id.clone(),
+        lease_id: job.lease_id.clone(),
+        now_ms: Ignored,
+        provider_config: Ignored,
     }
 }
 
@@ -400,29 +381,20 @@ async fn filled(map: &Mutex<HashMap<String, Instant>>, n: usize) {
     .await;
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct EnqueueArgs<'a> {
-    conversation_id: &'a str,
-    agent_key: &'a str,
-    payload: Payload<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Payload<'a> {
-    provider: &'a str,
-    provider_user_id: &'a str,
-    message_text: &'a str,
-}
-
-async fn enqueue(app: &Api, conversation: &str) {
+async fn enqueue(app: &Api, conversation: &ConversationId) {
+    let payload = json!({ "provider": "bench", "providerUserId": "u", "messageText": "x" });
     let args = EnqueueArgs {
-        conversation_id: conversation,
-        agent_key: "bench",
-        payload: Payload { provider: "bench", provider_user_id: "u", message_text: "x" },
+        conversation_id: conversation.clone(),
+        agent_key: AgentKey::trusted("bench"),
+        payload: payload.as_object().cloned().unwrap_or_default(),
+        priority: None,
+        scheduled_for: None,
+        max_attempts: None,
+        idempotency_key: None,
+        now_ms: Ignored,
+        provider_config: Ignored,
     };
-    retry::<_, Value>(app, "enqueueMessage", &args).await;
+    retry::<api::EnqueueMessage>(app, &args).await;
 }
 
 async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run: usize) -> f64 {
@@ -431,25 +403,28 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
     let finished = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     for c in 0..args.conversations {
-        let id = format!("t{run}-w{c}");
-        let conversation = format!("t{run}-c{c}");
+        let id = WorkerId::trusted(format!("t{run}-w{c}"));
+        let conversation = ConversationId::trusted(format!("t{run}-c{c}"));
         let api = clients.worker(stack, &id);
         let (done, finished, per) = (done.clone(), finished.clone(), args.messages);
         workers.spawn(async move {
             // Claim once, then complete each job and claim the next in one call, as a
             // worker serving one conversation does.
             let mut mine = 0;
-            let mut job: Option<Job> = None;
+            let mut job: Option<Claim> = None;
             while mine < per {
                 let Some(current) = &job else {
-                    let claim = ClaimArgs { worker_id: &id, conversation_id: Some(&conversation), wait_ms: 5000 };
-                    job = retry(&api, "claimNextJob", &claim).await;
+                    job = retry::<api::ClaimNextJob>(&api, &claim_args(&id, Some(&conversation), 5000)).await;
                     continue;
                 };
                 let wait = if mine + 1 < per { 5000 } else { 0 };
-                let answer: CompletedAndNext =
-                    retry(&api, "completeAndClaimNext", &LeaseArgs::of(&id, current, Some(wait))).await;
-                job = answer.next;
+                let args = CompleteAndClaimArgs {
+                    worker_id: id.clone(),
+                    message_id: current.message_id.clone(),
+                    lease_id: current.lease_id.clone(),
+                    wait_ms: Some(wait),
+                };
+                job = retry::<api::CompleteAndClaimNext>(&api, &args).await.next;
                 mine += 1;
                 if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == total {
                     finished.cancel();
@@ -465,7 +440,7 @@ async fn queue_throughput(stack: &TestStack, clients: &Clients, args: &Args, run
     futures::stream::iter(0..total)
         .map(|i| {
             let app = app.clone();
-            let conversation = format!("t{run}-c{}", i % args.conversations);
+            let conversation = ConversationId::trusted(format!("t{run}-c{}", i % args.conversations));
             async move { enqueue(&app, &conversation).await }
         })
         .buffered(args.in_flight)
@@ -498,19 +473,19 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
             let mut generation = 0;
             while !stop.is_cancelled() {
                 generation += 1;
-                let id = format!("l{run}-w{w}-{generation}");
+                let id = WorkerId::trusted(format!("l{run}-w{w}-{generation}"));
                 let api = Api { ops: ops.clone(), token: ctx.auth.mint_worker_token(&id).expect("token") };
-                let claim = ClaimArgs { worker_id: &id, conversation_id: None, wait_ms: 2000 };
-                let job: Option<Job> = tokio::select! {
+                let claim = claim_args(&id, None, 2000);
+                let job = tokio::select! {
                     _ = stop.cancelled() => return,
-                    job = retry(&api, "claimNextJob", &claim) => job,
+                    job = retry::<api::ClaimNextJob>(&api, &claim) => job,
                 };
                 let Some(job) = job else { continue };
                 let at = Instant::now();
                 if let Ok(mut m) = received.lock() {
-                    m.insert(job.conversation_id.clone(), at);
+                    m.insert(job.conversation_id.to_string(), at);
                 }
-                retry::<_, bool>(&api, "completeJob", &LeaseArgs::of(&id, &job, None)).await;
+                retry::<api::CompleteJob>(&api, &lease_args(&id, &job)).await;
             }
         });
     }
@@ -521,12 +496,12 @@ async fn queue_latency(stack: &TestStack, clients: &Clients, args: &Args, run: u
     for i in 0..args.latency_messages {
         tick.tick().await;
         let (app, returned) = (app.clone(), returned.clone());
-        let conversation = format!("l{run}-c{i}");
+        let conversation = ConversationId::trusted(format!("l{run}-c{i}"));
         sends.spawn(async move {
             enqueue(&app, &conversation).await;
             let at = Instant::now();
             if let Ok(mut m) = returned.lock() {
-                m.insert(conversation, at);
+                m.insert(conversation.into_string(), at);
             }
         });
     }

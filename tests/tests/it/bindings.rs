@@ -45,21 +45,21 @@ async fn bindings_bind_returns_the_view_and_resolution_follows_it() {
     let stack = TestStack::start_with(MANUAL).await;
     seed_profile(&stack.ctx, "sales").await;
     let app = stack.app();
-    let user = json!({"consumerUserId": "user 1"});
+    let user = json!({"consumerUserId": "user:1"});
     assert_eq!(
         app.ok("resolveAgentForUser", user.clone()).await,
-        json!({"consumerUserId": "user 1", "agentKey": null})
+        json!({"consumerUserId": "user:1", "agentKey": null})
     );
     assert_eq!(app.ok("getUserAgentBinding", user.clone()).await, Value::Null);
 
     let view = app
         .ok(
             "bindUserAgent",
-            json!({"consumerUserId": "user 1", "agentKey": "sales", "source": "manual", "metadata": {"displayName": "Ann"}}),
+            json!({"consumerUserId": "user:1", "agentKey": "sales", "source": "manual", "metadata": {"displayName": "Ann"}}),
         )
         .await;
     let expected = json!({
-        "consumerUserId": "user 1",
+        "consumerUserId": "user:1",
         "agentKey": "sales",
         "conversationId": "user-agent:sales:user 1",
         "botIdentity": null,
@@ -75,14 +75,14 @@ async fn bindings_bind_returns_the_view_and_resolution_follows_it() {
     assert_eq!(app.ok("getUserAgentBinding", user.clone()).await, expected);
     assert_eq!(
         app.ok("resolveAgentForUser", user.clone()).await,
-        json!({"consumerUserId": "user 1", "agentKey": "sales"})
+        json!({"consumerUserId": "user:1", "agentKey": "sales"})
     );
 
     // The source defaults to "api"; the profile's (absent) bot leaves botIdentity null.
     let view = stack.admin().ok("bindUserAgent", json!({"consumerUserId": "user 2", "agentKey": "sales"})).await;
     assert_eq!(view["source"], json!("api"));
 
-    let target = bindings::user_agent_target(&stack.ctx, "user 1", "sales", true).await.expect("target");
+    let target = bindings::user_agent_target(&stack.ctx, "user:1", "sales", true).await.expect("target");
     assert_eq!(target.conversation_id, "user-agent:sales:user 1");
     assert_eq!(target.provider, "system_push");
     assert!(target.binding_active);
@@ -174,7 +174,7 @@ async fn bindings_errors_use_the_original_strings_and_inputs_are_validated() {
         (json!({"consumerUserId": "u".repeat(257), "agentKey": "plain"}), "consumerUserId"),
         (json!({"consumerUserId": "u1", "agentKey": ""}), "agentKey"),
         (json!({"consumerUserId": "u1", "agentKey": "plain", "source": "fax"}), "unknown variant"),
-        (json!({"consumerUserId": "u1", "agentKey": "plain", "nowMs": 5}), "nowMs"),
+        (json!({"consumerUserId": "u1", "agentKey": "plain", "bogus": 5}), "bogus"),
         (json!({"consumerUserId": "u1", "agentKey": "plain", "telegramUserId": ""}), "telegramUserId"),
         (json!({"consumerUserId": "u1", "agentKey": "plain", "metadata": {"k": "v".repeat(600)}}), "metadata.k"),
         (json!({"consumerUserId": "u1", "agentKey": "plain", "metadata": {"k": 1}}), "expected a string"),

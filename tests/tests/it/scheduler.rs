@@ -199,7 +199,7 @@ async fn scheduler_spawn_failure_cleans_up_and_fails_the_call_after_the_cycle() 
     // The other spawn of the cycle went ahead (L7).
     assert_eq!(p.fake.live_machine_count(APP), 1);
     let failed = p.rows().await.into_iter().find(|r| r["status"] == "stopped").expect("failed row");
-    assert!(failed.get("machineRef").is_none() && failed.get("volumeId").is_none(), "{failed}");
+    assert!(failed["machineRef"].is_null() && failed["volumeId"].is_null(), "{failed}");
     assert_eq!(p.fake.volumes(APP).len(), 1, "the failed spawn's volume was deleted");
 }
 

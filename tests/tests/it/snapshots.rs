@@ -190,11 +190,14 @@ async fn snapshots_apis_require_a_conversation_id() {
         ("prepareDataSnapshotUpload", prepare_without),
         ("getLatestDataSnapshotForRestore", json!({"workspaceId": "default", "agentKey": "agent-a"})),
         ("listSnapshotsForConversation", json!({})),
-        ("listSnapshotsForConversation", json!({"conversationId": "  "})),
     ] {
         let err = stack.admin().err(op, args).await;
         assert_eq!((err.code, err.message.as_str()), (ErrorCode::InvalidInput, "conversationId is required"), "{op}");
     }
+    // A blank id is not an id at all: refused, naming the field, before any store is touched.
+    let err = stack.admin().err("listSnapshotsForConversation", json!({"conversationId": "  "})).await;
+    assert_eq!(err.code, ErrorCode::InvalidInput);
+    assert!(err.message.contains("conversationId: invalid conversation id"), "{}", err.message);
 }
 
 #[tokio::test]

@@ -2,6 +2,9 @@
 //! finalized by one worker, then restored by the next worker of the conversation into an empty
 //! directory, over both transports; and a job's attachments downloaded into the workspace.
 
+use common::api;
+use common::api::history::BundleArgs;
+use common::api::queue::ClaimArgs;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -132,18 +135,16 @@ async fn worker_kit_downloads_a_jobs_attachments_into_the_workspace() {
         .await;
     let token = stack.ctx.auth.mint_worker_token("w1").expect("token");
     let client = WorkerClient::over_http(&stack.http_url(""), "w1", &token);
-    let job: serde_json::Value = client.call("claimNextJob", &json!({"workerId": "w1"})).await.expect("claim");
-    let bundle: serde_json::Value = client
-        .call(
-            "getHydrationBundleForClaimedJob",
-            &json!({"messageId": job["messageId"], "workspaceId": "default", "conversationId": "c1"}),
-        )
-        .await
-        .expect("bundle");
+    let claim: ClaimArgs = serde_json::from_value(json!({"workerId": "w1"})).expect("args");
+    let job = client.call::<api::ClaimNextJob>(&claim).await.expect("claim").expect("a job");
+    let args: BundleArgs =
+        serde_json::from_value(json!({"messageId": job.message_id, "workspaceId": "default", "conversationId": "c1"}))
+            .expect("args");
+    let bundle = client.call::<api::GetHydrationBundleForClaimedJob>(&args).await.expect("bundle").expect("bundle");
     let attachments: Vec<worker_kit::attachments::BundleAttachment> =
-        serde_json::from_value(bundle["payload"]["attachments"].clone()).expect("attachments");
+        serde_json::from_value(bundle.payload["attachments"].clone()).expect("attachments");
     let workspace = tempfile::tempdir().expect("tmp");
-    let message_id = job["messageId"].as_str().expect("id");
+    let message_id = job.message_id.as_str();
     let results = worker_kit::attachments::download_all(
         client.http(),
         &token,

@@ -42,7 +42,7 @@ impl State {
                 if let Some(lease) = state.head.as_mut().and_then(|h| h.lease.as_mut()) {
                     lease.expires_at = expires;
                 }
-                self.write_conv(&token, state, After::Heartbeat { worker_id: args.worker_id, reply });
+                self.write_conv(&token, state, After::Heartbeat { worker_id: args.worker_id.into_string(), reply });
             }
         }
     }
@@ -53,7 +53,7 @@ impl State {
             LeaseCheck::Busy(token) => self.defer(&token, Command::Complete { args, reply }),
             LeaseCheck::Held(token) => {
                 let Some(state) = self.completed_state(&token, &args) else { return };
-                self.write_conv(&token, state, After::Complete { worker_id: args.worker_id, reply });
+                self.write_conv(&token, state, After::Complete { worker_id: args.worker_id.into_string(), reply });
             }
         }
     }
@@ -72,7 +72,8 @@ impl State {
             LeaseCheck::Held(token) => {
                 let Some(mut state) = self.completed_state(&token, &args) else { return };
                 let now = self.now();
-                let active = self.workers.get(&args.worker_id).is_none_or(|w| w.row.status == WorkerStatus::Active);
+                let active =
+                    self.workers.get(args.worker_id.as_str()).is_none_or(|w| w.row.status == WorkerStatus::Active);
                 let next = self.convs.get(&token).and_then(|c| c.pending.get(1)).filter(|p| p.job.scheduled_for <= now);
                 match next {
                     Some(next) if active => {
@@ -84,14 +85,18 @@ impl State {
                             last_error: None,
                             lease: Some(self.new_lease(&args.worker_id, now)),
                         });
-                        self.write_conv(&token, state, After::CompleteAndLease { worker_id: args.worker_id, reply });
+                        self.write_conv(
+                            &token,
+                            state,
+                            After::CompleteAndLease { worker_id: args.worker_id.into_string(), reply },
+                        );
                     }
                     _ if active && claim.wait_ms.unwrap_or(0) > 0 => {
                         self.hold_completion(&token, state, &args.worker_id, now);
                         self.park(claim, reply, Some(token));
                     }
                     _ => {
-                        let after = After::CompleteThenClaim { worker_id: args.worker_id, reply, claim };
+                        let after = After::CompleteThenClaim { worker_id: args.worker_id.into_string(), reply, claim };
                         self.write_conv(&token, state, after);
                     }
                 }
@@ -179,9 +184,9 @@ impl State {
         state.done_seq = conv.pending.front().map(|p| p.seq).unwrap_or(state.done_seq);
         state.head = None;
         state.last_completed = Some(CompletedLease {
-            message_id: args.message_id.clone(),
-            lease_id: args.lease_id.clone(),
-            worker_id: args.worker_id.clone(),
+            message_id: args.message_id.to_string(),
+            lease_id: args.lease_id.to_string(),
+            worker_id: args.worker_id.to_string(),
         });
         Some(state)
     }
@@ -206,7 +211,7 @@ impl State {
                 let now = self.now();
                 let error = truncate(&args.error_message);
                 let (state, outcome) = self.after_failure(&token, error, now, true);
-                self.write_conv(&token, state, After::Fail { worker_id: args.worker_id, reply, outcome });
+                self.write_conv(&token, state, After::Fail { worker_id: args.worker_id.into_string(), reply, outcome });
             }
         }
     }
@@ -459,10 +464,10 @@ impl State {
         self.worker_claimed(worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
         metrics::counter!(common::telemetry::CLAIMS).increment(1);
         Some(Claim {
-            message_id: job.job.message_id.clone(),
-            conversation_id,
-            agent_key,
-            lease_id: lease.lease_id,
+            message_id: MessageId::trusted(job.job.message_id.clone()),
+            conversation_id: ConversationId::trusted(conversation_id),
+            agent_key: AgentKey::trusted(agent_key),
+            lease_id: LeaseId::trusted(lease.lease_id),
             lease_expires_at: lease.expires_at,
             payload: job.job.payload.clone(),
             attempts,

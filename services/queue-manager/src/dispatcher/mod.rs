@@ -22,6 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::push::Ordered;
 use common::OpError;
 use common::clock::Millis;
+use common::ids::{AgentKey, ConversationId, LeaseId, MessageId};
 use common::model::{Assignment, WorkerRow, WorkerStatus};
 use common::service::ServiceContext;
 use common::store::{StoreError, Versioned};

@@ -36,10 +36,10 @@ impl State {
         let head = if index == 0 { conv.head() } else { None };
         let status = if head.is_some_and(|h| h.lease.is_some()) { JobStatus::Processing } else { JobStatus::Queued };
         JobView {
-            id: p.job.message_id.clone(),
+            id: MessageId::trusted(p.job.message_id.clone()),
             creation_time: p.job.enqueued_at,
-            conversation_id: p.job.conversation_id.clone(),
-            agent_key: p.job.agent_key.clone(),
+            conversation_id: ConversationId::trusted(p.job.conversation_id.clone()),
+            agent_key: AgentKey::trusted(p.job.agent_key.clone()),
             status,
             priority: p.job.priority,
             scheduled_for: p.job.scheduled_for.max(head.and_then(|h| h.not_before).unwrap_or(0)),
@@ -227,10 +227,10 @@ impl State {
 
 fn dead_letter_view(d: &DeadLetter) -> JobView {
     JobView {
-        id: d.job.message_id.clone(),
+        id: MessageId::trusted(d.job.message_id.clone()),
         creation_time: d.job.enqueued_at,
-        conversation_id: d.job.conversation_id.clone(),
-        agent_key: d.job.agent_key.clone(),
+        conversation_id: ConversationId::trusted(d.job.conversation_id.clone()),
+        agent_key: AgentKey::trusted(d.job.agent_key.clone()),
         status: JobStatus::DeadLetter,
         priority: d.job.priority,
         scheduled_for: d.job.scheduled_for,
@@ -243,10 +243,10 @@ fn dead_letter_view(d: &DeadLetter) -> JobView {
 
 fn done_view(job: &Job, dead: bool) -> JobView {
     JobView {
-        id: job.message_id.clone(),
+        id: MessageId::trusted(job.message_id.clone()),
         creation_time: job.enqueued_at,
-        conversation_id: job.conversation_id.clone(),
-        agent_key: job.agent_key.clone(),
+        conversation_id: ConversationId::trusted(job.conversation_id.clone()),
+        agent_key: AgentKey::trusted(job.agent_key.clone()),
         status: if dead { JobStatus::DeadLetter } else { JobStatus::Done },
         priority: job.priority,
         scheduled_for: job.scheduled_for,

@@ -158,7 +158,7 @@ impl State {
                 let _ = reply.send(self.demand());
             }
             Command::ListWorkers { reply } => {
-                let mut rows: Vec<&WorkerRow> = self.workers.values().map(|w| &w.row).collect();
+                let mut rows: Vec<WorkerView> = self.workers.values().map(|w| w.row.clone().into()).collect();
                 rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
                 let _ = reply.send(to_answer(rows));
             }
@@ -184,14 +184,14 @@ impl State {
 
     pub(super) fn claim(&mut self, args: ClaimArgs, reply: Reply) {
         let now = self.now();
-        let worker = self.workers.get(&args.worker_id).map(|w| w.row.clone());
+        let worker = self.workers.get(args.worker_id.as_str()).map(|w| w.row.clone());
         if worker.as_ref().is_some_and(|w| w.status != WorkerStatus::Active) {
             let _ = reply.send(to_answer(Value::Null));
             return;
         }
         // Presence (fix L1): a worker that keeps polling is alive even while idle, so its idle
         // deadline, not the stale-heartbeat rule, decides when it drains. Written lazily.
-        if let Some(entry) = self.workers.get_mut(&args.worker_id) {
+        if let Some(entry) = self.workers.get_mut(args.worker_id.as_str()) {
             entry.row.heartbeat_at = now;
             entry.dirty = true;
         }
@@ -202,7 +202,10 @@ impl State {
             let _ = reply.send(to_answer(Value::Null));
             return;
         }
-        let target = assignment.as_ref().map(|a| a.conversation_id.clone()).or_else(|| args.conversation_id.clone());
+        let target = assignment
+            .as_ref()
+            .map(|a| a.conversation_id.clone())
+            .or_else(|| args.conversation_id.as_ref().map(|c| c.to_string()));
         let chosen = match &target {
             Some(conversation_id) => {
                 let token = common::token::escape(conversation_id);
@@ -216,10 +219,10 @@ impl State {
                 if let Some((lease, Some(job))) = own_lease {
                     let conv = &self.convs[&token];
                     let claim = Claim {
-                        message_id: job.job.message_id.clone(),
-                        conversation_id: conv.conversation_id.clone(),
-                        agent_key: conv.agent_key.clone(),
-                        lease_id: lease.lease_id,
+                        message_id: MessageId::trusted(job.job.message_id.clone()),
+                        conversation_id: ConversationId::trusted(conv.conversation_id.clone()),
+                        agent_key: AgentKey::trusted(conv.agent_key.clone()),
+                        lease_id: LeaseId::trusted(lease.lease_id),
                         lease_expires_at: lease.expires_at,
                         payload: job.job.payload.clone(),
                         attempts: conv.head().map(|h| h.attempts).unwrap_or(0),
@@ -254,7 +257,7 @@ impl State {
         let park_id = self.next_park_id;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
         let parked = Parked { park_id, deadline, args, reply, completing };
-        let worker_id = parked.args.worker_id.clone();
+        let worker_id = parked.args.worker_id.to_string();
         let free = parked.args.conversation_id.is_none()
             && parked.completing.is_none()
             && self.workers.get(&worker_id).is_none_or(|w| w.row.assignment.is_none());
@@ -262,7 +265,7 @@ impl State {
             self.end_park(old);
         }
         if let Some(filter) = &parked.args.conversation_id {
-            self.parked_for.entry(filter.clone()).or_default().push(worker_id.clone());
+            self.parked_for.entry(filter.to_string()).or_default().push(worker_id.clone());
         }
         self.parked.insert(worker_id.clone(), parked);
         if free {
@@ -294,11 +297,11 @@ impl State {
             self.free_parked.retain(|(w, id)| !(w == worker_id && *id == parked.park_id));
         }
         if let Some(filter) = &parked.args.conversation_id
-            && let Some(waiting) = self.parked_for.get_mut(filter)
+            && let Some(waiting) = self.parked_for.get_mut(filter.as_str())
         {
             waiting.retain(|w| w != worker_id);
             if waiting.is_empty() {
-                self.parked_for.remove(filter);
+                self.parked_for.remove(filter.as_str());
             }
         }
         Some(parked)
@@ -313,7 +316,7 @@ impl State {
         };
         head.lease = Some(self.new_lease(&args.worker_id, now));
         state.head = Some(head);
-        let worker_id = args.worker_id.clone();
+        let worker_id = args.worker_id.to_string();
         self.write_conv(token, state, After::Claim { worker_id, reply, args, completing });
     }
 }

@@ -95,7 +95,7 @@ impl State {
 
     pub(super) fn upsert_worker(&mut self, args: UpsertWorkerArgs, reply: Reply) {
         let now = self.now();
-        let worker_id = args.worker_id.clone();
+        let worker_id = args.worker_id.to_string();
         let existing = self.workers.get(&worker_id).map(|w| &w.row);
         let old_assignment = existing.and_then(|r| r.assignment.clone());
         let row = match workers::apply_upsert(existing, args, now) {
@@ -183,7 +183,8 @@ impl State {
             Ok(revision) => {
                 entry.revision = Some(revision);
                 entry.writing = false;
-                let row = entry.row.clone();
+                // Answered as the original's views show a row: every field, null when unset.
+                let row = WorkerView::from(entry.row.clone());
                 for waiter in entry.in_flight.drain(..) {
                     let _ = waiter.send(to_answer(&row));
                 }
