@@ -109,7 +109,7 @@ fn concurrency(given: Option<f64>, default: usize) -> usize {
 pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<CleanupReport, OpError> {
     let config = match args.provider_config {
         Some(c) => Some(c),
-        None => hydration::runtime_config::provider_config(ctx).await?,
+        None => common::runtime_config::provider_config(ctx).await?,
     }
     .unwrap_or_default();
     if config.kind.as_deref().unwrap_or("fly") != "fly" {

@@ -14,6 +14,7 @@ use common::OpError;
 use common::auth::{Caller, Role};
 use common::clock::Millis;
 use common::ops::OpRegistry;
+use common::runtime_config;
 use common::service::ServiceContext;
 use common::store::StoreError;
 use common::token::escape;
@@ -22,7 +23,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{fence, runtime_config};
+use crate::fence;
 
 /// Default attachment retention when the message runtime config sets none (spec §2.3).
 pub const DEFAULT_RETENTION_MS: i64 = 604_800_000;

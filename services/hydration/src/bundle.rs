@@ -14,6 +14,7 @@ use common::auth::{Caller, Role};
 use common::crypto::SecretCipher;
 use common::model::{AgentProfile, QueueState, WorkerRow};
 use common::ops::OpRegistry;
+use common::secrets::active_secret;
 use common::service::ServiceContext;
 use common::token::escape;
 use common::topology::INBOX_STREAM;
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::history::HistoryItem;
-use crate::secrets::{active_secret, bot_token_refs, first_active_secret, scoped_candidates};
+use crate::secrets::{bot_token_refs, first_active_secret, scoped_candidates};
 use crate::{attachments, fence, history, profiles};
 
 #[derive(Debug, Deserialize)]

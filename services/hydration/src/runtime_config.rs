@@ -3,7 +3,8 @@
 //! `setMessageRuntimeConfig`) in `af_runtime_config`, each stored as a
 //! [`RuntimeConfigRow`] under [`PROVIDER_CONFIG_KEY`] / [`MESSAGE_CONFIG_KEY`]. The queue-manager
 //! reads the message row at enqueue (system prompt), so its format is shared through
-//! `common::model`. This module owns the message-config normalisation rule.
+//! `common::model`; the readers of the rows are in `common::runtime_config`. This module owns the
+//! writes and the message-config normalisation rule.
 
 use common::OpError;
 use common::auth::Caller;
@@ -13,6 +14,7 @@ use common::model::{
     ScalingPolicy,
 };
 use common::ops::OpRegistry;
+use common::runtime_config::{message_config, provider_config, scaling_policy};
 use common::service::ServiceContext;
 use common::store::JsonStore;
 use serde::Deserialize;
@@ -75,9 +77,11 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         let now = ctx.clock.now_ms();
         write(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY, args.scaling_policy, now).await
     });
-    ops.register_with(ctx, "messageRuntimeConfig", |ctx, _: Caller, _: NoArgs| async move {
-        read::<MessageConfig>(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
-    });
+    ops.register_with(
+        ctx,
+        "messageRuntimeConfig",
+        |ctx, _: Caller, _: NoArgs| async move { message_config(&ctx).await },
+    );
     ops.register_with(ctx, "setMessageRuntimeConfig", |ctx, _: Caller, args: SetMessageArgs| async move {
         set_message_config(&ctx, args.message_config).await
     });
@@ -102,21 +106,6 @@ pub fn validate_scaling(p: &ScalingPolicy) -> Result<(), OpError> {
         return fail("drainDeadlineMs", "at least 1000");
     }
     Ok(())
-}
-
-/// The stored message configuration, or `None` when no row exists.
-pub async fn message_config(ctx: &ServiceContext) -> Result<Option<MessageConfig>, OpError> {
-    read(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
-}
-
-/// The stored provider configuration, or `None` when no row exists.
-pub async fn provider_config(ctx: &ServiceContext) -> Result<Option<ProviderConfig>, OpError> {
-    read(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
-}
-
-/// The stored scaling policy, or `None` when no row exists.
-pub async fn scaling_policy(ctx: &ServiceContext) -> Result<Option<ScalingPolicy>, OpError> {
-    read(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY).await
 }
 
 async fn set_message_config(ctx: &ServiceContext, input: MessageConfigInput) -> Result<(), OpError> {
@@ -153,11 +142,6 @@ pub fn normalise_message_config(input: &MessageConfigInput) -> Result<Option<Mes
         return Ok(None);
     }
     Ok(Some(MessageConfig { system_prompt, telegram_attachment_retention_ms: retention }))
-}
-
-async fn read<T: DeserializeOwned>(store: &JsonStore, key: &str) -> Result<Option<T>, OpError> {
-    let row = store.get::<RuntimeConfigRow<T>>(key).await?;
-    Ok(row.map(|r| r.value.config))
 }
 
 /// Replaces the row at `key` by compare-and-set (create when absent).

@@ -245,7 +245,7 @@ impl Scheduler {
         if let Some(policy) = explicit {
             return Ok(policy);
         }
-        if let Some(policy) = hydration::runtime_config::scaling_policy(&self.ctx).await? {
+        if let Some(policy) = common::runtime_config::scaling_policy(&self.ctx).await? {
             return Ok(policy);
         }
         let s = &self.ctx.settings;
@@ -269,7 +269,7 @@ pub async fn resolve_provider(
 ) -> Result<Option<ResolvedProvider>, OpError> {
     let config = match explicit {
         Some(config) => validate_provider_config(&config)?,
-        None => match hydration::runtime_config::provider_config(ctx).await? {
+        None => match common::runtime_config::provider_config(ctx).await? {
             Some(stored) => match validate_provider_config(&stored) {
                 Ok(config) => config,
                 Err(e) => {
@@ -301,8 +301,8 @@ pub async fn resolve_provider(
 }
 
 pub async fn active_secret(ctx: &ServiceContext, secret_ref: &str) -> Result<Option<String>, OpError> {
-    let cipher = hydration::cipher_from_settings(&ctx.settings).map_err(OpError::internal)?;
-    let value = hydration::active_secret(ctx, &cipher, secret_ref).await?;
+    let cipher = common::secrets::cipher_from_settings(&ctx.settings).map_err(OpError::internal)?;
+    let value = common::secrets::active_secret(ctx, &cipher, secret_ref).await?;
     Ok(value.map(|v| v.expose_secret().trim().to_string()))
 }
 
