@@ -17,7 +17,8 @@ use common::model::{ProviderConfig, WorkerRow, WorkerStatus};
 use common::service::ServiceContext;
 use common::token::escape;
 use futures::StreamExt;
-use scheduler::provider::{Provider, ProviderError, dedicated_volume_name};
+use providers::fly::FlyProvider;
+use providers::{Provider, ProviderError, ResolvedProvider, dedicated_volume_name};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -90,16 +91,16 @@ pub struct ReapReport {
 async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {
     match given.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
         Some(t) => Ok(t),
-        None => scheduler::active_secret(ctx, "fly.apiToken")
+        None => providers::active_secret(ctx, "fly.apiToken")
             .await?
             .filter(|t| !t.is_empty())
             .ok_or_else(|| OpError::invalid(missing.to_string())),
     }
 }
 
-fn fly(ctx: &ServiceContext, token: &str) -> scheduler::provider::fly::FlyProvider {
+fn fly(ctx: &ServiceContext, token: &str) -> FlyProvider {
     let providers = &ctx.settings.providers;
-    scheduler::provider::fly::FlyProvider::new(&providers.fly_base_url, token, providers)
+    FlyProvider::new(&providers.fly_base_url, token, providers)
 }
 
 fn concurrency(given: Option<f64>, default: usize) -> usize {
@@ -271,8 +272,8 @@ pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> 
 }
 
 /// The provider the pool uses now (stored config or the configured default).
-async fn current_provider(ctx: &ServiceContext) -> Result<Option<scheduler::ResolvedProvider>, OpError> {
-    scheduler::resolve_provider(ctx, None, None).await
+async fn current_provider(ctx: &ServiceContext) -> Result<Option<ResolvedProvider>, OpError> {
+    providers::resolve_provider(ctx, None, None).await
 }
 
 pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapReport, OpError> {

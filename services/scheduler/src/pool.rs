@@ -13,10 +13,10 @@ use std::time::Duration;
 use common::OpError;
 use common::clock::Millis;
 use common::model::{ScalingPolicy, WorkerRow, WorkerStatus};
+use providers::{Machine, MachineStatus, Provider, ProviderError, ResolvedProvider, SpawnSpec};
 use serde_json::{Value, json};
 
-use crate::provider::{self, Machine, MachineStatus, Provider, ProviderError, SpawnSpec};
-use crate::{Demand, ResolvedProvider, Scheduler};
+use crate::{Demand, Scheduler};
 
 /// A fresh worker missing at the provider is given this long before it counts as gone
 /// (spec §2.3).
@@ -274,7 +274,7 @@ impl Scheduler {
             merge(&mut args, extra);
             args
         };
-        let volume = provider::ensure_worker_volume(
+        let volume = providers::ensure_worker_volume(
             provider,
             &cfg.app_name,
             worker_id,
@@ -350,7 +350,7 @@ impl Scheduler {
             provider.destroy(app, &m.machine_id).await?;
         }
         // The name-based pass finds volumes the row lost track of (spec §3.16).
-        let name = provider::dedicated_volume_name(&cfg.volume_name, &row.worker_id);
+        let name = providers::dedicated_volume_name(&cfg.volume_name, &row.worker_id);
         for v in provider.list_volumes(app).await? {
             if v.name == name {
                 volumes.insert(v.id);
