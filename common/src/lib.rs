@@ -1,6 +1,7 @@
 //! Shared foundation of agent-factory: configuration, the injected clock, authentication,
-//! encryption of secrets, the JetStream topology and typed KV access, the operation catalogue
-//! with its NATS server and client, leader leases, telemetry, and the embedded nats-server.
+//! encryption of secrets, the JetStream topology and typed KV access, the readers of the stored
+//! runtime configuration and secrets, the operation catalogue with its NATS server and client,
+//! leader leases, telemetry, and the embedded nats-server.
 //!
 //! This crate holds no service's business logic: a type lives here only when two or more
 //! crates need it.
@@ -17,6 +18,8 @@ pub mod model;
 pub mod nats_server;
 pub mod ops;
 pub mod process;
+pub mod runtime_config;
+pub mod secrets;
 pub mod service;
 pub mod skills;
 pub mod store;

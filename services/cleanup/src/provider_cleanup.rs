@@ -19,7 +19,8 @@ use common::model::{WorkerRow, WorkerStatus};
 use common::service::ServiceContext;
 use common::token::escape;
 use futures::StreamExt;
-use scheduler::provider::{Provider, ProviderError, dedicated_volume_name};
+use providers::fly::FlyProvider;
+use providers::{Provider, ProviderError, ResolvedProvider, dedicated_volume_name};
 
 const DEFAULT_MACHINE_CONCURRENCY: usize = 6;
 const DEFAULT_VOLUME_CONCURRENCY: usize = 16;
@@ -38,16 +39,16 @@ async fn worker_rows(ctx: &ServiceContext) -> Result<Vec<WorkerRow>, OpError> {
 async fn fly_token(ctx: &ServiceContext, given: Option<String>, missing: &str) -> Result<String, OpError> {
     match given.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
         Some(t) => Ok(t),
-        None => scheduler::active_secret(ctx, "fly.apiToken")
+        None => providers::active_secret(ctx, "fly.apiToken")
             .await?
             .filter(|t| !t.is_empty())
             .ok_or_else(|| OpError::invalid(missing.to_string())),
     }
 }
 
-fn fly(ctx: &ServiceContext, token: &str) -> scheduler::provider::fly::FlyProvider {
+fn fly(ctx: &ServiceContext, token: &str) -> FlyProvider {
     let providers = &ctx.settings.providers;
-    scheduler::provider::fly::FlyProvider::new(&providers.fly_base_url, token, providers)
+    FlyProvider::new(&providers.fly_base_url, token, providers)
 }
 
 fn concurrency(given: Option<f64>, default: usize) -> usize {
@@ -57,7 +58,7 @@ fn concurrency(given: Option<f64>, default: usize) -> usize {
 pub async fn run_fly_cleanup(ctx: &ServiceContext, args: CleanupArgs) -> Result<CleanupReport, OpError> {
     let config = match args.provider_config {
         Some(c) => Some(c),
-        None => hydration::runtime_config::provider_config(ctx).await?,
+        None => common::runtime_config::provider_config(ctx).await?,
     }
     .unwrap_or_default();
     if config.kind.as_deref().unwrap_or("fly") != "fly" {
@@ -220,8 +221,8 @@ pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> 
 }
 
 /// The provider the pool uses now (stored config or the configured default).
-async fn current_provider(ctx: &ServiceContext) -> Result<Option<scheduler::ResolvedProvider>, OpError> {
-    scheduler::resolve_provider(ctx, None, None).await
+async fn current_provider(ctx: &ServiceContext) -> Result<Option<ResolvedProvider>, OpError> {
+    providers::resolve_provider(ctx, None, None).await
 }
 
 pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapReport, OpError> {

@@ -18,6 +18,7 @@ use common::api::history::BundleAttachment;
 use common::auth::{Caller, Role};
 use common::clock::Millis;
 use common::ops::OpRegistry;
+use common::runtime_config;
 use common::service::ServiceContext;
 use common::store::StoreError;
 use common::token::escape;
@@ -25,7 +26,7 @@ use common::topology::{INBOX_STREAM, inbox_subject};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::{fence, runtime_config};
+use crate::fence;
 
 /// Default attachment retention when the message runtime config sets none (spec §2.3).
 pub const DEFAULT_RETENTION_MS: i64 = 604_800_000;

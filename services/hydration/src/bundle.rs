@@ -16,6 +16,7 @@ use common::auth::{Caller, Role};
 use common::crypto::SecretCipher;
 use common::model::{AgentProfile, QueueState, WorkerRow};
 use common::ops::OpRegistry;
+use common::secrets::active_secret;
 use common::service::ServiceContext;
 use common::token::escape;
 use common::topology::INBOX_STREAM;
@@ -23,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::secrets::{active_secret, bot_token_refs, first_active_secret, scoped_candidates};
+use crate::secrets::{bot_token_refs, first_active_secret, scoped_candidates};
 use crate::{attachments, fence, history, profiles};
 
 /// The part of an inbox message the bundle needs (the queue's `Job`).

@@ -3,17 +3,18 @@
 //! `setMessageRuntimeConfig`) in `af_runtime_config`, each stored as a
 //! [`RuntimeConfigRow`] under [`PROVIDER_CONFIG_KEY`] / [`MESSAGE_CONFIG_KEY`]. The queue-manager
 //! reads the message row at enqueue (system prompt), so its format is shared through
-//! `common::model`. This module owns the message-config normalisation rule.
+//! `common::model`; the readers of the rows are in `common::runtime_config`. This module owns the
+//! writes and the message-config normalisation rule.
 
 use common::OpError;
 use common::api;
 use common::auth::Caller;
 use common::clock::Millis;
 use common::model::{
-    MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, SCALING_CONFIG_KEY,
-    ScalingPolicy,
+    MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, RuntimeConfigRow, SCALING_CONFIG_KEY, ScalingPolicy,
 };
 use common::ops::OpRegistry;
+use common::runtime_config::{message_config, provider_config, scaling_policy};
 use common::service::ServiceContext;
 use common::store::JsonStore;
 use serde::de::DeserializeOwned;
@@ -72,21 +73,6 @@ pub fn validate_scaling(p: &ScalingPolicy) -> Result<(), OpError> {
     Ok(())
 }
 
-/// The stored message configuration, or `None` when no row exists.
-pub async fn message_config(ctx: &ServiceContext) -> Result<Option<MessageConfig>, OpError> {
-    read(&ctx.buckets.runtime_config, MESSAGE_CONFIG_KEY).await
-}
-
-/// The stored provider configuration, or `None` when no row exists.
-pub async fn provider_config(ctx: &ServiceContext) -> Result<Option<ProviderConfig>, OpError> {
-    read(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY).await
-}
-
-/// The stored scaling policy, or `None` when no row exists.
-pub async fn scaling_policy(ctx: &ServiceContext) -> Result<Option<ScalingPolicy>, OpError> {
-    read(&ctx.buckets.runtime_config, SCALING_CONFIG_KEY).await
-}
-
 async fn set_message_config(ctx: &ServiceContext, input: MessageConfigInput) -> Result<(), OpError> {
     let store = &ctx.buckets.runtime_config;
     match normalise_message_config(&input)? {
@@ -121,11 +107,6 @@ pub fn normalise_message_config(input: &MessageConfigInput) -> Result<Option<Mes
         return Ok(None);
     }
     Ok(Some(MessageConfig { system_prompt, telegram_attachment_retention_ms: retention }))
-}
-
-async fn read<T: DeserializeOwned>(store: &JsonStore, key: &str) -> Result<Option<T>, OpError> {
-    let row = store.get::<RuntimeConfigRow<T>>(key).await?;
-    Ok(row.map(|r| r.value.config))
 }
 
 /// Replaces the row at `key` by compare-and-set (create when absent).

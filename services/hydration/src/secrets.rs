@@ -1,13 +1,14 @@
 //! Encrypted, versioned secrets (spec §3.2, fixing §6.1 S3): `importPlaintextSecret`,
-//! `getSecretsStatus`, and the resolution helpers other parts of the system use to read an
-//! active value ([`active_secret`], [`first_active_secret`], [`scoped_candidates`]).
+//! `getSecretsStatus`, and the resolution helpers the bundles use to pick an active value
+//! ([`first_active_secret`], [`scoped_candidates`], [`bot_token_refs`]).
 //!
-//! Storage: one document per secret ref in `af_secrets` (key = escaped secretRef) holding every
-//! kept version, rewritten by compare-and-set. Each value is sealed with XChaCha20-Poly1305
+//! Storage: one [`SecretDocument`] per secret ref in `af_secrets` (key = escaped secretRef)
+//! holding every kept version, rewritten by compare-and-set. The document format, the sealing's
+//! associated data and the reading of an active value ([`active_secret`]) are in
+//! `common::secrets`; this module owns the writes. Each value is sealed with XChaCha20-Poly1305
 //! under the configured `secrets.key`, with `"<secretRef>#<version>"` as associated data, so a
-//! ciphertext moved to another ref or version does not open. Plaintext never leaves this module
-//! except as a [`SecretString`] returned by the helpers: it is not logged, not traced, not part
-//! of any error message and not returned by any operation.
+//! ciphertext moved to another ref or version does not open. Plaintext is not logged, not
+//! traced, not part of any error message and not returned by any operation.
 //!
 //! Deviation from the original: at most [`MAX_VERSIONS_PER_REF`] versions are kept per ref; the
 //! oldest inactive versions are dropped first (the original kept every version forever).
@@ -23,63 +24,15 @@ use common::clock::Millis;
 use common::crypto::{Sealed, SecretCipher};
 use common::ids::SecretRef;
 use common::ops::OpRegistry;
+use common::secrets::{SecretDocument, SecretVersion, aad, active_secret, load};
 use common::service::ServiceContext;
 use common::token::escape;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 
 /// Versions kept per secret ref (the active one always among them).
 pub const MAX_VERSIONS_PER_REF: usize = 20;
 /// Largest accepted plaintext, in bytes.
 pub const MAX_PLAINTEXT_BYTES: usize = 64 * 1024;
-
-/// Every kept version of one secret ref, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretDocument {
-    pub secret_ref: String,
-    pub versions: Vec<SecretVersion>,
-}
-
-/// One sealed version. `nonce` and `ciphertext` are base64; `keyId` fingerprints the key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretVersion {
-    pub version: u64,
-    pub key_id: String,
-    pub algorithm: String,
-    pub nonce: String,
-    pub ciphertext: String,
-    pub active: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotated_from: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<BTreeMap<String, String>>,
-    pub created_at: Millis,
-}
-
-impl SecretVersion {
-    fn sealed(&self) -> Sealed {
-        Sealed {
-            key_id: self.key_id.clone(),
-            algorithm: self.algorithm.clone(),
-            nonce: self.nonce.clone(),
-            ciphertext: self.ciphertext.clone(),
-        }
-    }
-}
-
-impl SecretDocument {
-    /// The active version, if any. Writes keep at most one.
-    pub fn active(&self) -> Option<&SecretVersion> {
-        self.versions.iter().rev().find(|v| v.active)
-    }
-}
-
-/// The associated data a version is sealed with.
-pub fn aad(secret_ref: &str, version: u64) -> String {
-    format!("{secret_ref}#{version}")
-}
 
 pub(crate) fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
     ops.handle::<api::ImportPlaintextSecret, _, _, _, _>(
@@ -178,27 +131,6 @@ async fn status(ctx: &ServiceContext, secret_refs: Vec<String>) -> Result<Vec<Se
         Ok::<_, OpError>(SecretStatus { secret_ref, has_active: version.is_some(), version })
     });
     futures::future::try_join_all(lookups).await
-}
-
-async fn load(ctx: &ServiceContext, secret_ref: &str) -> Result<Option<SecretDocument>, OpError> {
-    let stored = ctx.buckets.secrets.get::<SecretDocument>(&escape(secret_ref)).await?;
-    Ok(stored.map(|v| v.value))
-}
-
-/// The decrypted active value of `secret_ref`, or `None` when it has no active version.
-/// A value that does not open (wrong key, tampered document) is an internal error.
-pub async fn active_secret(
-    ctx: &ServiceContext,
-    cipher: &SecretCipher,
-    secret_ref: &str,
-) -> Result<Option<SecretString>, OpError> {
-    let Some(doc) = load(ctx, secret_ref).await? else {
-        return Ok(None);
-    };
-    let Some(active) = doc.active() else {
-        return Ok(None);
-    };
-    cipher.open(&active.sealed(), &aad(secret_ref, active.version)).map(Some)
 }
 
 /// Walks `refs` in order and returns the first ref with an active version, with its value.

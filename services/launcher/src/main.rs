@@ -153,12 +153,12 @@ async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedd
 /// Asks the workers this machine runs (local provider) to stop — each finishes its job and
 /// snapshots its workspace — and waits for them, bounded, so Ctrl-C leaves no process behind.
 async fn stop_local_workers(settings: &Settings) {
-    use scheduler::provider::{MachineStatus, Provider};
-    let provider = scheduler::local_provider(settings);
+    use providers::{MachineStatus, Provider};
+    let provider = providers::local_provider(settings);
     if !provider.root().exists() {
         return;
     }
-    let Ok(machines) = provider.list_machines(scheduler::LOCAL_APP).await else { return };
+    let Ok(machines) = provider.list_machines(providers::LOCAL_APP).await else { return };
     let running: Vec<_> = machines.into_iter().filter(|m| m.status == MachineStatus::Active).collect();
     if running.is_empty() {
         return;
@@ -167,9 +167,9 @@ async fn stop_local_workers(settings: &Settings) {
     let stops = running.iter().map(|m| {
         let provider = &provider;
         async move {
-            let _ = provider.stop(scheduler::LOCAL_APP, &m.machine_id).await;
+            let _ = provider.stop(providers::LOCAL_APP, &m.machine_id).await;
             let _ =
-                provider.wait_for_state(scheduler::LOCAL_APP, &m.machine_id, "stopped", Duration::from_secs(20)).await;
+                provider.wait_for_state(providers::LOCAL_APP, &m.machine_id, "stopped", Duration::from_secs(20)).await;
         }
     });
     futures::future::join_all(stops).await;

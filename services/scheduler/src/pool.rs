@@ -17,9 +17,9 @@ use common::clock::Millis;
 use common::ids::WorkerId;
 use common::ids::{AgentKey, ConversationId};
 use common::model::{ScalingPolicy, WorkerRow, WorkerStatus};
+use providers::{Machine, MachineStatus, Provider, ProviderError, ResolvedProvider, SpawnSpec};
 
-use crate::provider::{self, Machine, MachineStatus, Provider, ProviderError, SpawnSpec};
-use crate::{Demand, ResolvedProvider, Scheduler};
+use crate::{Demand, Scheduler};
 
 /// A fresh worker missing at the provider is given this long before it counts as gone
 /// (spec §2.3).
@@ -280,7 +280,7 @@ impl Scheduler {
             machine_id,
             ..UpsertWorkerArgs::new(worker.clone(), provider.kind(), WorkerStatus::Active, 0)
         };
-        let volume = provider::ensure_worker_volume(
+        let volume = providers::ensure_worker_volume(
             provider,
             &cfg.app_name,
             worker_id,
@@ -359,7 +359,7 @@ impl Scheduler {
             provider.destroy(app, &m.machine_id).await?;
         }
         // The name-based pass finds volumes the row lost track of (spec §3.16).
-        let name = provider::dedicated_volume_name(&cfg.volume_name, &row.worker_id);
+        let name = providers::dedicated_volume_name(&cfg.volume_name, &row.worker_id);
         for v in provider.list_volumes(app).await? {
             if v.name == name {
                 volumes.insert(v.id);

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use scheduler::provider::Provider;
+use providers::Provider;
 use serde_json::{Value, json};
 use tests::fake_fly::FakeFly;
 use tests::{TestStack, message, seed_profile};
@@ -79,10 +79,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     eprintln!("spawning {} machines and worker rows ...", args.workers);
-    let provider = scheduler::provider::fly::FlyProvider::new(&url, fake.token(), &stack.ctx.settings.providers);
+    let provider = providers::fly::FlyProvider::new(&url, fake.token(), &stack.ctx.settings.providers);
     for i in 0..args.workers {
         let worker = format!("bench-{i:05}");
-        let spec = scheduler::provider::SpawnSpec {
+        let spec = providers::SpawnSpec {
             worker_id: worker.clone(),
             image: "af-worker:1".into(),
             region: "iad".into(),

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::config::ProviderSettings;
-use scheduler::provider::fly::FlyProvider;
-use scheduler::provider::{
+use providers::fly::FlyProvider;
+use providers::{
     Guest, Machine, MachineStatus, Provider, ProviderError, SpawnSpec, Volume, dedicated_volume_name,
     ensure_worker_volume,
 };

@@ -368,8 +368,8 @@ async fn scheduler_fly_cleanup_reports_and_the_reaper_waits_for_its_grace() {
     };
     assert_eq!(sightings(p.stack.ctx.clone()).await, 1);
     let provider =
-        scheduler::provider::fly::FlyProvider::new(&p.fake.base_url(), p.fake.token(), &p.stack.ctx.settings.providers);
-    scheduler::provider::Provider::delete_volume(&provider, APP, &passing.id).await.expect("delete");
+        providers::fly::FlyProvider::new(&p.fake.base_url(), p.fake.token(), &p.stack.ctx.settings.providers);
+    providers::Provider::delete_volume(&provider, APP, &passing.id).await.expect("delete");
     assert_eq!(p.stack.admin().ok("reapOrphans", json!({})).await["waiting"], 0);
     assert_eq!(sightings(p.stack.ctx.clone()).await, 0);
 

@@ -1,7 +1,8 @@
 //! Repository hygiene checks ("tidy"): plain file reads, no NATS. They keep the conventions that
 //! reviews would otherwise have to catch: module docs, no disabled or placeholder code, tests that
-//! wait on conditions instead of sleeping, workspace-managed manifests, and documentation that
-//! lists every operation and every configuration key.
+//! wait on conditions instead of sleeping, workspace-managed manifests, services that depend only
+//! on `common` and library crates, and documentation that lists every operation and every
+//! configuration key.
 
 use std::path::{Path, PathBuf};
 
@@ -267,4 +268,224 @@ fn tidy_defaults_parser_reads_sections_and_commented_keys() {
         default_keys("top = 1\n# Prose = with an equals sign\n[a]\nx = 1\n# y = \"z\"  # note\n[a.b]\nc = 2.0\n");
     let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
     assert_eq!(names, ["top", "a.x", "a.y", "a.b.c"]);
+}
+
+/// The service crates, by package name (each lives in `services/<name>`). A service depends only
+/// on `common` and on library crates that are not services (docs/architecture.md); the launcher,
+/// the CLI and the tests are not services and may depend on them.
+const SERVICES: &[&str] = &["ingress", "queue-manager", "scheduler", "hydration", "push-dispatcher", "cleanup"];
+
+/// The kinds of dependency table a manifest can have, with the underscore spellings Cargo also
+/// accepts.
+const DEPENDENCY_KINDS: &[&str] =
+    &["dependencies", "dev-dependencies", "dev_dependencies", "build-dependencies", "build_dependencies"];
+
+/// Every dependency table of a parsed manifest, as `(name, table)`: the top-level ones and those
+/// under each `[target.<cfg>]`.
+fn dependency_tables(manifest: &toml::Table) -> Vec<(String, &toml::Table)> {
+    fn collect<'a>(prefix: &str, table: &'a toml::Table, out: &mut Vec<(String, &'a toml::Table)>) {
+        for kind in DEPENDENCY_KINDS {
+            if let Some(deps) = table.get(*kind).and_then(toml::Value::as_table) {
+                out.push((format!("{prefix}{kind}"), deps));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    collect("", manifest, &mut out);
+    if let Some(targets) = manifest.get("target").and_then(toml::Value::as_table) {
+        for (cfg, target) in targets {
+            if let Some(target) = target.as_table() {
+                collect(&format!("target.{cfg}."), target, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// The service a dependency entry brings in, if any: its package (`package = ...`, else its key)
+/// or the directory its `path` names. An entry with `workspace = true` is read together with the
+/// entry of the same key in the root manifest's `[workspace.dependencies]`.
+fn service_dependency(key: &str, entry: &toml::Value, workspace_deps: Option<&toml::Table>) -> Option<String> {
+    let mut entries = vec![entry];
+    if entry.get("workspace").and_then(toml::Value::as_bool) == Some(true) {
+        entries.extend(workspace_deps.and_then(|deps| deps.get(key)));
+    }
+    let field = |name: &str| entries.iter().find_map(|e| e.get(name).and_then(toml::Value::as_str));
+    let package = field("package").unwrap_or(key);
+    let directory =
+        field("path").and_then(|path| Path::new(path).file_name()).map(|name| name.to_string_lossy().into_owned());
+    [Some(package.to_string()), directory].into_iter().flatten().find(|name| SERVICES.contains(&name.as_str()))
+}
+
+/// Every dependency of a service on another service. `workspace` is the root manifest's text (it
+/// resolves `workspace = true` entries); `manifests` are the service manifests as `(path, text)`.
+/// Each finding names the manifest, the crate, the service it depends on and the table; a
+/// manifest that does not parse is a finding too.
+fn service_to_service_dependencies(workspace: &str, manifests: &[(&str, &str)]) -> Vec<String> {
+    let mut findings = Vec::new();
+    let workspace = match workspace.parse::<toml::Table>() {
+        Ok(table) => table,
+        Err(e) => return vec![format!("the workspace manifest does not parse: {e}")],
+    };
+    let workspace_deps = workspace.get("workspace").and_then(|w| w.get("dependencies")).and_then(toml::Value::as_table);
+    for (path, text) in manifests {
+        let manifest = match text.parse::<toml::Table>() {
+            Ok(table) => table,
+            Err(e) => {
+                findings.push(format!("{path}: does not parse: {e}"));
+                continue;
+            }
+        };
+        let name = manifest
+            .get("package")
+            .and_then(|p| p.get("name"))
+            .and_then(toml::Value::as_str)
+            .unwrap_or(path)
+            .to_string();
+        for (table, deps) in dependency_tables(&manifest) {
+            for (key, entry) in deps {
+                if let Some(service) = service_dependency(key, entry, workspace_deps).filter(|s| *s != name) {
+                    findings.push(format!(
+                        "{path}: service `{name}` depends on service `{service}` (`{key}` in [{table}])"
+                    ));
+                }
+            }
+        }
+    }
+    findings
+}
+
+#[test]
+fn tidy_services_depend_only_on_common_and_library_crates() {
+    let root = root();
+    let workspace = read(&root.join("Cargo.toml"));
+    let manifests: Vec<(String, String)> = SERVICES
+        .iter()
+        .map(|service| {
+            let path = root.join("services").join(service).join("Cargo.toml");
+            (rel(&path), read(&path))
+        })
+        .collect();
+    for (path, text) in &manifests {
+        let name = text.parse::<toml::Table>().ok().and_then(|m| {
+            m.get("package").and_then(|p| p.get("name")).and_then(toml::Value::as_str).map(str::to_string)
+        });
+        assert!(
+            name.as_deref().is_some_and(|n| SERVICES.contains(&n)),
+            "{path}: expected the package of a service in {SERVICES:?}, found {name:?}"
+        );
+    }
+    let borrowed: Vec<(&str, &str)> = manifests.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    let findings = service_to_service_dependencies(&workspace, &borrowed);
+    assert!(
+        findings.is_empty(),
+        "a service depends only on `common` and on library crates, never on another service \
+         (move what they share into a library crate such as `providers`, or into `common`):\n{}",
+        findings.join("\n")
+    );
+}
+
+/// The root manifest the fixtures below are read with.
+const FIXTURE_WORKSPACE: &str = r#"
+[workspace]
+members = ["common", "services/scheduler", "services/hydration", "services/providers"]
+
+[workspace.dependencies]
+common = { path = "common" }
+hydration = { path = "services/hydration" }
+providers = { path = "services/providers" }
+the-pool = { path = "services/scheduler", package = "scheduler" }
+"#;
+
+#[test]
+fn tidy_service_dependency_check_passes_common_and_library_crates() {
+    let clean = r#"
+[package]
+name = "cleanup"
+
+[dependencies]
+common.workspace = true
+providers.workspace = true
+tokio = { version = "1", features = ["rt"] }
+
+[dev-dependencies]
+tempfile = "3"
+"#;
+    assert_eq!(
+        service_to_service_dependencies(FIXTURE_WORKSPACE, &[("services/cleanup/Cargo.toml", clean)]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn tidy_service_dependency_check_fails_on_a_service_depending_on_a_service() {
+    let through_workspace = r#"
+[package]
+name = "scheduler"
+
+[dependencies]
+common.workspace = true
+hydration.workspace = true
+"#;
+    assert_eq!(
+        service_to_service_dependencies(FIXTURE_WORKSPACE, &[("services/scheduler/Cargo.toml", through_workspace)]),
+        [
+            "services/scheduler/Cargo.toml: service `scheduler` depends on service `hydration` (`hydration` in [dependencies])"
+        ]
+    );
+
+    let by_path = r#"
+[package]
+name = "scheduler"
+
+[dependencies]
+common = { path = "../../common" }
+hydration = { path = "../hydration" }
+"#;
+    assert_eq!(
+        service_to_service_dependencies(FIXTURE_WORKSPACE, &[("services/scheduler/Cargo.toml", by_path)]),
+        [
+            "services/scheduler/Cargo.toml: service `scheduler` depends on service `hydration` (`hydration` in [dependencies])"
+        ]
+    );
+}
+
+#[test]
+fn tidy_service_dependency_check_reads_every_dependency_table() {
+    // Dev, build and target-specific tables count, and so do renamed dependencies (a workspace
+    // entry that renames, a `package` key, a dotted table).
+    let elsewhere = r#"
+[package]
+name = "cleanup"
+
+[dev-dependencies]
+the-pool.workspace = true
+
+[build-dependencies]
+ingest = { package = "ingress", version = "0.1" }
+
+[target.'cfg(unix)'.dependencies.queue]
+path = "../queue-manager"
+
+[target.'cfg(unix)'.dev_dependencies]
+push-dispatcher = { path = "../push-dispatcher" }
+"#;
+    let findings = service_to_service_dependencies(FIXTURE_WORKSPACE, &[("services/cleanup/Cargo.toml", elsewhere)]);
+    let expected = [
+        "service `cleanup` depends on service `scheduler` (`the-pool` in [dev-dependencies])",
+        "service `cleanup` depends on service `ingress` (`ingest` in [build-dependencies])",
+        "service `cleanup` depends on service `queue-manager` (`queue` in [target.cfg(unix).dependencies])",
+        "service `cleanup` depends on service `push-dispatcher` (`push-dispatcher` in [target.cfg(unix).dev_dependencies])",
+    ];
+    assert_eq!(findings.len(), expected.len(), "{findings:#?}");
+    for want in expected {
+        assert!(findings.iter().any(|f| f.ends_with(want)), "missing `{want}` in {findings:#?}");
+    }
+}
+
+#[test]
+fn tidy_service_dependency_check_reports_a_manifest_that_does_not_parse() {
+    let broken =
+        service_to_service_dependencies(FIXTURE_WORKSPACE, &[("services/cleanup/Cargo.toml", "[dependencies\n")]);
+    assert!(broken.len() == 1 && broken[0].contains("does not parse"), "{broken:?}");
 }

@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Machine, Provider, ProviderError, ProviderResult, SpawnSpec, Volume, status_of};
+use crate::{Machine, Provider, ProviderError, ProviderResult, SpawnSpec, Volume, status_of};
 
 const STARTED: &str = "started";
 const STOPPING: &str = "stopping";
@@ -760,7 +760,7 @@ fn comm_names(comm: &str, binary: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::MachineStatus;
+    use crate::MachineStatus;
 
     const APP: &str = "test-app";
 

@@ -4,10 +4,18 @@
 //! `tests/src/fake_fly.rs` that the `fly` provider talks to.
 //!
 //! Methods return boxed futures so the scheduler can hold a `dyn Provider` chosen from stored
-//! runtime configuration at run time.
+//! runtime configuration at run time; [`resolve`] makes that choice, for the scheduler and for
+//! cleanup alike. This is a library crate, not a service: services depend on it (and on
+//! `common`), never on each other.
 
 pub mod fly;
 pub mod local;
+pub mod resolve;
+
+pub use resolve::{
+    LOCAL_APP, ResolvedProvider, ValidProviderConfig, active_secret, local_provider, resolve_provider,
+    validate_provider_config,
+};
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -41,7 +41,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
-use super::{Machine, Provider, ProviderError, ProviderResult, SpawnSpec, Volume, status_of};
+use crate::{Machine, Provider, ProviderError, ProviderResult, SpawnSpec, Volume, status_of};
 
 /// The longest `timeout` one call of the wait endpoint accepts (seconds).
 const MAX_WAIT_SECS: u64 = 60;
@@ -667,7 +667,7 @@ fn map_volume(v: &Value) -> Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::{Guest, MachineStatus};
+    use crate::{Guest, MachineStatus};
 
     fn settings() -> ProviderSettings {
         ProviderSettings {
