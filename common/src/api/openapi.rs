@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use super::{CATALOGUE, OpSpec};
 
 /// Where the generated reference starts and ends in `docs/api.md`.
-pub const REFERENCE_BEGIN: &str = "<!-- BEGIN GENERATED REFERENCE: edit the contracts in common/src/api, then run `cargo run -p cli --bin afctl -- docs` -->";
+pub const REFERENCE_BEGIN: &str = "<!-- BEGIN GENERATED REFERENCE: do not edit; change the contracts in common/src/api and run AF_UPDATE_DOCS=1 cargo nextest run -p tests -E 'test(contracts_docs)' -->";
 pub const REFERENCE_END: &str = "<!-- END GENERATED REFERENCE -->";
 
 /// Arguments and result schemas of every operation, with the shared definitions.
@@ -141,7 +141,7 @@ pub fn document() -> Value {
 pub fn reference_markdown() -> String {
     let Schemas { ops, definitions } = schemas();
     let mut out = String::new();
-    out.push_str("## Catalogue\n\n| operation | service | roles | long poll | summary |\n|---|---|---|---|---|\n");
+    out.push_str("## Catalogue\n\nEach name links to its guide section above; the arguments and result tables follow the catalogue.\n\n| operation | service | roles | long poll | summary |\n|---|---|---|---|---|\n");
     for (spec, ..) in &ops {
         out.push_str(&format!(
             "| [`{name}`](#{anchor}) | {service} | {roles} | {poll} | {summary} |\n",
@@ -308,7 +308,7 @@ mod tests {
     #[test]
     fn the_reference_marks_ignored_arguments() {
         let text = reference_markdown();
-        assert!(text.contains("### `enqueueMessage`"));
+        assert!(text.contains("### `enqueueMessage`: arguments and result"));
         assert!(text.contains("| `nowMs` | any, *ignored* |"), "{text}");
     }
 }

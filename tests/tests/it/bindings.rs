@@ -61,7 +61,7 @@ async fn bindings_bind_returns_the_view_and_resolution_follows_it() {
     let expected = json!({
         "consumerUserId": "user:1",
         "agentKey": "sales",
-        "conversationId": "user-agent:sales:user 1",
+        "conversationId": "user-agent:sales:user:1",
         "botIdentity": null,
         "status": "active",
         "source": "manual",
@@ -79,17 +79,17 @@ async fn bindings_bind_returns_the_view_and_resolution_follows_it() {
     );
 
     // The source defaults to "api"; the profile's (absent) bot leaves botIdentity null.
-    let view = stack.admin().ok("bindUserAgent", json!({"consumerUserId": "user 2", "agentKey": "sales"})).await;
+    let view = stack.admin().ok("bindUserAgent", json!({"consumerUserId": "user:2", "agentKey": "sales"})).await;
     assert_eq!(view["source"], json!("api"));
 
     let target = bindings::user_agent_target(&stack.ctx, "user:1", "sales", true).await.expect("target");
-    assert_eq!(target.conversation_id, "user-agent:sales:user 1");
+    assert_eq!(target.conversation_id, "user-agent:sales:user:1");
     assert_eq!(target.provider, "system_push");
     assert!(target.binding_active);
-    let none = bindings::user_agent_target(&stack.ctx, "user 3", "sales", false).await.expect("fallback target");
-    assert_eq!(none.conversation_id, bindings::user_agent_conversation_id("sales", "user 3"));
+    let none = bindings::user_agent_target(&stack.ctx, "user:3", "sales", false).await.expect("fallback target");
+    assert_eq!(none.conversation_id, bindings::user_agent_conversation_id("sales", "user:3"));
     assert!(!none.binding_active);
-    let err = bindings::user_agent_target(&stack.ctx, "user 3", "sales", true).await.expect_err("no binding");
+    let err = bindings::user_agent_target(&stack.ctx, "user:3", "sales", true).await.expect_err("no binding");
     assert_eq!(err.message, "No active binding found for consumerUserId and agentKey");
     stack.stop().await;
 }

@@ -3,6 +3,7 @@
 
 mod bindings;
 mod cli;
+mod contracts;
 mod fly_provider;
 mod hydration;
 mod ingress;
