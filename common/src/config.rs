@@ -316,7 +316,8 @@ impl Settings {
         if !(0.0..=1.0).contains(&q.retry.jitter_ratio) {
             return fail("queue.retry.jitter_ratio", "must be between 0 and 1");
         }
-        if q.claim_wait_max_ms > 300_000 {
+        if q.claim_wait_max_ms > crate::api::LONG_POLL_MAX_MS {
+            // Clients wait at most this long beyond their ordinary timeout (one long-poll rule).
             return fail("queue.claim_wait_max_ms", "must be at most 300000");
         }
         if !(10..=60_000).contains(&q.lazy_flush_ms) {

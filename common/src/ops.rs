@@ -478,15 +478,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn catalogue_names_are_unique_and_every_op_has_a_role() {
-        let mut seen = std::collections::HashSet::new();
-        for spec in CATALOGUE {
-            assert!(seen.insert(spec.name), "duplicate {}", spec.name);
-            assert!(!spec.roles.is_empty(), "{} is reachable by nobody", spec.name);
-        }
-    }
-
-    #[test]
     fn args_limits_name_the_path() {
         let limits = crate::config::LimitSettings { max_string_bytes: 300, max_list_items: 3 };
         let parse = |body: &[u8]| parse_args::<serde_json::Value>("op", body, &limits);

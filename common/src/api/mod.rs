@@ -340,3 +340,30 @@ operations! {
         attachments::AttachmentSweepArgs => attachments::AttachmentSweep,
         "expire attachments past retention, deleting the blobs";
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_long_polls_wait_and_the_wait_is_capped() {
+        let complete_and_claim = CompleteAndClaimNext::SPEC;
+        assert!(complete_and_claim.long_poll && ClaimNextJob::SPEC.long_poll);
+        let body = br#"{"workerId":"w","messageId":"m","leaseId":"l","waitMs":25000}"#;
+        assert_eq!(request_wait(&complete_and_claim, body), Duration::from_secs(25));
+        let huge = br#"{"waitMs":99999999999}"#;
+        assert_eq!(request_wait(&ClaimNextJob::SPEC, huge), Duration::from_millis(LONG_POLL_MAX_MS));
+        assert_eq!(request_wait(&CompleteJob::SPEC, body), Duration::ZERO);
+        assert_eq!(request_wait(&ClaimNextJob::SPEC, b"not json"), Duration::ZERO);
+    }
+
+    #[test]
+    fn catalogue_names_are_unique_and_every_op_has_a_role() {
+        let mut seen = std::collections::HashSet::new();
+        for spec in CATALOGUE {
+            assert!(seen.insert(spec.name), "duplicate {}", spec.name);
+            assert!(!spec.roles.is_empty(), "{} is reachable by nobody", spec.name);
+            assert_eq!(find(spec.name).map(|s| s.name), Some(spec.name));
+        }
+    }
+}

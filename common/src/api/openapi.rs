@@ -158,7 +158,7 @@ pub fn reference_markdown() -> String {
     out.push_str("its description says which weak spot of the original requires that.\n");
     for (spec, args, result) in &ops {
         out.push_str(&format!(
-            "\n### `{}`\n\n{}. Service: {}. Roles: {}.",
+            "\n### `{}`: arguments and result\n\n{}. Service: {}. Roles: {}.",
             spec.name,
             capitalise(spec.summary),
             spec.service.as_str(),

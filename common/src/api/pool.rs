@@ -114,6 +114,8 @@ pub struct DeleteVolumeArgs {
 #[serde(rename_all = "camelCase")]
 pub struct DeleteVolumeResult {
     pub ok: bool,
+    /// The provider's HTTP status.
+    pub status: u16,
     pub message: String,
 }
 

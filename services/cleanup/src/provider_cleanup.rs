@@ -206,17 +206,12 @@ async fn drain_first(ctx: &ServiceContext, app: &str) -> Result<(usize, bool), O
 pub async fn delete_fly_volume(ctx: &ServiceContext, args: DeleteVolumeArgs) -> Result<DeleteVolumeResult, OpError> {
     let (app, volume) = (args.app_name.trim(), args.volume_id.trim());
     if app.is_empty() || volume.is_empty() {
-        return Err(OpError::invalid("appName and volumeId are required."));
+        return Err(OpError::invalid("appName e volumeId sono obbligatori."));
     }
-    let token = fly_token(
-        ctx,
-        args.fly_api_token,
-        "flyApiToken is missing: pass it, or import an active 'fly.apiToken' secret.",
-    )
-    .await?;
+    let token = fly_token(ctx, args.fly_api_token, "flyApiToken mancante: passalo come argomento.").await?;
     match fly(ctx, &token).delete_volume(app, volume).await {
-        Ok(()) => Ok(DeleteVolumeResult { ok: true, message: "Volume deleted.".to_string() }),
-        Err(e) => Err(OpError::unavailable(format!("Delete volume failed: {e}"))),
+        Ok(()) => Ok(DeleteVolumeResult { ok: true, status: 200, message: "Volume eliminato.".to_string() }),
+        Err(e) => Err(OpError::unavailable(format!("Delete volume fallita: {e}"))),
     }
 }
 

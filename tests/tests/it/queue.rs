@@ -602,3 +602,38 @@ async fn parked_claims(stack: &TestStack, n: u64) {
     })
     .await;
 }
+
+/// One long-poll rule for every caller: a long poll's request waits its `waitMs` on top of the
+/// ordinary timeout, so a `completeAndClaimNext` that waits longer than `nats.request_timeout_ms`
+/// answers (here: no next job) instead of timing out — over NATS and through ingress alike.
+#[tokio::test]
+async fn queue_long_polls_wait_past_the_ordinary_request_timeout() {
+    let mut overrides = MANUAL.to_vec();
+    overrides.push(("nats.request_timeout_ms", "1000"));
+    let stack = TestStack::start_with(&overrides).await;
+    seed_profile(&stack.ctx, "agent-a").await;
+    stack.wait_queue_ready().await;
+    let worker = stack.worker("w1");
+    for transport in ["nats", "http"] {
+        stack.app().ok("enqueueMessage", message("c1", "agent-a", "hi")).await;
+        let job = worker.ok("claimNextJob", json!({"workerId": "w1", "waitMs": 1000})).await;
+        let args = json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"], "waitMs": 1500});
+        let answer = match transport {
+            "nats" => worker.ok("completeAndClaimNext", args).await,
+            _ => {
+                let token = stack.ctx.auth.mint_worker_token("w1").expect("token");
+                let response = reqwest::Client::new()
+                    .post(stack.http_url("/v1/ops/completeAndClaimNext"))
+                    .bearer_auth(token)
+                    .json(&args)
+                    .send()
+                    .await
+                    .expect("answer");
+                assert_eq!(response.status(), 200, "{transport}");
+                response.json().await.expect("json")
+            }
+        };
+        assert_eq!(answer, json!({"completed": true, "next": null}), "{transport}");
+    }
+    stack.stop().await;
+}

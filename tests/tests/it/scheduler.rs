@@ -14,6 +14,9 @@ const APP: &str = "af-pool";
 struct Pool {
     stack: TestStack,
     fake: FakeFly,
+    /// The original's `scalingPolicy` (spec §2.1: no `drainDeadlineMs`, with the unused
+    /// `queuePerWorkerTarget`), passed to every `reconcileWorkerPool` as the original's tests did.
+    policy: Value,
 }
 
 async fn pool(max_workers: u32, spawn_step: u32) -> Pool {
@@ -44,15 +47,11 @@ async fn pool_with(max_workers: u32, spawn_step: u32, base: &[(&str, &str)]) -> 
                    "region": "iad", "volumeName": "openclaw_data", "volumePath": "/data", "volumeSizeGb": 1}}),
         )
         .await;
-    admin
-        .ok(
-            "setScalingRuntimeConfig",
-            json!({"scalingPolicy": {"maxWorkers": max_workers, "spawnStep": spawn_step, "idleTimeoutMs": 1_800_000,
-                   "reconcileIntervalMs": 15_000, "drainDeadlineMs": 900_000}}),
-        )
-        .await;
+    let policy = json!({"maxWorkers": max_workers, "queuePerWorkerTarget": 5, "spawnStep": spawn_step,
+                        "idleTimeoutMs": 1_800_000, "reconcileIntervalMs": 15_000});
+    admin.ok("setScalingRuntimeConfig", json!({ "scalingPolicy": policy })).await;
     stack.wait_queue_ready().await;
-    Pool { stack, fake }
+    Pool { stack, fake, policy }
 }
 
 /// A pool (5 workers, 2 per step) whose reconcile spawned the worker of `conv-a`; returns it
@@ -73,7 +72,8 @@ impl Pool {
     }
 
     async fn reconcile(&self) -> Value {
-        self.stack.admin().ok("reconcileWorkerPool", json!({})).await
+        let args = json!({"scalingPolicy": self.policy, "workspaceId": "default", "nowMs": 0});
+        self.stack.admin().ok("reconcileWorkerPool", args).await
     }
 
     async fn idle_check(&self) -> Value {
@@ -502,4 +502,33 @@ async fn scheduler_safe_fly_cleanup_waits_for_the_drained_workers_snapshots() {
     assert_eq!((report["drainedWorkers"].as_u64(), report["drainComplete"].as_bool()), (Some(1), Some(true)));
     assert_eq!(report["machinesDeleted"], 1);
     assert_eq!(p.row(&worker).await["status"], "stopping", "the snapshot arrived before anything was destroyed");
+}
+
+#[tokio::test]
+async fn scheduler_worker_rows_have_every_field_of_the_original_null_when_unset() {
+    let p = pool(5, 2).await;
+    let upserted = p
+        .stack
+        .admin()
+        .ok("upsertWorkerState", json!({"workerId": "w1", "provider": "fly", "status": "active", "load": 0}))
+        .await;
+    // Spec §1.4, field by field: every field present, null when the original leaves it unset.
+    let fresh = json!({
+        "workerId": "w1", "provider": "fly", "volumeId": null, "machineRef": null, "status": "active", "load": 0,
+        "heartbeatAt": T0, "lastClaimAt": null, "scheduledShutdownAt": null, "stoppedAt": null,
+        "lastSnapshotId": null, "assignment": null, "capabilities": [],
+    });
+    assert_eq!(upserted, fresh);
+    assert_eq!(p.row("w1").await, fresh);
+
+    p.enqueue("conv-a").await;
+    let job = p.stack.worker("w1").ok("claimNextJob", json!({"workerId": "w1"})).await;
+    let row = p.row("w1").await;
+    assert_eq!(row["lastClaimAt"], T0);
+    assert_eq!(row["load"], 1);
+    assert_eq!(
+        row["assignment"],
+        json!({"conversationId": "conv-a", "agentKey": "agent-a", "leaseId": job["leaseId"], "assignedAt": T0})
+    );
+    assert!(row["stoppedAt"].is_null() && row["scheduledShutdownAt"].is_null(), "{row}");
 }
