@@ -24,7 +24,7 @@ pub const MANAGED_BY: &str = "agent-factory";
 pub const UNNAMED_SKILL_DIR: &str = "unnamed-skill";
 
 /// How a skill's entry script is loaded; decides the required entry file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ModuleFormat {
     #[default]
@@ -50,7 +50,7 @@ impl ModuleFormat {
 }
 
 /// The release channels a skill version can be deployed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReleaseChannel {
     #[default]
@@ -68,7 +68,7 @@ impl ReleaseChannel {
 }
 
 /// One file of a bundle. `sha256` is lower-case hex of the UTF-8 content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkillFile {
     pub path: String,
@@ -78,7 +78,7 @@ pub struct SkillFile {
 }
 
 /// One skill of a manifest: the bundle files (sorted by path) followed by the marker file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestSkill {
     pub slug: String,
@@ -105,7 +105,7 @@ impl ManifestSkill {
 
 /// A skill left out of a manifest because its stored bundle is corrupt (spec §6.8 K1: the
 /// original failed the whole manifest instead).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkillProblem {
     pub slug: String,
@@ -114,7 +114,7 @@ pub struct SkillProblem {
 }
 
 /// What `getWorkerGlobalSkillsManifest` returns and a worker materialises.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkillsManifest {
     pub layout_version: String,
@@ -129,7 +129,7 @@ pub struct SkillsManifest {
 
 /// The content of a marker file. Field order is the serialised key order, which is the
 /// original's: `{slug, version, sha256, managedBy, entryPoint, moduleFormat}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkillMarker {
     pub slug: String,

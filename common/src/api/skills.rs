@@ -1,14 +1,12 @@
 //! The contracts of global skills (spec §3.19). The bundle and manifest types themselves live in
 //! [`crate::skills`], shared with the worker; their schemas are declared here.
 
-use std::borrow::Cow;
-
-use schemars::{JsonSchema, Schema, SchemaGenerator};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Ignored;
 use crate::ids::{SkillSlug, WorkerId};
-use crate::skills::{ManifestSkill, ModuleFormat, ReleaseChannel, SkillFile, SkillProblem, SkillsManifest};
+use crate::skills::{ModuleFormat, ReleaseChannel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -176,107 +174,4 @@ pub struct ManifestArgs {
     /// Default `stable`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_channel: Option<ReleaseChannel>,
-}
-
-// The schemas of the shared skill types of `crate::skills`, declared through mirror types so
-// the generated reference documents the same wire format.
-
-/// How a skill's entry script is loaded; decides the required entry file.
-#[derive(JsonSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-enum ModuleFormatSchema {
-    Esm,
-    Cjs,
-}
-
-/// A release channel.
-#[derive(JsonSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-enum ReleaseChannelSchema {
-    Stable,
-    Canary,
-}
-
-/// One file of a bundle.
-#[derive(JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-struct SkillFileSchema {
-    path: String,
-    content: String,
-    /// Lower-case hex SHA-256 of the UTF-8 content.
-    #[serde(default)]
-    sha256: String,
-}
-
-/// One skill of a manifest: the bundle files (sorted by path) followed by the marker file
-/// `.af-global-skill.json`.
-#[derive(JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-struct ManifestSkillSchema {
-    slug: String,
-    version: String,
-    module_format: ModuleFormat,
-    entry_point: String,
-    /// The bundle checksum over the files without the marker.
-    sha256: String,
-    skill_dir_name: String,
-    files: Vec<SkillFile>,
-}
-
-/// A skill left out of a manifest because its stored bundle is corrupt (spec §6.8 K1: the
-/// original failed the whole manifest instead).
-#[derive(JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-struct SkillProblemSchema {
-    slug: String,
-    version: String,
-    error: String,
-}
-
-/// The skills a worker materialises: every active skill with an active release in the channel,
-/// sorted by slug.
-#[derive(JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-struct SkillsManifestSchema {
-    /// `openclaw-workspace-skill-v1`.
-    layout_version: String,
-    /// Changes whenever any skill's content does.
-    manifest_version: String,
-    generated_at: i64,
-    release_channel: ReleaseChannel,
-    workspace_id: String,
-    skills: Vec<ManifestSkill>,
-    #[serde(default)]
-    problems: Vec<SkillProblem>,
-}
-
-macro_rules! schema_via {
-    ($($ty:ty => $mirror:ty, $name:literal;)*) => {$(
-        impl JsonSchema for $ty {
-            fn schema_name() -> Cow<'static, str> {
-                $name.into()
-            }
-            fn schema_id() -> Cow<'static, str> {
-                concat!("common::skills::", $name).into()
-            }
-            fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-                <$mirror>::json_schema(generator)
-            }
-        }
-    )*};
-}
-
-schema_via! {
-    ModuleFormat => ModuleFormatSchema, "ModuleFormat";
-    ReleaseChannel => ReleaseChannelSchema, "ReleaseChannel";
-    SkillFile => SkillFileSchema, "SkillFile";
-    ManifestSkill => ManifestSkillSchema, "ManifestSkill";
-    SkillProblem => SkillProblemSchema, "SkillProblem";
-    SkillsManifest => SkillsManifestSchema, "SkillsManifest";
 }
