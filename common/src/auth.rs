@@ -75,12 +75,19 @@ impl Authenticator {
         Self { admin: admin.map(digest), app: app.map(digest), worker_mac: worker_key.and_then(keyed) }
     }
 
-    /// Authenticates the value of an `Authorization` header (`Bearer <token>`, or a bare token).
+    /// Authenticates the value of an `Authorization` header, which must be `Bearer <token>`
+    /// (the scheme in any case, one token without spaces).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, OpError> {
         let Some(raw) = authorization.map(str::trim).filter(|s| !s.is_empty()) else {
             return Err(OpError::unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'"));
         };
-        let token = raw.strip_prefix("Bearer ").or_else(|| raw.strip_prefix("bearer ")).unwrap_or(raw).trim();
+        let token = match raw.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => token,
+            _ => return Err(OpError::unauthenticated("malformed authorization: send 'Authorization: Bearer <token>'")),
+        };
+        if token.contains(char::is_whitespace) {
+            return Err(OpError::unauthenticated("malformed authorization: send 'Authorization: Bearer <token>'"));
+        }
         if let Some(worker_id) = self.verify_worker_token(token) {
             return Ok(Caller { role: Role::Worker, worker_id: Some(worker_id) });
         }
@@ -138,7 +145,11 @@ mod tests {
     fn static_tokens_map_to_roles() {
         let a = auth();
         assert_eq!(a.authenticate(Some("Bearer admin-secret")).unwrap().role, Role::Admin);
-        assert_eq!(a.authenticate(Some("app-secret")).unwrap().role, Role::App);
+        assert_eq!(a.authenticate(Some("bearer app-secret")).unwrap().role, Role::App);
+        // No scheme, another scheme, or a second word: refused, even with a valid token.
+        for malformed in ["app-secret", "Basic app-secret", "Bearer app-secret extra", "Bearer  app-secret", "Bearer"] {
+            assert!(a.authenticate(Some(malformed)).is_err(), "{malformed}");
+        }
         assert!(a.authenticate(Some("Bearer nope")).is_err());
         assert!(a.authenticate(None).is_err());
         assert!(a.authenticate(Some("  ")).is_err());

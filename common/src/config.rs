@@ -14,6 +14,10 @@ pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
 
 /// The environment variable prefix.
 pub const ENV_PREFIX: &str = "AF";
+/// The shortest admin or app token accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
+/// The shortest worker token signing key accepted.
+pub const MIN_KEY_CHARS: usize = 32;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -284,6 +288,17 @@ impl Settings {
         }
         if self.nats.url.as_ref().is_some_and(|url| url.trim().is_empty()) {
             return fail("nats.url", "must not be empty when set");
+        }
+        // Static tokens and keys are bearer credentials: short ones can be guessed.
+        for (key, value, min) in [
+            ("auth.admin_token", &self.auth.admin_token, MIN_TOKEN_CHARS),
+            ("auth.app_token", &self.auth.app_token, MIN_TOKEN_CHARS),
+            ("auth.worker_token_key", &self.auth.worker_token_key, MIN_KEY_CHARS),
+        ] {
+            let Some(value) = value.as_ref().map(secrecy::ExposeSecret::expose_secret) else { continue };
+            if value.chars().count() < min || value.contains(char::is_whitespace) {
+                return Err(ConfigError(format!("{key}: must be at least {min} characters without spaces")));
+            }
         }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
             return fail("http.bind", "must be an address like 127.0.0.1:8080");

@@ -19,8 +19,8 @@ pub mod fake_fly;
 pub mod workload;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
-pub const APP_TOKEN: &str = "test-app-token";
-pub const WORKER_TOKEN_KEY: &str = "test-worker-token-key";
+pub const APP_TOKEN: &str = "test-app-token-1234";
+pub const WORKER_TOKEN_KEY: &str = "test-worker-token-key-0123456789abcdef";
 
 /// The repository root (for the project-local nats-server install).
 pub fn project_root() -> PathBuf {

@@ -11,7 +11,8 @@ use common::api;
 use common::auth::Caller;
 use common::clock::Millis;
 use common::model::{
-    MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, RuntimeConfigRow, SCALING_CONFIG_KEY, ScalingPolicy,
+    MESSAGE_CONFIG_KEY, MessageConfig, PROVIDER_CONFIG_KEY, ProviderConfig, RuntimeConfigRow, SCALING_CONFIG_KEY,
+    ScalingPolicy,
 };
 use common::ops::OpRegistry;
 use common::runtime_config::{message_config, provider_config, scaling_policy};
@@ -30,6 +31,7 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         provider_config(&ctx).await
     });
     ops.handle::<api::SetProviderRuntimeConfig, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
+        validate_provider_numbers(&args.provider_config)?;
         let now = ctx.clock.now_ms();
         write(&ctx.buckets.runtime_config, PROVIDER_CONFIG_KEY, args.provider_config, now).await
     });
@@ -50,6 +52,20 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         set_message_config(&ctx, args.message_config).await
     });
 }
+
+/// The one number of a provider configuration, when given, must be a usable volume size. The
+/// original stored anything (`volumeSizeGb: -1`) and failed only at spawn time.
+fn validate_provider_numbers(config: &ProviderConfig) -> Result<(), OpError> {
+    match config.volume_size_gb {
+        Some(gb) if !(gb.is_finite() && (1.0..=MAX_VOLUME_SIZE_GB).contains(&gb)) => {
+            Err(OpError::invalid(format!("providerConfig.volumeSizeGb must be between 1 and {MAX_VOLUME_SIZE_GB}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Fly's largest volume.
+const MAX_VOLUME_SIZE_GB: f64 = 500.0;
 
 /// Bounds that keep a scaling policy meaningful; the error names the field.
 pub fn validate_scaling(p: &ScalingPolicy) -> Result<(), OpError> {

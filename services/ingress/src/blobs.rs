@@ -121,11 +121,17 @@ async fn upload(
     args: BlobTransferArgs,
     respond: impl FnOnce((String, u64, String)) -> serde_json::Value,
 ) -> Result<Response, OpError> {
+    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if content_type.as_ref().is_some_and(|ct| ct.len() > MAX_CONTENT_TYPE_BYTES) {
+        return Err(OpError::invalid(format!("Content-Type is longer than {MAX_CONTENT_TYPE_BYTES} bytes")));
+    }
+    if declared_length(request.headers()) == Some(0) {
+        return Err(empty_file());
+    }
     let (transfer, store) = authorize(ctx, authorization(request.headers())?, args).await?;
     if declared_length(request.headers()).is_some_and(|len| len > transfer.max_bytes) {
         return Err(too_large(transfer.max_bytes));
     }
-    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = request.into_body().into_data_stream().map_err(std::io::Error::other);
     let mut reader = Limited { inner: StreamReader::new(body), remaining: transfer.max_bytes, exceeded: false };
     let mut metadata = std::collections::HashMap::new();
@@ -140,6 +146,13 @@ async fn upload(
         ..Default::default()
     };
     match store.put(meta, &mut reader).await {
+        Ok(info) if info.size == 0 => {
+            // A streamed body without a length can still turn out empty.
+            if let Err(e) = store.delete(&info.name).await {
+                tracing::warn!(error = %e, "could not delete an empty upload");
+            }
+            Err(empty_file())
+        }
         Ok(info) => {
             let sha = info.digest.as_deref().and_then(digest_hex).unwrap_or_default();
             let body = respond((info.name, info.size as u64, sha));
@@ -148,6 +161,14 @@ async fn upload(
         Err(_) if reader.exceeded => Err(too_large(transfer.max_bytes)),
         Err(e) => Err(OpError::unavailable(format!("upload interrupted: {e}"))),
     }
+}
+
+/// The longest `Content-Type` kept with a stored file (RFC 6838 limits a media type to 127
+/// characters per part).
+const MAX_CONTENT_TYPE_BYTES: usize = 255;
+
+fn empty_file() -> OpError {
+    OpError::invalid("the file is empty")
 }
 
 /// Streams the authorised object to the client.

@@ -123,7 +123,12 @@ async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, re
 /// The Authorization header, which must be present, non-empty and printable.
 fn authorization(headers: &HeaderMap) -> Result<String, OpError> {
     let missing = || OpError::unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'");
-    let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or_else(missing)?;
+    if values.next().is_some() {
+        // Which one would win is up to each proxy on the way: refuse rather than guess.
+        return Err(OpError::unauthenticated("send exactly one Authorization header"));
+    }
     let value = value.to_str().map_err(|_| OpError::unauthenticated("invalid bearer token"))?;
     if value.trim().is_empty() {
         return Err(missing());
@@ -296,6 +301,8 @@ mod tests {
         assert_eq!(authorization(&headers).expect_err("refused").code, ErrorCode::Unauthenticated);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert_eq!(authorization(&headers).expect("accepted"), "Bearer x");
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer y"));
+        assert_eq!(authorization(&headers).expect_err("two headers").code, ErrorCode::Unauthenticated);
     }
 
     #[test]

@@ -21,6 +21,8 @@ use crate::model::{EnqueueArgs, Job};
 /// cleared when it grows past this many entries.
 const BINDING_CACHE_LIMIT: usize = 100_000;
 const MAX_ID_BYTES: usize = 256;
+/// How far ahead a message may be scheduled.
+const MAX_SCHEDULE_AHEAD_MS: i64 = 366 * 24 * 60 * 60 * 1000;
 
 /// A KV bucket mirrored in memory through a watch; misses fall back to a read.
 #[derive(Clone)]
@@ -117,10 +119,14 @@ impl Enqueuer {
                 return Err(OpError::invalid(format!("maxAttempts must be between 1 and 100, got {n}")));
             }
         };
-        if let Some(s) = args.scheduled_for
-            && s < 0
-        {
-            return Err(OpError::invalid("scheduledFor must not be negative"));
+        if let Some(s) = args.scheduled_for {
+            if s < 0 {
+                return Err(OpError::invalid("scheduledFor must not be negative"));
+            }
+            // A message due in the far future would hold back its conversation for good.
+            if s > self.ctx.clock.now_ms().saturating_add(MAX_SCHEDULE_AHEAD_MS) {
+                return Err(OpError::invalid("scheduledFor must be at most 366 days ahead"));
+            }
         }
         let idempotency_key = match args.idempotency_key.as_deref().map(str::trim) {
             Some("") => {

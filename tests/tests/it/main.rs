@@ -5,6 +5,7 @@ mod bindings;
 mod cli;
 mod contracts;
 mod fly_provider;
+mod hostile_input;
 mod hydration;
 mod ingress;
 mod local_pool;
