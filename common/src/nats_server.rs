@@ -114,6 +114,14 @@ impl NatsServer {
         self.child.as_ref().and_then(|c| c.id())
     }
 
+    /// Resolves when the server process exits (never, once [`NatsServer::stop`] took it).
+    pub async fn exited(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self.child.as_mut() {
+            Some(child) => child.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Asks the server to shut down (SIGTERM) and waits for it; kills it after `grace`.
     pub async fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {

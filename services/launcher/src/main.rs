@@ -67,7 +67,7 @@ async fn run(settings: &mut Settings) -> anyhow::Result<ExitCode> {
         Some(server) => server.url().to_string(),
         None => settings.nats.url.clone().unwrap_or_default(),
     };
-    let result = serve(settings, &url, token_file.as_deref(), nats.is_some()).await;
+    let result = serve(settings, &url, token_file.as_deref(), nats.as_mut()).await;
     if let Some(server) = nats.as_mut() {
         server.stop(Duration::from_secs(5)).await;
         tracing::info!("nats-server stopped");
@@ -113,8 +113,15 @@ async fn start_nats(settings: &Settings) -> anyhow::Result<NatsServer> {
     Ok(server)
 }
 
-/// Runs the services until a signal or until one of them ends (an early end is a failure).
-async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedded: bool) -> anyhow::Result<ExitCode> {
+/// Runs the services until a signal, until one of them ends, or until the embedded nats-server
+/// dies (the last two are failures: the process exits non-zero rather than run on without its
+/// state, so a supervisor restarts it on the same data).
+async fn serve(
+    settings: &Settings,
+    url: &str,
+    token_file: Option<&Path>,
+    mut embedded: Option<&mut NatsServer>,
+) -> anyhow::Result<ExitCode> {
     let signals = common::service::shutdown_on_signals();
     // Services stop only after the local workers did: a worker's final snapshot needs them.
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -124,12 +131,22 @@ async fn serve(settings: &Settings, url: &str, token_file: Option<&Path>, embedd
         .with_context(|| format!("binding http.bind {}", settings.http.bind))?;
     let addr = listener.local_addr()?;
     let mut tasks = launcher::spawn_services(&ctx, listener, &shutdown);
-    banner(addr, url, embedded, token_file);
+    banner(addr, url, embedded.is_some(), token_file);
 
+    let nats_exit = async {
+        match embedded.as_deref_mut() {
+            Some(server) => (server.exited().await, server.log_tail()),
+            None => std::future::pending().await,
+        }
+    };
     let mut ok = true;
     tokio::select! {
         _ = signals.cancelled() => stop_local_workers(settings).await,
         Some(joined) = tasks.join_next() => ok = report(joined, true),
+        (status, log) = nats_exit => {
+            tracing::error!(?status, "the embedded nats-server exited; stopping (its last log lines follow)\n{log}");
+            ok = false;
+        }
     }
     shutdown.cancel();
     let drain = async {

@@ -8,6 +8,7 @@ mod fly_provider;
 mod hostile_input;
 mod hydration;
 mod ingress;
+mod launcher;
 mod local_pool;
 mod profiles;
 mod queue;
