@@ -56,6 +56,11 @@ pub struct HttpSettings {
     /// The base URL clients reach ingress at; download and upload links are built from it.
     /// Empty means `http://<bind>`.
     pub public_url: String,
+    /// A connection must deliver a request's headers within this long, also when idle between
+    /// requests (a client holding half a header, or an idle keep-alive, is closed).
+    pub header_timeout_ms: u64,
+    /// Connections served at once; more are closed as they are accepted.
+    pub max_connections: usize,
 }
 
 impl HttpSettings {
@@ -302,6 +307,12 @@ impl Settings {
         }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
             return fail("http.bind", "must be an address like 127.0.0.1:8080");
+        }
+        if !(100..=300_000).contains(&self.http.header_timeout_ms) {
+            return fail("http.header_timeout_ms", "must be between 100 and 300000");
+        }
+        if !(1..=1_000_000).contains(&self.http.max_connections) {
+            return fail("http.max_connections", "must be between 1 and 1000000");
         }
         if self.http.max_body_bytes < 1024 {
             return fail("http.max_body_bytes", "must be at least 1024");

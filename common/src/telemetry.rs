@@ -37,6 +37,8 @@ pub const RECONCILES: &str = "af_scheduler_reconciles_total";
 pub const POOL_DEMAND: &str = "af_scheduler_demand";
 /// Draining workers torn down at the drain deadline without their final snapshot (L10).
 pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
+/// Counter: connections ingress closed at accept because `http.max_connections` were open.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "af_http_connections_refused_total";
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 

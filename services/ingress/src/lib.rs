@@ -39,14 +39,57 @@ const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const CONTENT_TYPE_JSON: &str = "application/json";
 const CONTENT_TYPE_METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves HTTP on `listener` until `shutdown` is cancelled; in-flight requests finish first.
+/// How long in-flight requests get to finish once `shutdown` is cancelled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves HTTP on `listener` until `shutdown` is cancelled; in-flight requests finish first
+/// (for up to [`SHUTDOWN_GRACE`]). Each connection must send its request headers within
+/// `http.header_timeout_ms` (also the next request's, on an idle keep-alive), and at most
+/// `http.max_connections` are served at once: a slow or idle client cannot hold the server.
 pub async fn run(
     ctx: ServiceContext,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let http = ctx.settings.http.clone();
     let app = router(ctx);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(http.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(http.header_timeout_ms));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!(common::telemetry::HTTP_CONNECTIONS_REFUSED).increment(1);
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
     Ok(())
 }
 

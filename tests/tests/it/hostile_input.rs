@@ -97,3 +97,48 @@ async fn hostile_numbers_and_files_are_refused_before_anything_is_stored() {
     assert_eq!(response.status(), 200, "a real file still goes through");
     stack.stop().await;
 }
+
+/// Reads from `stream` until the server closes it, failing if that takes longer than `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue, // an error response before the close is fine
+            Err(_) => panic!("the server kept the connection open for {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_slow_and_surplus_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let stack = TestStack::start_with(&[("http.header_timeout_ms", "500"), ("http.max_connections", "2")]).await;
+    let addr = stack.http_addr;
+    // Half a request header, then nothing: closed after the header timeout, token or not.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"POST /v1/ops/getQueueStats HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    closed_within(&mut slow, std::time::Duration::from_secs(10)).await;
+    stack.stop().await;
+
+    // Two connections held open (each is inside its header timeout): a third is refused at once.
+    let stack = TestStack::start_with(&[("http.header_timeout_ms", "30000"), ("http.max_connections", "2")]).await;
+    let addr = stack.http_addr;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+        held.push(stream);
+    }
+    let mut surplus = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = surplus.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    closed_within(&mut surplus, std::time::Duration::from_secs(10)).await;
+    drop(held);
+    // Once they are gone, the server serves again.
+    tests::wait_until("a connection is served again", std::time::Duration::from_secs(10), || async {
+        reqwest::get(stack.http_url("/healthz")).await.ok().filter(|r| r.status() == 200).map(|_| ())
+    })
+    .await;
+    stack.stop().await;
+}
