@@ -11,7 +11,10 @@ use anyhow::{Context, bail};
 
 pub struct NatsServer {
     child: Option<tokio::process::Child>,
+    /// Without credentials.
     url: String,
+    /// With the credentials clients need.
+    client_url: String,
     log_file: PathBuf,
     run_dir: PathBuf,
 }
@@ -24,6 +27,9 @@ pub struct NatsServerOptions {
     pub run_dir: PathBuf,
     /// Extra configuration file contents (e.g. `jetstream { sync_interval: always }`).
     pub extra_config: Option<String>,
+    /// The user and password every client must present; `None` runs the server open (only
+    /// for tests that need it).
+    pub credentials: Option<(String, String)>,
 }
 
 /// Finds nats-server: `explicit`, then `<project>/.tools/nats/bin/nats-server` (the project's
@@ -73,9 +79,15 @@ impl NatsServer {
             .arg(&options.run_dir)
             .arg("-l")
             .arg(&log_file);
-        if let Some(extra) = &options.extra_config {
-            let conf = options.run_dir.join("extra.conf");
-            std::fs::write(&conf, extra)?;
+        let mut config = String::new();
+        if let Some((user, password)) = &options.credentials {
+            // Only the services hold these; workers reach the control plane through ingress.
+            config.push_str(&format!("authorization {{ user: \"{user}\", password: \"{password}\" }}\n"));
+        }
+        config.push_str(options.extra_config.as_deref().unwrap_or_default());
+        if !config.is_empty() {
+            let conf = options.run_dir.join("server.conf");
+            write_private(&conf, &config)?;
             cmd.arg("-c").arg(conf);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
@@ -98,10 +110,20 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Ok(Self { child: Some(child), url, log_file, run_dir: options.run_dir.clone() })
+        let client_url = match &options.credentials {
+            Some((user, password)) => url.replacen("://", &format!("://{user}:{password}@"), 1),
+            None => url.clone(),
+        };
+        Ok(Self { child: Some(child), url, client_url, log_file, run_dir: options.run_dir.clone() })
     }
 
+    /// The URL clients connect with, credentials included: give it only to the services.
     pub fn url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// The URL without credentials, for logs and banners.
+    pub fn public_url(&self) -> &str {
         &self.url
     }
 
@@ -138,6 +160,14 @@ impl NatsServer {
     pub fn log_tail(&self) -> String {
         log_tail(&self.log_file)
     }
+}
+
+/// Writes `text` to `path` readable by the owner only (it may hold the server's password).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())
 }
 
 /// The first `kind` ("nats", "monitoring") address in the server's ports file.

@@ -109,21 +109,41 @@ impl ServiceContext {
     }
 }
 
+/// Connects to the NATS server at `url`, which may carry a user and password
+/// (`nats://user:password@host:port`); they are sent as the client's credentials and never
+/// logged.
 pub async fn connect_nats(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
+    let (address, credentials) = split_credentials(url);
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let attempt =
-            async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(2)).connect(url).await;
-        match attempt {
+        let mut options = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(2));
+        if let Some((user, password)) = &credentials {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        match options.connect(address.as_str()).await {
             Ok(client) => return Ok(client),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(url, error = %e, "nats not reachable yet");
+                tracing::debug!(url = %address, error = %e, "nats not reachable yet");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
-                return Err(anyhow::anyhow!("cannot connect to NATS at {url} (nats.url): {e}"));
+                return Err(anyhow::anyhow!("cannot connect to NATS at {address} (nats.url): {e}"));
             }
         }
+    }
+}
+
+/// `nats://user:password@host:port` → (`nats://host:port`, the user and password).
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None) };
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            let address = format!("{scheme}://{host}{}", &rest[host_start..]);
+            (address, Some((user.to_string(), password.to_string())))
+        }
+        None => (url.to_string(), None),
     }
 }
 
@@ -244,5 +264,19 @@ pub async fn serve_health(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_credentials;
+
+    #[test]
+    fn credentials_are_split_off_the_url() {
+        let (address, credentials) = split_credentials("nats://svc:s3cret@127.0.0.1:4222");
+        assert_eq!(address, "nats://127.0.0.1:4222");
+        assert_eq!(credentials, Some(("svc".to_string(), "s3cret".to_string())));
+        assert_eq!(split_credentials("nats://127.0.0.1:4222"), ("nats://127.0.0.1:4222".to_string(), None));
+        assert_eq!(split_credentials("localhost:4222").1, None);
     }
 }

@@ -45,11 +45,14 @@ impl TestNats {
         let explicit = std::env::var_os("AF_NATS_SERVER_BIN").map(PathBuf::from);
         let binary = common::nats_server::find_binary(explicit.as_deref(), &project_root())
             .expect("nats-server binary (run ops/scripts/install-nats.sh)");
+        // As the launcher's: only clients with the password get in.
+        let password = common::crypto::random_base36(24);
         let options = NatsServerOptions {
             binary,
             store_dir: dir.path().join("js"),
             run_dir: dir.path().join("run"),
             extra_config,
+            credentials: Some(("af-test".to_string(), password)),
         };
         let server = NatsServer::start(&options).await.expect("nats-server starts");
         if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {

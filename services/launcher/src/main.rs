@@ -12,7 +12,7 @@ use clap::Parser;
 use common::config::Settings;
 use common::nats_server::{NatsServer, NatsServerOptions};
 use common::service::{ServiceContext, local_secret_file};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// glibc malloc took about a third of the stack's instructions under load (callgrind, see
 /// docs/benchmarks.md); mimalloc's thread-local free lists are much cheaper.
@@ -102,14 +102,18 @@ async fn start_nats(settings: &Settings) -> anyhow::Result<NatsServer> {
     let explicit = std::env::var_os("AF_NATS_SERVER_BIN").map(PathBuf::from);
     let root = std::env::current_dir()?;
     let binary = common::nats_server::find_binary(explicit.as_deref(), &root)?;
+    // The services' password, generated on first start; workers never get it (they reach the
+    // control plane through ingress).
+    let password = local_secret_file(&settings.data_dir, "nats.password", || Ok(common::crypto::random_base36(40)))?;
     let options = NatsServerOptions {
         binary,
         store_dir: settings.nats_store_dir(),
         run_dir: settings.data_dir.join("run"),
         extra_config: None,
+        credentials: Some(("agent-factory".to_string(), password.expose_secret().to_string())),
     };
     let server = NatsServer::start(&options).await.context("starting nats-server")?;
-    tracing::info!(url = server.url(), pid = server.pid(), "nats-server started");
+    tracing::info!(url = server.public_url(), pid = server.pid(), "nats-server started");
     Ok(server)
 }
 
@@ -131,7 +135,7 @@ async fn serve(
         .with_context(|| format!("binding http.bind {}", settings.http.bind))?;
     let addr = listener.local_addr()?;
     let mut tasks = launcher::spawn_services(&ctx, listener, &shutdown);
-    banner(addr, url, embedded.is_some(), token_file);
+    banner(addr, &common::service::split_credentials(url).0, embedded.is_some(), token_file);
 
     let nats_exit = async {
         match embedded.as_deref_mut() {

@@ -294,7 +294,7 @@ impl Scheduler {
             .call_service::<api::UpsertWorkerState>(&register(&volume.id, &cfg.region, None))
             .await
             .map_err(|e| format!("pre-registering {worker_id}: {e}"))?;
-        let env = self.worker_env(provider.kind(), worker_id, target, bridge_env, workspace_id, scaling);
+        let env = self.worker_env(worker_id, target, bridge_env, workspace_id, scaling);
         let spec = SpawnSpec {
             worker_id: worker_id.to_string(),
             image: cfg.image.clone(),
@@ -397,7 +397,6 @@ impl Scheduler {
     /// the forwarded bridge variables, then this worker's own.
     fn worker_env(
         &self,
-        kind: &str,
         worker_id: &str,
         target: &Demand,
         bridge_env: &BTreeMap<String, String>,
@@ -410,9 +409,9 @@ impl Scheduler {
         env.extend(bridge_env.clone());
         let token = self.ctx.auth.mint_worker_token(worker_id).unwrap_or_default();
         let own = [
+            // Every worker, local ones too, reaches the control plane through ingress only: NATS
+            // carries other conversations' messages and the services' credentials.
             ("AF_API_URL", settings.http.public_base_url()),
-            // Only workers on this machine reach NATS directly; remote ones use AF_API_URL.
-            ("AF_NATS_URL", if kind == "local" { self.ctx.nats_url.clone() } else { String::new() }),
             ("AF_WORKER_TOKEN", token),
             ("WORKSPACE_ID", workspace_id.to_string()),
             ("WORKER_ID", worker_id.to_string()),
