@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod extras;
 pub mod ids;
 pub mod leader;
 pub mod model;

@@ -49,6 +49,9 @@ pub const BINDINGS: &str = "af_bindings";
 pub const SKILLS: &str = "af_skills";
 /// Attachment records, key = `<message token>.<storage id>`.
 pub const ATTACHMENTS: &str = "af_attachments";
+/// Metadata attached to a message after enqueue (`attachMessageMetadata`), key =
+/// `<conversation token>.<message token>`.
+pub const MESSAGE_METADATA: &str = "af_message_metadata";
 
 /// Object store of workspace snapshot archives, object name = snapshotId.
 pub const SNAPSHOT_ARCHIVES: &str = "af_snapshot_archives";
@@ -94,6 +97,7 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(BINDINGS, "identity bindings", 1, settings),
         bucket(SKILLS, "global skills, versions and releases", 1, settings),
         bucket(ATTACHMENTS, "message attachment records", 1, settings),
+        bucket(MESSAGE_METADATA, "metadata attached to messages after enqueue", 1, settings),
     ]
 }
 
@@ -200,6 +204,7 @@ pub struct Buckets {
     pub bindings: JsonStore,
     pub skills: JsonStore,
     pub attachments: JsonStore,
+    pub message_metadata: JsonStore,
     pub snapshot_archives: object_store::ObjectStore,
     pub media: object_store::ObjectStore,
 }
@@ -231,6 +236,7 @@ impl Buckets {
             bindings: open(BINDINGS).await?,
             skills: open(SKILLS).await?,
             attachments: open(ATTACHMENTS).await?,
+            message_metadata: open(MESSAGE_METADATA).await?,
             snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
             media: open_objects(js, MEDIA).await?,
         })

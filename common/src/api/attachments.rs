@@ -1,12 +1,40 @@
 //! The contracts of message attachments (spec §1.6, §3.6): media files uploaded through ingress
-//! (`POST /v1/media`) and attached to a queued message.
+//! (`POST /v1/media`) and attached to a message, either in its enqueue payload or afterwards;
+//! and the original's worker-facing helpers around a message (spec §3.4.8): extra metadata, the
+//! upload link and a stored file's link.
+
+use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Ignored;
+use super::queue::PayloadAttachment;
 use crate::clock::Millis;
-use crate::ids::{ConversationId, MessageId, StorageId};
+use crate::ids::{AgentKey, ConversationId, MessageId, StorageId};
+
+/// What an attachment is (spec §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentKind {
+    Photo,
+    Video,
+    Audio,
+    Voice,
+    Document,
+}
+
+impl AttachmentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Photo => "photo",
+            Self::Video => "video",
+            Self::Audio => "audio",
+            Self::Voice => "voice",
+            Self::Document => "document",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -80,8 +108,8 @@ pub struct MessageAttachmentsArgs {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AttachmentSweepArgs {
-    /// Most attachments expired (and orphaned files removed) per call; default 100, clamped to
-    /// 1–1000.
+    /// Most attachments expired (and, apart from them, orphaned files removed) per call;
+    /// default 100, clamped to 1–1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     /// Accepted and ignored: the server's clock decides (spec §6.1 S6).
@@ -89,11 +117,51 @@ pub struct AttachmentSweepArgs {
     pub now_ms: Ignored,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// `recordPayloadAttachments`: queue-manager's enqueue records the attachments of a payload
+/// before it publishes the message, so no crash can leave a stored message without its records.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RecordPayloadAttachmentsArgs {
+    /// The id the message will be published under.
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub agent_key: AgentKey,
+    /// The payload's provider.
+    pub provider: String,
+    /// The payload's attachments, already validated by their shape; each `storageId` must name
+    /// an uploaded file. At most `attachments.max_per_message`.
+    pub attachments: Vec<PayloadAttachment>,
+}
+
+/// `attachMessageMetadata` (spec §3.4.8): merges keys into the message's `payload.metadata`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttachMetadataArgs {
+    pub message_id: MessageId,
+    /// Keys 1–128 bytes without control characters, values at most 4096 bytes; with the keys
+    /// attached before, at most 64 keys and 16384 bytes per message. New keys win.
+    pub metadata: BTreeMap<String, String>,
+    /// The message's conversation (new, optional: the claim returns it). Without it a worker's
+    /// message is looked up in the conversation it holds the lease of, and an admin's or app's
+    /// by the time in the message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<ConversationId>,
+}
+
+/// The result of `generateMediaUploadUrl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AttachmentSweep {
-    /// Attachments marked expired (their files deleted).
-    pub expired: usize,
-    /// Uploaded files no attachment references, removed after `snapshots.upload_timeout_ms`.
-    pub orphaned_files_removed: usize,
+pub struct MediaUploadUrl {
+    /// Where to `POST` a file (with its `Content-Type` and a bearer token); the answer is
+    /// `{storageId, sizeBytes, sha256, mimeType}`. Absolute when `http.public_url` is set,
+    /// else the path `/v1/media`.
+    pub upload_url: String,
+}
+
+/// `getStorageFileUrl` (spec §3.4.8).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageFileArgs {
+    /// As `POST /v1/media` answered it.
+    pub storage_id: StorageId,
 }

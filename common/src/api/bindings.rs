@@ -104,3 +104,31 @@ pub struct BindingView {
     pub bound_at: Millis,
     pub revoked_at: Option<Millis>,
 }
+
+/// `resolveAgentForTelegram` (spec §3.8.3): the active binding a Telegram user (tried first) or
+/// chat of one bot resolves to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelegramResolveArgs {
+    /// The bot the update came to (trimmed). Required: the original's lookup without a bot is
+    /// ambiguous across bots (spec §6.5 T9) and is refused with a 400; there is no fallback to
+    /// another bot's binding or to a default agent (spec §6.1 S8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_identity: Option<String>,
+    /// Trimmed; blank counts as absent. At most 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telegram_user_id: Option<String>,
+    /// Trimmed; blank counts as absent. At most 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telegram_chat_id: Option<String>,
+}
+
+/// The result of `resolveAgentForTelegram`: every field null when nothing resolves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelegramResolution {
+    pub consumer_user_id: Option<String>,
+    pub agent_key: Option<String>,
+    /// The binding's conversation (`user-agent:<agentKey>:<consumerUserId>`).
+    pub conversation_id: Option<String>,
+}

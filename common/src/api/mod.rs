@@ -320,6 +320,9 @@ operations! {
         bindings::ConsumerUserArgs => bindings::AgentForUser, "the agent a consumer user is bound to";
     GetUserAgentBinding = "getUserAgentBinding", Hydration, [Admin, App];
         bindings::ConsumerUserArgs => Option<bindings::BindingView>, "a consumer user's active binding";
+    ResolveAgentForTelegram = "resolveAgentForTelegram", Hydration, [Admin, App];
+        bindings::TelegramResolveArgs => bindings::TelegramResolution,
+        "the binding a Telegram user or chat of one bot resolves to";
     // Global skills.
     DeployGlobalSkill = "deployGlobalSkill", Hydration, [Admin], max_string_bytes(SKILL_BUNDLE_MAX_BYTES);
         skills::DeploySkillArgs => skills::DeployedSkill, "deploy a skill version to a release channel";
@@ -337,8 +340,17 @@ operations! {
     ListMessageAttachments = "listMessageAttachments", Hydration, [Admin, App];
         attachments::MessageAttachmentsArgs => Vec<attachments::Attachment>, "the attachment records of a message";
     ExpireOldTelegramAttachments = "expireOldTelegramAttachments", Hydration, [Admin];
-        attachments::AttachmentSweepArgs => attachments::AttachmentSweep,
-        "expire attachments past retention, deleting the blobs";
+        attachments::AttachmentSweepArgs => usize,
+        "expire attachments past retention, deleting the blobs; answers how many";
+    RecordPayloadAttachments = "recordPayloadAttachments", Hydration, [Admin];
+        attachments::RecordPayloadAttachmentsArgs => Vec<attachments::Attachment>,
+        "enqueue: record a payload's attachments before its message is published";
+    AttachMessageMetadata = "attachMessageMetadata", Hydration, [Admin, App, Worker];
+        attachments::AttachMetadataArgs => bool, "merge keys into a message's payload metadata";
+    GenerateMediaUploadUrl = "generateMediaUploadUrl", Hydration, [Admin, App, Worker];
+        NoArgs => attachments::MediaUploadUrl, "where to upload a media file";
+    GetStorageFileUrl = "getStorageFileUrl", Hydration, [Admin, App, Worker];
+        attachments::StorageFileArgs => Option<String>, "the download link of a stored file, or null";
 }
 
 #[cfg(test)]

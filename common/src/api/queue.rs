@@ -60,24 +60,62 @@ fn payload_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema
 }
 
 /// An attachment given in an enqueue payload (spec §1.3), as the original's Telegram ingress
-/// wrote it after `prepareTelegramAttachmentsForEnqueue`.
+/// wrote it after `prepareTelegramAttachmentsForEnqueue`. Enqueue records one attachment per item
+/// (see `attachMessageMedia` for the record) and stores the item with the record's values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PayloadAttachment {
-    pub kind: String,
+    pub kind: super::attachments::AttachmentKind,
+    /// Only `ready` (the default) may be enqueued: the file must be there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<super::attachments::AttachmentStatus>,
+    /// A file uploaded with `POST /v1/media`.
     pub storage_id: crate::ids::StorageId,
+    /// The Telegram `file_id` it was downloaded from; empty for other sources.
     #[serde(default)]
     pub telegram_file_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_name: Option<String>,
+    /// Lower-cased when stored; default: the `Content-Type` the file was uploaded with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mime_type: Option<String>,
+    /// Replaced by the stored file's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Default: now + the message configuration's `telegramAttachmentRetentionMs` (7 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Millis>,
+    /// Accepted and ignored: download links are made when the payload is served, for the
+    /// caller that may follow them (spec §1.3: never stored; §6.1 S2).
+    #[serde(default, skip_serializing)]
+    pub download_url: Ignored,
+}
+
+impl PayloadAttachment {
+    /// Reads `payload.attachments` (absent or `null` is none). A malformed item is a
+    /// `400 invalid_input` naming its path, e.g. `payload.attachments[1].storageId: …`.
+    pub fn parse_list(value: Option<&serde_json::Value>) -> Result<Vec<Self>, crate::OpError> {
+        const AT: &str = "payload.attachments";
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<Self> = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let at = if path == "." { AT.to_string() } else { format!("{AT}{path}") };
+            crate::OpError::invalid(format!("{at}: {}", e.into_inner()))
+        })?;
+        for (i, item) in items.iter().enumerate() {
+            if item.status == Some(super::attachments::AttachmentStatus::Expired) {
+                return Err(crate::OpError::invalid(format!(
+                    "{AT}[{i}].status: an attachment is enqueued 'ready'; an expired file cannot be attached"
+                )));
+            }
+            if let Some(first) = items[..i].iter().position(|other| other.storage_id == item.storage_id) {
+                return Err(crate::OpError::invalid(format!("{AT}[{i}].storageId: the file is already {AT}[{first}]")));
+            }
+        }
+        Ok(items)
+    }
 }
 
 /// `claimNextJob` (spec §3.4.2) with a long poll.
@@ -465,4 +503,41 @@ pub struct DemandArgs {
     /// Accepted and ignored: the server's clock decides (spec §6.1 S6).
     #[serde(default, skip_serializing)]
     pub now_ms: Ignored,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn payload_attachments_name_the_path_of_a_malformed_item() {
+        let parse = |v: serde_json::Value| PayloadAttachment::parse_list(Some(&v));
+        let ok = parse(json!([{"kind": "voice", "storageId": "m1", "downloadUrl": "http://x"}])).expect("valid");
+        assert_eq!(ok[0].kind, super::super::attachments::AttachmentKind::Voice);
+        assert_eq!(
+            serde_json::to_value(&ok[0]).expect("json"),
+            json!({"kind": "voice", "storageId": "m1", "telegramFileId": ""})
+        );
+        assert!(PayloadAttachment::parse_list(None).expect("none").is_empty());
+        assert!(parse(serde_json::Value::Null).expect("null").is_empty());
+        let err = |v: serde_json::Value| parse(v).expect_err("refused").message;
+        assert!(
+            err(json!([{"kind": "photo", "storageId": "m1"}, {"kind": "gif", "storageId": "m2"}]))
+                .starts_with("payload.attachments[1].kind: unknown variant `gif`")
+        );
+        assert!(
+            err(json!([{"kind": "photo", "storageId": "a b"}]))
+                .starts_with("payload.attachments[0].storageId: invalid storage id")
+        );
+        assert!(err(json!({"kind": "photo"})).starts_with("payload.attachments: invalid type: map"));
+        assert!(
+            err(json!([{"kind": "photo", "storageId": "m1", "status": "expired"}]))
+                .starts_with("payload.attachments[0].status")
+        );
+        assert!(
+            err(json!([{"kind": "photo", "storageId": "m1"}, {"kind": "video", "storageId": "m1"}]))
+                .starts_with("payload.attachments[1].storageId: the file is already payload.attachments[0]")
+        );
+    }
 }

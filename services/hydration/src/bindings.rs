@@ -1,6 +1,6 @@
 //! Identity bindings (spec §1.9, §3.8): which agent a consumer user talks to, and which consumer
 //! user a Telegram identity belongs to. Operations `bindUserAgent`, `revokeUserAgentBinding`,
-//! `resolveAgentForUser` and `getUserAgentBinding`; helpers for other modules:
+//! `resolveAgentForUser`, `getUserAgentBinding` and `resolveAgentForTelegram`; helpers for other modules:
 //! [`user_agent_target`] (spec §3.8.3, used by snapshots and the user-agent queue APIs),
 //! [`user_agent_conversation_id`] and [`resolve_telegram`].
 //!
@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 
 use common::OpError;
 use common::api;
-use common::api::bindings::{AgentForUser, BindArgs, RevokeResult};
+use common::api::bindings::{AgentForUser, BindArgs, RevokeResult, TelegramResolution, TelegramResolveArgs};
 pub use common::api::bindings::{BindingSource, BindingStatus, BindingView};
 use common::auth::Caller;
 use common::clock::Millis;
@@ -209,6 +209,39 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         let active = active_binding(&ctx, &args.consumer_user_id).await?;
         Ok(active.map(|b| binding_view(&args.consumer_user_id, &b)))
     });
+    ops.handle::<api::ResolveAgentForTelegram, _, _, _, _>(ctx, |ctx, _: Caller, args| async move {
+        resolve_for_telegram(&ctx, args).await
+    });
+}
+
+/// `resolveAgentForTelegram` (spec §3.8.3): `{consumerUserId, agentKey, conversationId}` of the
+/// active binding carrying the bot and the Telegram user id (tried first) or chat id; all null
+/// when none does. Only within the given bot (T9, S8): a missing bot is refused.
+async fn resolve_for_telegram(ctx: &ServiceContext, args: TelegramResolveArgs) -> Result<TelegramResolution, OpError> {
+    let bot = args.bot_identity.as_deref().map(str::trim).unwrap_or_default();
+    if bot.is_empty() {
+        return Err(OpError::invalid(
+            "botIdentity: required; a Telegram user or chat is resolved only within its bot (a lookup without \
+             one is ambiguous across bots)",
+        ));
+    }
+    let mut ids = [("telegramUserId", args.telegram_user_id), ("telegramChatId", args.telegram_chat_id)]
+        .map(|(field, id)| (field, id.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())));
+    for (field, id) in &mut ids {
+        if let Some(id) = id {
+            validate_id(field, id)?;
+        }
+    }
+    let [(_, user), (_, chat)] = ids;
+    if user.is_none() && chat.is_none() {
+        return Ok(TelegramResolution::default());
+    }
+    let found = resolve_telegram(ctx, bot, user.as_deref(), chat.as_deref()).await?;
+    Ok(found.map_or_else(TelegramResolution::default, |b| TelegramResolution {
+        consumer_user_id: Some(b.consumer_user_id),
+        agent_key: Some(b.agent_key),
+        conversation_id: Some(b.conversation_id),
+    }))
 }
 
 /// The conversation id of a (user, agent) pair (spec §3.8.1), stable across re-pairing.

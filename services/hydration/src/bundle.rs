@@ -1,5 +1,5 @@
 //! The hydration bundle (spec §3.5.2–3.5.4): everything a worker needs to process the job it
-//! claimed — payload with attachment links, recent history, bot token, bridge configuration —
+//! claimed — payload with attachment links and attached metadata, recent history, bot token, bridge configuration —
 //! and the bridge environment the scheduler forwards to spawned workers.
 //!
 //! The bundle carries secrets, so only the worker holding the job's lease (or an admin) gets it
@@ -85,6 +85,9 @@ async fn bundle(
     let bot_token = first_active_secret(ctx, cipher, &bot_token_refs(&profile.secrets_ref)).await?;
     let mut payload = job.payload;
     attachments::hydrate_payload(ctx, message_id, &mut payload).await?;
+    // Keys attached after enqueue (`attachMessageMetadata`) win over the enqueued ones.
+    let extra = common::extras::metadata_of(&ctx.buckets, &job.conversation_id, message_id).await?;
+    common::extras::merge_metadata(&mut payload, &extra.unwrap_or_default());
     Ok(Some(Bundle {
         message_id: job.message_id,
         conversation_id: job.conversation_id,

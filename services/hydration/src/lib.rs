@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod bundle;
 mod fence;
 pub mod history;
+pub mod metadata;
 pub mod profiles;
 pub mod runtime_config;
 pub mod secrets;
@@ -38,6 +39,7 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
     snapshots::register(ctx, ops);
     blobs::register(ctx, ops);
     attachments::register(ctx, ops);
+    metadata::register(ctx, ops);
     bindings::register(ctx, ops);
     skills::register(ctx, ops);
 }

@@ -2,6 +2,14 @@
 //! while leadership moves). It validates against the agent profile, binds the conversation to
 //! its agent once (create-only CAS), rewrites the payload as the original does, and publishes
 //! the job to the conversation's inbox; the leader learns of it by tailing the inbox stream.
+//!
+//! A payload's attachments (spec §3.4.1 step 6) are recorded by hydration
+//! (`recordPayloadAttachments`, create-only records keyed by messageId + storageId) *before* the
+//! message is published, under the id it is about to be published with. A crash between the two
+//! leaves records of a message that was never stored: nobody was given that id, so they are
+//! invisible, and they expire (deleting their files) with the retention like any record. A crash
+//! after the publish loses nothing, since the records were already written. The stored payload
+//! carries the recorded values (`status`, `sizeBytes`, `expiresAt`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream;
 use bytes::Bytes;
 use common::OpError;
+use common::api::history::BundleAttachment;
+use common::api::queue::PayloadAttachment;
 use common::ids::MessageId;
 use common::model::{AgentProfile, ConversationRecord, MESSAGE_CONFIG_KEY, MessageConfig, RuntimeConfigRow};
 use common::service::ServiceContext;
@@ -108,7 +118,15 @@ impl Enqueuer {
             None => String::new(),
             Some(_) => return Err(OpError::invalid("payload.messageText must be a string")),
         };
-        let has_attachments = payload.get("attachments").and_then(|a| a.as_array()).is_some_and(|a| !a.is_empty());
+        let attachments = PayloadAttachment::parse_list(payload.get("attachments"))?;
+        let max_attachments = self.ctx.settings.attachments.max_per_message;
+        if attachments.len() > max_attachments {
+            return Err(OpError::invalid(format!(
+                "payload.attachments: a message may carry at most {max_attachments} attachments, got {}",
+                attachments.len()
+            )));
+        }
+        let has_attachments = !attachments.is_empty();
         if text.trim().is_empty() && !has_attachments {
             return Err(OpError::invalid("payload.messageText must not be empty when there are no attachments"));
         }
@@ -161,10 +179,16 @@ impl Enqueuer {
         metadata.insert("providerUserId".into(), provider_user_id.into());
         payload.insert("metadata".into(), metadata.into());
 
+        if has_attachments {
+            // The items as read (unknown fields refused, links dropped); replaced by the records below.
+            let given = serde_json::to_value(&attachments).map_err(OpError::internal)?;
+            payload.insert("attachments".into(), given);
+        }
+
         self.bind(&conversation_id, &agent_key).await?;
 
         let now = self.ctx.clock.now_ms();
-        let job = Job {
+        let mut job = Job {
             message_id: uuid::Uuid::now_v7().to_string(),
             conversation_id: conversation_id.clone(),
             agent_key,
@@ -174,16 +198,34 @@ impl Enqueuer {
             max_attempts,
             enqueued_at: now,
         };
-        let body = serde_json::to_vec(&job).map_err(OpError::internal)?;
-        if body.len() > q.max_message_bytes {
-            return Err(OpError::new(
-                common::ErrorCode::PayloadTooLarge,
-                format!(
-                    "the message is {} bytes; the limit is {} (queue.max_message_bytes)",
-                    body.len(),
-                    q.max_message_bytes
-                ),
-            ));
+        let mut body = self.encode(&job)?;
+        if has_attachments {
+            let provider = payload.get("provider").and_then(|p| p.as_str()).unwrap_or_default().to_string();
+            let record = common::api::attachments::RecordPayloadAttachmentsArgs {
+                message_id: MessageId::trusted(job.message_id.clone()),
+                conversation_id: common::ids::ConversationId::trusted(conversation_id.clone()),
+                agent_key: common::ids::AgentKey::trusted(job.agent_key.clone()),
+                provider,
+                attachments,
+            };
+            let records = self.ctx.call_service::<common::api::RecordPayloadAttachments>(&record).await?;
+            let stored: Vec<BundleAttachment> = records
+                .into_iter()
+                .map(|r| BundleAttachment {
+                    kind: r.kind,
+                    status: r.status,
+                    storage_id: r.storage_id,
+                    telegram_file_id: r.telegram_file_id,
+                    file_name: r.file_name,
+                    mime_type: r.mime_type,
+                    size_bytes: r.size_bytes,
+                    expires_at: r.expires_at,
+                    download_url: None,
+                })
+                .collect();
+            payload.insert("attachments".into(), serde_json::to_value(stored).map_err(OpError::internal)?);
+            job.payload = serde_json::value::to_raw_value(&payload).map_err(OpError::internal)?;
+            body = self.encode(&job)?;
         }
         let subject = common::topology::inbox_subject(&common::token::escape(&conversation_id));
         let mut headers = async_nats::HeaderMap::new();
@@ -205,6 +247,19 @@ impl Enqueuer {
         }
         metrics::counter!(common::telemetry::ENQUEUED).increment(1);
         Ok(MessageId::trusted(job.message_id))
+    }
+
+    /// The inbox message of `job`, refused when over `queue.max_message_bytes`.
+    fn encode(&self, job: &Job) -> Result<Vec<u8>, OpError> {
+        let body = serde_json::to_vec(job).map_err(OpError::internal)?;
+        let limit = self.ctx.settings.queue.max_message_bytes;
+        if body.len() > limit {
+            return Err(OpError::new(
+                common::ErrorCode::PayloadTooLarge,
+                format!("the message is {} bytes; the limit is {limit} (queue.max_message_bytes)", body.len()),
+            ));
+        }
+        Ok(body)
     }
 
     /// Binds `conversation_id` to `agent_key` on first use; refuses another agent later.

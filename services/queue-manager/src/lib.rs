@@ -8,6 +8,7 @@
 
 pub mod dispatcher;
 pub mod enqueue;
+pub mod extras;
 pub mod model;
 pub mod retry;
 pub mod workers;
@@ -94,7 +95,7 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     };
     if caught_up {
         let mut ops = OpRegistry::new();
-        register_leader_ops(&mut ops, &dispatcher, &ctx.js);
+        register_leader_ops(&mut ops, &dispatcher, &ctx);
         if let Err(e) = ops.serve(ctx, leadership.clone()).await {
             tracing::error!(error = %e, "serving queue operations failed");
         }
@@ -103,7 +104,8 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     let _ = handle.await;
 }
 
-fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::jetstream::Context) {
+fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, ctx: &ServiceContext) {
+    let js = &ctx.js;
     /// Serves `$op` from the leader's dispatcher; the dispatcher answers JSON it encoded
     /// itself as the contract's result.
     macro_rules! route {
@@ -164,10 +166,16 @@ fn register_leader_ops(ops: &mut OpRegistry, d: &Dispatcher, js: &async_nats::je
         d.barrier(&js).await?;
         d.ask(|reply| Command::ListJobs { args, reply }).await
     });
-    route!(ListQueueItemsForConversation, |_caller, args, d, js| {
-        d.barrier(&js).await?;
-        d.ask(|reply| Command::ListConversation { args, reply }).await
-    });
+    ops.handle::<api::ListQueueItemsForConversation, _, _, _, _>(
+        &(d.clone(), ctx.clone()),
+        |(d, ctx), _: Caller, args| async move {
+            let conversation_id = args.conversation_id.clone();
+            d.barrier(&ctx.js).await?;
+            let answer: Answer = d.ask(|reply| Command::ListConversation { args, reply }).await?;
+            let answer = extras::apply_to_queue_items(&ctx, &conversation_id, answer).await?;
+            Ok(Encoded::<<api::ListQueueItemsForConversation as Operation>::Output>::trusting(answer))
+        },
+    );
     route!(HasQueuedJobsForConversation, |caller, args, d, js| {
         if caller.role == Role::Worker {
             let worker_id = caller.worker_id.clone().unwrap_or_default();

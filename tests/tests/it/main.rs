@@ -10,6 +10,7 @@ mod hydration;
 mod ingress;
 mod launcher;
 mod local_pool;
+mod original_shapes;
 mod profiles;
 mod queue;
 mod queue_concurrency;
