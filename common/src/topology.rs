@@ -49,6 +49,17 @@ pub const BINDINGS: &str = "af_bindings";
 pub const SKILLS: &str = "af_skills";
 /// Attachment records, key = `<message token>.<storage id>`.
 pub const ATTACHMENTS: &str = "af_attachments";
+/// Message templates: `t.<templateId>` documents and `k.<templateKey>` key claims.
+pub const MESSAGE_TEMPLATES: &str = "af_message_templates";
+/// Push templates: `t.<templateId>` documents and `k.<company token>.<key token>` key claims.
+pub const PUSH_TEMPLATES: &str = "af_push_templates";
+/// Push jobs, key = `j.<consumer token>.<jobId>` (a user's jobs are one prefix scan).
+pub const PUSH_JOBS: &str = "af_push_jobs";
+/// Dispatch audit rows, create-only: `d.<jobId>.<run key token>` per push run and
+/// `b.<broadcastId>.<agent token>` per broadcast target. The key is the idempotency record.
+pub const PUSH_DISPATCHES: &str = "af_push_dispatches";
+/// Broadcast records, key = `b.<broadcastId>`.
+pub const BROADCASTS: &str = "af_broadcasts";
 
 /// Object store of workspace snapshot archives, object name = snapshotId.
 pub const SNAPSHOT_ARCHIVES: &str = "af_snapshot_archives";
@@ -94,6 +105,11 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(BINDINGS, "identity bindings", 1, settings),
         bucket(SKILLS, "global skills, versions and releases", 1, settings),
         bucket(ATTACHMENTS, "message attachment records", 1, settings),
+        bucket(MESSAGE_TEMPLATES, "message templates and their key claims", 1, settings),
+        bucket(PUSH_TEMPLATES, "push templates and their key claims", 1, settings),
+        bucket(PUSH_JOBS, "push jobs", 1, settings),
+        bucket(PUSH_DISPATCHES, "push and broadcast dispatch audit rows", 1, settings),
+        bucket(BROADCASTS, "broadcast records", 1, settings),
     ]
 }
 
@@ -200,6 +216,11 @@ pub struct Buckets {
     pub bindings: JsonStore,
     pub skills: JsonStore,
     pub attachments: JsonStore,
+    pub message_templates: JsonStore,
+    pub push_templates: JsonStore,
+    pub push_jobs: JsonStore,
+    pub push_dispatches: JsonStore,
+    pub broadcasts: JsonStore,
     pub snapshot_archives: object_store::ObjectStore,
     pub media: object_store::ObjectStore,
 }
@@ -231,6 +252,11 @@ impl Buckets {
             bindings: open(BINDINGS).await?,
             skills: open(SKILLS).await?,
             attachments: open(ATTACHMENTS).await?,
+            message_templates: open(MESSAGE_TEMPLATES).await?,
+            push_templates: open(PUSH_TEMPLATES).await?,
+            push_jobs: open(PUSH_JOBS).await?,
+            push_dispatches: open(PUSH_DISPATCHES).await?,
+            broadcasts: open(BROADCASTS).await?,
             snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
             media: open_objects(js, MEDIA).await?,
         })

@@ -9,6 +9,7 @@ mod hydration;
 mod ingress;
 mod local_pool;
 mod profiles;
+mod push;
 mod queue;
 mod queue_concurrency;
 mod reference_worker;
