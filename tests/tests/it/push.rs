@@ -443,3 +443,110 @@ async fn push_broadcast_reaches_the_companys_agents_only() {
     assert_eq!(status["enqueuedCount"], 2);
     assert_eq!(status["target"], "all_active_agents");
 }
+
+/// The inbox subjects and their message counts (every enqueued message, per conversation).
+async fn inbox_counts(ctx: &common::service::ServiceContext) -> std::collections::HashMap<String, usize> {
+    use futures::StreamExt;
+    let stream = ctx.js.get_stream(common::topology::INBOX_STREAM).await.expect("inbox stream");
+    let mut subjects = stream.info_with_subjects("af.inbox.>").await.expect("subjects");
+    let mut out = std::collections::HashMap::new();
+    while let Some(entry) = subjects.next().await {
+        let (subject, count) = entry.expect("subject count");
+        out.insert(subject, count);
+    }
+    out
+}
+
+async fn inbox_total(ctx: &common::service::ServiceContext) -> u64 {
+    let mut stream = ctx.js.get_stream(common::topology::INBOX_STREAM).await.expect("inbox stream");
+    stream.info().await.expect("info").state.messages
+}
+
+/// A push-dispatcher as a child process (the one that runs the broadcast, then the one that
+/// recovers it).
+fn spawn_dispatcher(binary: &std::path::Path, nats_url: &str) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.env_clear()
+        .env("AF_NATS__URL", nats_url)
+        .env("AF_AUTH__ADMIN_TOKEN", tests::ADMIN_TOKEN)
+        .env("AF_AUTH__APP_TOKEN", tests::APP_TOKEN)
+        .env("AF_AUTH__WORKER_TOKEN_KEY", tests::WORKER_TOKEN_KEY)
+        .env("AF_PUSH__BROADCAST_RECOVERY_INTERVAL_MS", "200")
+        .env("AF_TELEMETRY__LOG_FILTER", std::env::var("AF_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .kill_on_drop(true);
+    cmd.spawn().expect("push-dispatcher starts")
+}
+
+/// The process running a 5,000-target broadcast is killed with SIGKILL mid-run; a new
+/// push-dispatcher completes it: every target has exactly one message, none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_broadcast_killed_mid_run_is_completed_with_one_message_per_target() {
+    const TARGETS: usize = 5_000;
+    use futures::StreamExt;
+    let binary = tests::workspace_binary("push-dispatcher", "push-dispatcher");
+    let nats = tests::TestNats::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = std::sync::Arc::new(tests::test_settings(dir.path(), &[("loops.manual", "true")]));
+    let ctx = common::service::ServiceContext::connect(settings, nats.url(), "test-client").await.expect("connect");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(queue_manager::run(ctx.clone(), shutdown.clone()));
+    tokio::spawn(hydration::run(ctx.clone(), shutdown.clone()));
+    futures::stream::iter(0..TARGETS)
+        .for_each_concurrent(64, |i| {
+            let ctx = ctx.clone();
+            async move {
+                let profile = common::model::AgentProfile {
+                    agent_key: format!("agent-{i:05}"),
+                    version: "1.0.0".into(),
+                    secrets_ref: vec![],
+                    bot_identity: None,
+                    bridge_config: None,
+                    enabled: true,
+                    company_id: Some("big".into()),
+                    created_at: 0,
+                    updated_at: 0,
+                };
+                ctx.buckets.profiles.create(&profile.agent_key, &profile).await.expect("seed profile");
+            }
+        })
+        .await;
+    let admin = tests::Api { ops: ctx.ops.clone(), token: tests::ADMIN_TOKEN.to_string() };
+    let mut first = spawn_dispatcher(&binary, nats.url());
+    wait_until("the push-dispatcher serves", Duration::from_secs(20), || async {
+        admin.call("getBroadcastStatus", json!({"broadcastId": "bc-none"})).await.ok()
+    })
+    .await;
+    let caller = admin.clone();
+    let call = tokio::spawn(async move {
+        let args = json!({"companyId": "big", "title": "Hello", "text": "everyone", "requestedBy": "ops"});
+        caller.call("sendBroadcastToAllActiveAgents", args).await
+    });
+    wait_until("a part of the targets is enqueued", Duration::from_secs(60), || async {
+        (inbox_total(&ctx).await >= 500).then_some(())
+    })
+    .await;
+    let pid = first.id().expect("pid");
+    common::nats_server::signal(pid, libc::SIGKILL);
+    let _ = first.wait().await;
+    let at_kill = inbox_total(&ctx).await;
+    assert!(at_kill < TARGETS as u64, "the kill happened mid-run ({at_kill} enqueued)");
+    assert!(call.await.expect("caller task").is_err(), "the killed runner never answered");
+
+    let _second = spawn_dispatcher(&binary, nats.url());
+    let records = ctx.buckets.broadcasts.scan::<Value>("b.*").await.expect("broadcasts");
+    assert_eq!(records.len(), 1);
+    let id = records[0].1.value["_id"].as_str().expect("id").to_string();
+    assert_eq!(records[0].1.value["status"], "running", "left running by the crash");
+    let done = wait_until("the broadcast is completed by recovery", Duration::from_secs(120), || async {
+        let status = admin.call("getBroadcastStatus", json!({"broadcastId": id})).await.ok()?;
+        (status["status"] != "running").then_some(status)
+    })
+    .await;
+    assert_eq!(done["status"], "done");
+    assert_eq!((done["enqueuedCount"].as_u64(), done["failedCount"].as_u64()), (Some(TARGETS as u64), Some(0)));
+    let counts = inbox_counts(&ctx).await;
+    assert_eq!(counts.len(), TARGETS, "every target has a message");
+    assert!(counts.values().all(|c| *c == 1), "no target has two");
+    assert_eq!(inbox_total(&ctx).await, TARGETS as u64);
+}
