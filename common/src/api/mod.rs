@@ -396,6 +396,10 @@ operations! {
         push::ListDispatchesForAgentArgs => Vec<push::DispatchView>, "dispatches of a user's jobs with one agent";
     GetUserAgentPushStats = "getUserAgentPushStats", PushDispatcher, [Admin, App];
         push::UserAgentArgs => push::PushStats, "push job and dispatch counts of a user with one agent";
+    GetUserAgentConversationStats = "getUserAgentConversationStats", PushDispatcher, [Admin, App];
+        push::UserAgentArgs => push::ConversationStats, "history and queue counts of a user's conversation with an agent";
+    GetUserAgentUsageStats = "getUserAgentUsageStats", PushDispatcher, [Admin, App];
+        push::UserAgentArgs => push::UsageStats, "push and conversation counts of a user with one agent";
     // Broadcasts.
     SendBroadcastToAllActiveAgents = "sendBroadcastToAllActiveAgents", PushDispatcher, [Admin, App];
         push::BroadcastArgs => push::BroadcastResult, "send one message to every enabled agent of a company";

@@ -575,3 +575,29 @@ pub struct BroadcastView {
     pub failed_count: u64,
     pub completed_at: Option<Millis>,
 }
+
+/// `getUserAgentConversationStats` (spec §3.18.6): zeros unless the user's active agent is
+/// `agentKey`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationStats {
+    /// Items in the conversation's history.
+    pub context_messages: u64,
+    /// Jobs queued or processing (of the newest 500).
+    pub queued_messages: u64,
+    /// Jobs failed or dead-lettered (of the newest 500).
+    pub failed_messages: u64,
+}
+
+/// `getUserAgentUsageStats` (spec §3.18.6): push and conversation stats together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStats {
+    pub total_push_jobs: u64,
+    pub active_push_jobs: u64,
+    pub total_dispatches: u64,
+    pub latest_dispatch_at: Option<Millis>,
+    pub context_messages: u64,
+    pub queued_messages: u64,
+    pub failed_messages: u64,
+}

@@ -29,11 +29,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use common::OpError;
 use common::api;
 use common::api::push::{
-    CatchUp, DispatchStatus, DispatchSummary, DispatchView, PushJobView, PushStats, TriggerResult,
+    CatchUp, ConversationStats, DispatchStatus, DispatchSummary, DispatchView, PushJobView, PushStats, TriggerResult,
+    UsageStats,
 };
+use common::api::queue::JobStatus;
 use common::auth::Caller;
 use common::clock::Millis;
-use common::ids::{MessageId, PushJobId};
+use common::ids::{ConversationId, MessageId, PushJobId};
 use common::ops::OpRegistry;
 use common::service::ServiceContext;
 use common::store::JsonStore;
@@ -69,19 +71,65 @@ pub(crate) fn register(ctx: &ServiceContext, ops: &mut OpRegistry) {
         Ok(rows)
     });
     ops.handle::<api::GetUserAgentPushStats, _, _, _, _>(ctx, |ctx, _: Caller, a| async move {
-        let jobs: Vec<PushJobView> = user_jobs(&ctx, &a.consumer_user_id)
-            .await?
-            .into_iter()
-            .filter(|j| j.agent_key.as_deref() == Some(a.agent_key.as_str()))
-            .collect();
-        let dispatches = agent_dispatches(&ctx, &a.consumer_user_id, &a.agent_key).await?;
-        Ok(PushStats {
-            total_push_jobs: jobs.len() as u64,
-            active_push_jobs: jobs.iter().filter(|j| j.enabled).count() as u64,
-            total_dispatches: dispatches.len() as u64,
-            latest_dispatch_at: dispatches.iter().map(|d| d.created_at).max(),
+        push_stats(&ctx, &a.consumer_user_id, &a.agent_key).await
+    });
+    ops.handle::<api::GetUserAgentConversationStats, _, _, _, _>(ctx, |ctx, _: Caller, a| async move {
+        conversation_stats(&ctx, &a.consumer_user_id, &a.agent_key).await
+    });
+    ops.handle::<api::GetUserAgentUsageStats, _, _, _, _>(ctx, |ctx, _: Caller, a| async move {
+        let push = push_stats(&ctx, &a.consumer_user_id, &a.agent_key).await?;
+        let conv = conversation_stats(&ctx, &a.consumer_user_id, &a.agent_key).await?;
+        Ok(UsageStats {
+            total_push_jobs: push.total_push_jobs,
+            active_push_jobs: push.active_push_jobs,
+            total_dispatches: push.total_dispatches,
+            latest_dispatch_at: push.latest_dispatch_at,
+            context_messages: conv.context_messages,
+            queued_messages: conv.queued_messages,
+            failed_messages: conv.failed_messages,
         })
     });
+}
+
+async fn push_stats(ctx: &ServiceContext, user: &str, agent: &str) -> Result<PushStats, OpError> {
+    let jobs: Vec<PushJobView> =
+        user_jobs(ctx, user).await?.into_iter().filter(|j| j.agent_key.as_deref() == Some(agent)).collect();
+    let dispatches = agent_dispatches(ctx, user, agent).await?;
+    Ok(PushStats {
+        total_push_jobs: jobs.len() as u64,
+        active_push_jobs: jobs.iter().filter(|j| j.enabled).count() as u64,
+        total_dispatches: dispatches.len() as u64,
+        latest_dispatch_at: dispatches.iter().map(|d| d.created_at).max(),
+    })
+}
+
+/// Spec §3.18.6: zeros unless the user's active agent is `agent`; else the history length and
+/// the queue counts of the binding's conversation.
+async fn conversation_stats(ctx: &ServiceContext, user: &str, agent: &str) -> Result<ConversationStats, OpError> {
+    let Some(to) = target::active_target(ctx, user).await?.filter(|t| t.agent_key == agent) else {
+        return Ok(ConversationStats::default());
+    };
+    let conversation = ConversationId::parse(&to.conversation_id)?;
+    let mut stats = ConversationStats::default();
+    let mut cursor = None;
+    loop {
+        let args = api::history::HistoryArgs { conversation_id: conversation.clone(), limit: Some(200), cursor };
+        let page = ctx.call_service::<api::GetConversationHistory>(&args).await?;
+        stats.context_messages += page.items.len() as u64;
+        match page.next_cursor {
+            Some(next) if !page.items.is_empty() => cursor = Some(next),
+            _ => break,
+        }
+    }
+    let args = api::queue::ConversationArgs { conversation_id: conversation, limit: Some(500) };
+    for job in ctx.call_service::<api::ListQueueItemsForConversation>(&args).await? {
+        match job.status {
+            JobStatus::Queued | JobStatus::Processing => stats.queued_messages += 1,
+            JobStatus::Failed | JobStatus::DeadLetter => stats.failed_messages += 1,
+            JobStatus::Done => {}
+        }
+    }
+    Ok(stats)
 }
 
 fn dispatches(ctx: &ServiceContext) -> &JsonStore {
