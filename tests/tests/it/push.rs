@@ -312,6 +312,15 @@ async fn push_original_dispatch_scenarios() {
     let for_agent =
         app.ok("listPushDispatchesForAgent", json!({"consumerUserId": "user-push-1", "agentKey": "push-agent"})).await;
     assert_eq!(for_agent.as_array().expect("rows").len(), 3);
+    let usage =
+        app.ok("getUserAgentUsageStats", json!({"consumerUserId": "user-push-1", "agentKey": "push-agent"})).await;
+    assert_eq!(usage["totalDispatches"], 3);
+    assert_eq!(usage["queuedMessages"], 1, "the last push is leased to w1");
+    assert_eq!(usage["contextMessages"], 0);
+    let other = app
+        .ok("getUserAgentConversationStats", json!({"consumerUserId": "user-push-1", "agentKey": "someone-else"}))
+        .await;
+    assert_eq!(other, json!({"contextMessages": 0, "queuedMessages": 0, "failedMessages": 0}));
 }
 
 async fn seed_bot_profile(stack: &TestStack, agent: &str) {
