@@ -35,6 +35,7 @@ pub struct Settings {
     pub attachments: AttachmentSettings,
     pub providers: ProviderSettings,
     pub scheduler: SchedulerSettings,
+    pub push: PushSettings,
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -114,6 +115,9 @@ pub struct LoopSettings {
     pub retention_interval_ms: u64,
     /// The worker-pool reconcile: triggered by enqueues and periodically (scheduler service).
     pub reconcile: bool,
+    /// The push dispatch loop: fires due push jobs at their slot and completes interrupted
+    /// broadcasts (push-dispatcher service).
+    pub push_dispatch: bool,
 }
 
 impl LoopSettings {
@@ -215,6 +219,18 @@ pub struct SchedulerSettings {
     pub drain_deadline_ms: i64,
     /// Demand signals within this window are served by one reconcile.
     pub debounce_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSettings {
+    /// A slot fired at most this late is on time; one missed by more (an outage) follows the
+    /// job's catch-up policy.
+    pub catch_up_grace_ms: i64,
+    /// Jobs (or broadcast targets) dispatched at once.
+    pub concurrency: usize,
+    /// How often the dispatch leader looks for interrupted broadcasts (real time).
+    pub broadcast_recovery_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -351,6 +367,15 @@ impl Settings {
         }
         if q.max_message_bytes < 1024 || q.max_message_bytes > 1_000_000 {
             return fail("queue.max_message_bytes", "must be between 1024 and 1000000");
+        }
+        if self.push.catch_up_grace_ms < 1000 {
+            return fail("push.catch_up_grace_ms", "must be at least 1000");
+        }
+        if !(1..=1024).contains(&self.push.concurrency) {
+            return fail("push.concurrency", "must be 1..1024");
+        }
+        if self.push.broadcast_recovery_interval_ms < 100 {
+            return fail("push.broadcast_recovery_interval_ms", "must be at least 100");
         }
         let sch = &self.scheduler;
         if !["local", "none"].contains(&sch.default_provider.as_str()) {

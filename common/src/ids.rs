@@ -278,6 +278,16 @@ id_types! {
     SecretRef: SECRET_REF, "secret ref";
     /// A global skill.
     SkillSlug: SLUG, "skill slug";
+    /// A message template, as createMessageTemplate returns it.
+    MessageTemplateId: MINTED, "message template id";
+    /// A push template, as createPushTemplate returns it.
+    PushTemplateId: MINTED, "push template id";
+    /// A push job, as createPushJobCustom / createPushJobFromTemplate return it.
+    PushJobId: MINTED, "push job id";
+    /// A broadcast, as sendBroadcastToAllActiveAgents returns it.
+    BroadcastId: MINTED, "broadcast id";
+    /// A push template's key, unique within its company (e.g. `daily-check-in`).
+    TemplateKey: NAME, "template key";
 }
 
 #[cfg(test)]

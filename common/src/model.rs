@@ -18,6 +18,10 @@ pub struct AgentProfile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge_config: Option<BridgeConfig>,
     pub enabled: bool,
+    /// The company of the consumer app the agent serves; a broadcast of a company targets its
+    /// enabled agents (spec §6.7 P1). Absent: the agent belongs to no company.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

@@ -52,6 +52,17 @@ pub const ATTACHMENTS: &str = "af_attachments";
 /// Metadata attached to a message after enqueue (`attachMessageMetadata`), key =
 /// `<conversation token>.<message token>`.
 pub const MESSAGE_METADATA: &str = "af_message_metadata";
+/// Message templates: `t.<templateId>` documents and `k.<templateKey>` key claims.
+pub const MESSAGE_TEMPLATES: &str = "af_message_templates";
+/// Push templates: `t.<templateId>` documents and `k.<company token>.<key token>` key claims.
+pub const PUSH_TEMPLATES: &str = "af_push_templates";
+/// Push jobs, key = `j.<consumer token>.<jobId>` (a user's jobs are one prefix scan).
+pub const PUSH_JOBS: &str = "af_push_jobs";
+/// Dispatch audit rows, create-only: `d.<jobId>.<run key token>` per push run and
+/// `b.<broadcastId>.<agent token>` per broadcast target. The key is the idempotency record.
+pub const PUSH_DISPATCHES: &str = "af_push_dispatches";
+/// Broadcast records, key = `b.<broadcastId>`.
+pub const BROADCASTS: &str = "af_broadcasts";
 
 /// Object store of workspace snapshot archives, object name = snapshotId.
 pub const SNAPSHOT_ARCHIVES: &str = "af_snapshot_archives";
@@ -98,6 +109,11 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(SKILLS, "global skills, versions and releases", 1, settings),
         bucket(ATTACHMENTS, "message attachment records", 1, settings),
         bucket(MESSAGE_METADATA, "metadata attached to messages after enqueue", 1, settings),
+        bucket(MESSAGE_TEMPLATES, "message templates and their key claims", 1, settings),
+        bucket(PUSH_TEMPLATES, "push templates and their key claims", 1, settings),
+        bucket(PUSH_JOBS, "push jobs", 1, settings),
+        bucket(PUSH_DISPATCHES, "push and broadcast dispatch audit rows", 1, settings),
+        bucket(BROADCASTS, "broadcast records", 1, settings),
     ]
 }
 
@@ -205,6 +221,11 @@ pub struct Buckets {
     pub skills: JsonStore,
     pub attachments: JsonStore,
     pub message_metadata: JsonStore,
+    pub message_templates: JsonStore,
+    pub push_templates: JsonStore,
+    pub push_jobs: JsonStore,
+    pub push_dispatches: JsonStore,
+    pub broadcasts: JsonStore,
     pub snapshot_archives: object_store::ObjectStore,
     pub media: object_store::ObjectStore,
 }
@@ -237,6 +258,11 @@ impl Buckets {
             skills: open(SKILLS).await?,
             attachments: open(ATTACHMENTS).await?,
             message_metadata: open(MESSAGE_METADATA).await?,
+            message_templates: open(MESSAGE_TEMPLATES).await?,
+            push_templates: open(PUSH_TEMPLATES).await?,
+            push_jobs: open(PUSH_JOBS).await?,
+            push_dispatches: open(PUSH_DISPATCHES).await?,
+            broadcasts: open(BROADCASTS).await?,
             snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
             media: open_objects(js, MEDIA).await?,
         })

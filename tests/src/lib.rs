@@ -257,6 +257,7 @@ pub async fn seed_profile(ctx: &ServiceContext, agent_key: &str) {
         bot_identity: None,
         bridge_config: None,
         enabled: true,
+        company_id: None,
         created_at: 0,
         updated_at: 0,
     };

@@ -14,10 +14,12 @@ pub mod history;
 pub mod openapi;
 pub mod pool;
 pub mod profiles;
+pub mod push;
 pub mod queue;
 pub mod skills;
 pub mod snapshots;
 pub mod system;
+pub mod templates;
 
 use std::time::Duration;
 
@@ -351,6 +353,70 @@ operations! {
         NoArgs => attachments::MediaUploadUrl, "where to upload a media file";
     GetStorageFileUrl = "getStorageFileUrl", Hydration, [Admin, App, Worker];
         attachments::StorageFileArgs => Option<String>, "the download link of a stored file, or null";
+    // Message templates.
+    CreateMessageTemplate = "createMessageTemplate", PushDispatcher, [Admin, App];
+        templates::CreateMessageTemplateArgs => crate::ids::MessageTemplateId, "create a reusable message text";
+    UpdateMessageTemplate = "updateMessageTemplate", PushDispatcher, [Admin, App];
+        templates::UpdateMessageTemplateArgs => bool, "change a message template";
+    DeleteMessageTemplate = "deleteMessageTemplate", PushDispatcher, [Admin, App];
+        templates::MessageTemplateIdArgs => bool, "delete a message template";
+    ListMessageTemplatesByCompany = "listMessageTemplatesByCompany", PushDispatcher, [Admin, App];
+        templates::ListMessageTemplatesArgs => Vec<templates::MessageTemplateView>,
+        "message templates, most used first";
+    SendMessageTemplateToUserAgent = "sendMessageTemplateToUserAgent", PushDispatcher, [Admin, App];
+        templates::SendMessageTemplateArgs => templates::SendMessageTemplateResult,
+        "send a template's text to a user's agent conversation";
+    // Push templates and jobs.
+    CreatePushTemplate = "createPushTemplate", PushDispatcher, [Admin, App];
+        push::CreatePushTemplateArgs => crate::ids::PushTemplateId, "create a company push template";
+    UpdatePushTemplate = "updatePushTemplate", PushDispatcher, [Admin, App];
+        push::UpdatePushTemplateArgs => bool, "change a push template (its jobs are not affected)";
+    DeletePushTemplate = "deletePushTemplate", PushDispatcher, [Admin, App];
+        push::PushTemplateIdArgs => bool, "delete a push template";
+    ListPushTemplatesByCompany = "listPushTemplatesByCompany", PushDispatcher, [Admin, App];
+        push::ListPushTemplatesArgs => Vec<push::PushTemplateView>, "a company's push templates, newest first";
+    CreatePushJobFromTemplate = "createPushJobFromTemplate", PushDispatcher, [Admin, App];
+        push::CreatePushJobFromTemplateArgs => crate::ids::PushJobId, "schedule a push for a user from a template";
+    CreatePushJobCustom = "createPushJobCustom", PushDispatcher, [Admin, App];
+        push::CreatePushJobCustomArgs => crate::ids::PushJobId, "schedule a push for a user";
+    UpdatePushJob = "updatePushJob", PushDispatcher, [Admin, App];
+        push::UpdatePushJobArgs => bool, "change a push job; its next run is recomputed";
+    DeletePushJob = "deletePushJob", PushDispatcher, [Admin, App];
+        push::PushJobIdArgs => bool, "delete a push job";
+    SetPushJobEnabled = "setPushJobEnabled", PushDispatcher, [Admin, App];
+        push::SetPushJobEnabledArgs => bool, "enable or disable a push job";
+    ListPushJobsForUser = "listPushJobsForUser", PushDispatcher, [Admin, App];
+        push::ListPushJobsForUserArgs => Vec<push::PushJobView>, "a user's push jobs, newest first";
+    TriggerPushJobNow = "triggerPushJobNow", PushDispatcher, [Admin, App];
+        push::TriggerPushJobArgs => push::TriggerResult, "send a push job's message now";
+    DispatchDuePushJobs = "dispatchDuePushJobs", PushDispatcher, [Admin, App];
+        push::DispatchDueArgs => push::DispatchSummary, "fire the due push jobs now (the dispatcher also does it on time)";
+    ListPushDispatchesByJob = "listPushDispatchesByJob", PushDispatcher, [Admin, App];
+        push::ListDispatchesByJobArgs => Vec<push::DispatchView>, "a push job's dispatches, newest first";
+    ListPushJobsForAgent = "listPushJobsForAgent", PushDispatcher, [Admin, App];
+        push::ListPushJobsForAgentArgs => Vec<push::PushJobView>, "a user's push jobs with one agent";
+    CreatePushJobFromTemplateForAgent = "createPushJobFromTemplateForAgent", PushDispatcher, [Admin, App];
+        push::CreatePushJobFromTemplateForAgentArgs => crate::ids::PushJobId,
+        "schedule a push from a template for the user's current agent";
+    CreatePushJobCustomForAgent = "createPushJobCustomForAgent", PushDispatcher, [Admin, App];
+        push::CreatePushJobCustomForAgentArgs => crate::ids::PushJobId, "schedule a push for the user's current agent";
+    UpdatePushJobForAgent = "updatePushJobForAgent", PushDispatcher, [Admin, App];
+        push::UpdatePushJobForAgentArgs => bool, "change a push job of a user's agent";
+    TriggerPushJobNowForAgent = "triggerPushJobNowForAgent", PushDispatcher, [Admin, App];
+        push::TriggerPushJobForAgentArgs => push::TriggerResult, "send a push job of a user's agent now";
+    ListPushDispatchesForAgent = "listPushDispatchesForAgent", PushDispatcher, [Admin, App];
+        push::ListDispatchesForAgentArgs => Vec<push::DispatchView>, "dispatches of a user's jobs with one agent";
+    GetUserAgentPushStats = "getUserAgentPushStats", PushDispatcher, [Admin, App];
+        push::UserAgentArgs => push::PushStats, "push job and dispatch counts of a user with one agent";
+    GetUserAgentConversationStats = "getUserAgentConversationStats", PushDispatcher, [Admin, App];
+        push::UserAgentArgs => push::ConversationStats, "history and queue counts of a user's conversation with an agent";
+    GetUserAgentUsageStats = "getUserAgentUsageStats", PushDispatcher, [Admin, App];
+        push::UserAgentArgs => push::UsageStats, "push and conversation counts of a user with one agent";
+    // Broadcasts.
+    SendBroadcastToAllActiveAgents = "sendBroadcastToAllActiveAgents", PushDispatcher, [Admin, App];
+        push::BroadcastArgs => push::BroadcastResult, "send one message to every enabled agent of a company";
+    GetBroadcastStatus = "getBroadcastStatus", PushDispatcher, [Admin, App];
+        push::BroadcastIdArgs => Option<push::BroadcastView>, "a broadcast and its progress";
 }
 
 #[cfg(test)]

@@ -29,6 +29,11 @@ pub struct UpsertAgentProfileArgs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge_config: Option<BridgeConfig>,
     pub enabled: bool,
+    /// The company the agent serves (an addition: the original had no link from agents to
+    /// companies, so its broadcast reached every company's agents, spec §6.7 P1). Kept when
+    /// omitted from a later upsert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<crate::ids::CompanyId>,
 }
 
 /// Arguments naming one agent.

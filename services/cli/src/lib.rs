@@ -271,6 +271,7 @@ async fn profile(api: &Api, cmd: ProfileCommand, raw: bool, out: &mut impl Write
                 bot_identity,
                 bridge_config: None,
                 enabled: !disabled,
+                company_id: None,
             };
             let result = api.call::<api::UpsertAgentProfile>(&args).await?;
             print_json(out, &json!(result))

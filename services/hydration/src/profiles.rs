@@ -61,6 +61,7 @@ async fn upsert(ctx: &ServiceContext, args: UpsertAgentProfileArgs) -> Result<Ag
                     bot_identity: None,
                     bridge_config: None,
                     enabled: args.enabled,
+                    company_id: None,
                     created_at: now,
                     updated_at: now,
                 },
@@ -72,6 +73,9 @@ async fn upsert(ctx: &ServiceContext, args: UpsertAgentProfileArgs) -> Result<Ag
             }
             if let Some(bridge) = &args.bridge_config {
                 profile.bridge_config = Some(bridge.clone());
+            }
+            if let Some(company) = &args.company_id {
+                profile.company_id = Some(company.to_string());
             }
             // The refs are derived from the bridge config the profile ends up with, so a patch
             // that omits bridgeConfig keeps the bridge refs of the stored one.
@@ -91,8 +95,9 @@ pub async fn get_profile(ctx: &ServiceContext, agent_key: &str) -> Result<Option
 }
 
 async fn list(ctx: &ServiceContext) -> Result<Vec<AgentProfile>, OpError> {
+    // One ordered-consumer pass over the bucket, not one get per key (a broadcast lists them all).
     let mut profiles: Vec<AgentProfile> =
-        ctx.buckets.profiles.all::<AgentProfile>().await?.into_iter().map(|(_, v)| v.value).collect();
+        ctx.buckets.profiles.scan::<AgentProfile>(">").await?.into_iter().map(|(_, v)| v.value).collect();
     profiles.sort_by(|a, b| a.agent_key.cmp(&b.agent_key));
     Ok(profiles)
 }

@@ -22,6 +22,11 @@ const ID_TYPES: &[&str] = &[
     "SnapshotId",
     "SecretRef",
     "SkillSlug",
+    "MessageTemplateId",
+    "PushTemplateId",
+    "PushJobId",
+    "BroadcastId",
+    "TemplateKey",
 ];
 
 fn root_file(path: &str) -> std::path::PathBuf {
@@ -152,6 +157,11 @@ fn valid_for(kind: &str, value: &str) -> bool {
         "SnapshotId" => SnapshotId::parse(value).is_ok(),
         "SecretRef" => SecretRef::parse(value).is_ok(),
         "SkillSlug" => SkillSlug::parse(value).is_ok(),
+        "MessageTemplateId" => MessageTemplateId::parse(value).is_ok(),
+        "PushTemplateId" => PushTemplateId::parse(value).is_ok(),
+        "PushJobId" => PushJobId::parse(value).is_ok(),
+        "BroadcastId" => BroadcastId::parse(value).is_ok(),
+        "TemplateKey" => TemplateKey::parse(value).is_ok(),
         other => panic!("unknown id type {other}"),
     }
 }

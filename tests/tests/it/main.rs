@@ -12,6 +12,7 @@ mod launcher;
 mod local_pool;
 mod original_shapes;
 mod profiles;
+mod push;
 mod queue;
 mod queue_concurrency;
 mod reference_worker;
