@@ -12,12 +12,14 @@ pub mod attachments;
 pub mod bindings;
 pub mod history;
 pub mod openapi;
+pub mod pairing;
 pub mod pool;
 pub mod profiles;
 pub mod queue;
 pub mod skills;
 pub mod snapshots;
 pub mod system;
+pub mod telegram;
 
 use std::time::Duration;
 
@@ -339,6 +341,21 @@ operations! {
     ExpireOldTelegramAttachments = "expireOldTelegramAttachments", Hydration, [Admin];
         attachments::AttachmentSweepArgs => attachments::AttachmentSweep,
         "expire attachments past retention, deleting the blobs";
+    // Telegram administration.
+    ImportTelegramTokenForAgent = "importTelegramTokenForAgent", Hydration, [Admin, App];
+        telegram::ImportTelegramTokenArgs => telegram::ImportedTelegramToken,
+        "verify a bot token with getMe and store it as the agent's token";
+    ConfigureTelegramWebhook = "configureTelegramWebhook", Hydration, [Admin];
+        telegram::ConfigureWebhookArgs => telegram::WebhookConfigured,
+        "point a bot's webhook at this deployment, with a random per-bot secret";
+    ReconcileTelegramBotIdentityForAgent = "reconcileTelegramBotIdentityForAgent", Hydration, [Admin];
+        telegram::ReconcileBotIdentityArgs => telegram::ReconciledBotIdentity,
+        "verify an agent's stored token again and re-sync its bot identity";
+    GetWebhookReadiness = "getWebhookReadiness", Hydration, [Admin, App];
+        profiles::AgentKeyArgs => telegram::WebhookReadiness, "ask Telegram whether an agent's webhook is ready";
+    SoftResetTelegramBindingsMissingBotIdentity = "softResetTelegramBindingsMissingBotIdentity", Hydration, [Admin];
+        telegram::SoftResetArgs => telegram::SoftResetReport,
+        "the 3.1.0 migration: annotate or revoke bindings and expire pairings without a bot identity";
 }
 
 #[cfg(test)]

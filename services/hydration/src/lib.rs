@@ -10,11 +10,13 @@ pub mod blobs;
 pub mod bundle;
 mod fence;
 pub mod history;
+pub mod pairing;
 pub mod profiles;
 pub mod runtime_config;
 pub mod secrets;
 pub mod skills;
 pub mod snapshots;
+pub mod telegram;
 
 use std::sync::Arc;
 
@@ -40,6 +42,9 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
     attachments::register(ctx, ops);
     bindings::register(ctx, ops);
     skills::register(ctx, ops);
+    let telegram =
+        telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
+    telegram::register(&telegram, ops);
 }
 
 /// Runs the service until `shutdown` is cancelled.

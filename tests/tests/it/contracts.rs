@@ -22,6 +22,9 @@ const ID_TYPES: &[&str] = &[
     "SnapshotId",
     "SecretRef",
     "SkillSlug",
+    "BotIdentity",
+    "TelegramId",
+    "PairingCode",
 ];
 
 fn root_file(path: &str) -> std::path::PathBuf {
@@ -152,6 +155,9 @@ fn valid_for(kind: &str, value: &str) -> bool {
         "SnapshotId" => SnapshotId::parse(value).is_ok(),
         "SecretRef" => SecretRef::parse(value).is_ok(),
         "SkillSlug" => SkillSlug::parse(value).is_ok(),
+        "BotIdentity" => BotIdentity::parse(value).is_ok(),
+        "TelegramId" => TelegramId::parse(value).is_ok(),
+        "PairingCode" => PairingCode::parse(value).is_ok(),
         other => panic!("unknown id type {other}"),
     }
 }
