@@ -356,6 +356,18 @@ operations! {
     SoftResetTelegramBindingsMissingBotIdentity = "softResetTelegramBindingsMissingBotIdentity", Hydration, [Admin];
         telegram::SoftResetArgs => telegram::SoftResetReport,
         "the 3.1.0 migration: annotate or revoke bindings and expire pairings without a bot identity";
+    // Pairing.
+    CreatePairingCode = "createPairingCode", Hydration, [Admin, App];
+        pairing::CreatePairingArgs => pairing::PairingView, "a one-time code a user sends to the agent's bot";
+    ConsumePairingCode = "consumePairingCode", Hydration, [Admin, App];
+        pairing::ConsumePairingArgs => pairing::ConsumedPairing,
+        "bind the Telegram identity that sent /start <code> to the code's user";
+    GetPairingCodeStatus = "getPairingCodeStatus", Hydration, [Admin, App];
+        pairing::PairingCodeArgs => Option<pairing::PairingView>, "one pairing code";
+    CreateUserAgentPairing = "createUserAgentPairing", Hydration, [Admin, App];
+        pairing::CreatePairingArgs => pairing::UserAgentPairing, "a pairing code with its t.me deep link";
+    GetUserAgentPairingStatus = "getUserAgentPairingStatus", Hydration, [Admin, App];
+        pairing::UserAgentArgs => Option<pairing::PairingView>, "the newest pairing code of a user and agent";
 }
 
 #[cfg(test)]

@@ -189,3 +189,185 @@ async fn telegram_bot_identity_and_webhook_set_up() {
     assert_eq!(readiness["webhookReady"], json!(false));
     stack.stop().await;
 }
+
+/// The jobs of a conversation, newest first.
+pub(crate) async fn jobs(stack: &TestStack, conversation: &str) -> Vec<Value> {
+    let items = stack.admin().ok("listQueueItemsForConversation", json!({"conversationId": conversation})).await;
+    items.as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `bot_id` has sent `count` texts to `chat`, and returns them.
+pub(crate) async fn wait_texts(fake: &FakeTelegram, bot_id: u64, chat: i64, count: usize) -> Vec<String> {
+    tests::wait_until(&format!("bot {bot_id} sent {count} texts to chat {chat}"), Duration::from_secs(10), || async {
+        let texts = fake.texts_to(bot_id, chat);
+        (texts.len() >= count).then_some(texts)
+    })
+    .await
+}
+
+/// Waits until `conversation` holds `count` jobs, and returns them.
+pub(crate) async fn wait_jobs(stack: &TestStack, conversation: &str, count: usize) -> Vec<Value> {
+    tests::wait_until(&format!("{conversation} holds {count} jobs"), Duration::from_secs(10), || async {
+        let jobs = jobs(stack, conversation).await;
+        (jobs.len() >= count).then_some(jobs)
+    })
+    .await
+}
+
+/// Sends `/start <code>` from `user` to `bot_id` and returns the bot's answer.
+pub(crate) async fn start(fake: &FakeTelegram, bot_id: u64, user: i64, code: &str) -> String {
+    let before = fake.texts_to(bot_id, user).len();
+    let delivery = fake.send_update(bot_id, fake.text_update(bot_id, user, &format!("/start {code}"))).await;
+    assert_eq!(delivery.status, 200, "{delivery:?}");
+    wait_texts(fake, bot_id, user, before + 1).await.remove(before)
+}
+
+#[tokio::test]
+async fn telegram_webhook_secret_and_bad_bodies_store_nothing() {
+    let fake = FakeTelegram::start().await;
+    let stack = stack_with(&fake).await;
+    agent_with_bot(&stack, &fake, "sales", 1001).await;
+    let secret = fake.webhook(1001).and_then(|w| w.1).expect("secret");
+    let update = json!({"update_id": 5, "message": {"message_id": 1, "date": 0, "chat": {"id": 1, "type": "private"}, "text": "x"}});
+    for wrong in [None, Some(""), Some("af_v1_1001"), Some("nope"), Some("bad secret"), Some(&secret[1..])] {
+        let delivery = fake.post_raw(1001, update.to_string(), wrong).await;
+        assert_eq!(delivery.status, 403, "{wrong:?}: {delivery:?}");
+        assert_eq!(delivery.body, r#"{"ok":false,"error":"missing or invalid telegram webhook secret token"}"#);
+    }
+    for bad in ["not json", "[1,2]", r#"{"update_id": "7"}"#, r#"{"message": {}}"#, r#"{"update_id": -1}"#] {
+        let delivery = fake.post_raw(1001, bad.to_string(), Some(&secret)).await;
+        assert_eq!(delivery.status, 400, "{bad}: {delivery:?}");
+    }
+    let stream = stack.ctx.js.get_stream(common::topology::TELEGRAM_UPDATES_STREAM).await.expect("stream");
+    assert_eq!(stream.get_info().await.expect("info").state.messages, 0, "nothing stored");
+    let delivery = fake.post_raw(1001, update.to_string(), Some(&secret)).await;
+    assert_eq!((delivery.status, delivery.body.as_str()), (200, r#"{"ok":true}"#));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn telegram_pairing_routes_each_bot_to_its_own_agent() {
+    let fake = FakeTelegram::start().await;
+    let stack = stack_with(&fake).await;
+    let app = stack.app();
+    agent_with_bot(&stack, &fake, "sales", 1001).await;
+    agent_with_bot(&stack, &fake, "support", 1002).await;
+
+    // An unbound user gets told how to pair, and no job.
+    let delivery = fake.send_update(1001, fake.text_update(1001, 42, "hello")).await;
+    assert_eq!(delivery.status, 200);
+    let texts = wait_texts(&fake, 1001, 42, 1).await;
+    assert!(texts[0].contains("/start <code>"), "{texts:?}");
+
+    // Pairing: bad code, missing code, then the real one; every answer lands in the chat.
+    let pairing = app.ok("createUserAgentPairing", json!({"consumerUserId": "alice", "agentKey": "sales"})).await;
+    let code = pairing["pairing"]["code"].as_str().expect("code").to_string();
+    assert_eq!(pairing["deepLink"], json!(format!("https://t.me/sales_bot?start={code}")));
+    assert_eq!(pairing["pairing"]["botIdentity"], json!("1001"));
+    assert_eq!(start(&fake, 1001, 42, "NOSUCHCODE").await, "Pairing failed: Pairing code not found");
+    assert!(start(&fake, 1001, 42, "").await.contains("send /start followed by the pairing code"));
+    // The code of bot 1001 sent to bot 1002 is refused.
+    assert_eq!(start(&fake, 1002, 42, &code).await, "Pairing failed: Pairing code belongs to a different Telegram bot");
+    assert!(start(&fake, 1001, 42, &code).await.starts_with("Paired!"));
+    let status = app.ok("getUserAgentPairingStatus", json!({"consumerUserId": "alice", "agentKey": "sales"})).await;
+    assert_eq!((status["status"].clone(), status["telegramUserId"].clone()), (json!("used"), json!("42")));
+    let binding = app.ok("getUserAgentBinding", json!({"consumerUserId": "alice"})).await;
+    assert_eq!(binding["botIdentity"], json!("1001"));
+    assert_eq!(binding["source"], json!("telegram_pairing"));
+    // A repeated /start of the same identity is idempotent; another user cannot reuse the code.
+    assert!(start(&fake, 1001, 42, &code).await.starts_with("Paired!"));
+    assert_eq!(start(&fake, 1001, 43, &code).await, "Pairing failed: Pairing code already used or expired");
+
+    // The 3.1.0 collision: the same Telegram user id pairs with another bot for another user.
+    let code2 = app.ok("createPairingCode", json!({"consumerUserId": "bob", "agentKey": "support"})).await["code"]
+        .as_str()
+        .expect("code")
+        .to_string();
+    assert!(start(&fake, 1002, 42, &code2).await.starts_with("Paired!"));
+    fake.send_update(1001, fake.text_update(1001, 42, "hi sales")).await;
+    fake.send_update(1002, fake.text_update(1002, 42, "hi support")).await;
+    let sales = wait_jobs(&stack, "user-agent:sales:alice", 1).await;
+    let support = wait_jobs(&stack, "user-agent:support:bob", 1).await;
+    let payload = |job: &Value| job["payload"].clone();
+    assert_eq!(payload(&sales[0])["messageText"], json!("hi sales"));
+    assert_eq!(payload(&support[0])["messageText"], json!("hi support"));
+    assert_eq!(sales[0]["agentKey"], json!("sales"));
+    assert_eq!(support[0]["agentKey"], json!("support"));
+    let metadata = &payload(&sales[0])["metadata"];
+    assert_eq!(
+        (metadata["telegramBotIdentity"].clone(), metadata["telegramChatId"].clone()),
+        (json!("1001"), json!("42"))
+    );
+    assert!(
+        fake.sent().iter().any(|s| s.bot_id == 1001 && s.method == "sendChatAction" && s.text == "typing"),
+        "typing was sent"
+    );
+
+    // The same update delivered three times is one job (T1).
+    let mut update = fake.text_update(1001, 42, "once");
+    update["update_id"] = json!(777_000);
+    for _ in 0..3 {
+        assert_eq!(fake.send_update(1001, update.clone()).await.status, 200);
+    }
+    // A later message proves the consumer went past the duplicates.
+    fake.send_update(1001, fake.text_update(1001, 42, "after")).await;
+    let sales = wait_jobs(&stack, "user-agent:sales:alice", 3).await;
+    let texts: Vec<Value> = sales.iter().map(|j| payload(j)["messageText"].clone()).collect();
+    assert_eq!(texts, vec![json!("after"), json!("once"), json!("hi sales")]);
+
+    // Revoked: the user is unbound again and gets the pairing hint.
+    app.ok("revokeUserAgentBinding", json!({"consumerUserId": "alice"})).await;
+    let before = fake.texts_to(1001, 42).len();
+    fake.send_update(1001, fake.text_update(1001, 42, "still there?")).await;
+    let texts = wait_texts(&fake, 1001, 42, before + 1).await;
+    assert!(texts[before].contains("/start <code>"));
+    assert_eq!(jobs(&stack, "user-agent:sales:alice").await.len(), 3);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn telegram_pairing_expiry_is_persisted_and_explained() {
+    let fake = FakeTelegram::start().await;
+    let stack = stack_with(&fake).await;
+    let app = stack.app();
+    agent_with_bot(&stack, &fake, "sales", 1001).await;
+    let created =
+        app.ok("createPairingCode", json!({"consumerUserId": "carol", "agentKey": "sales", "ttlMs": 1})).await;
+    let code = created["code"].as_str().expect("code").to_string();
+    assert_eq!(created["expiresAt"].as_i64().unwrap() - created["createdAt"].as_i64().unwrap(), 60_000, "clamped");
+    assert_eq!(code.len(), 12);
+    stack.admin().ok("advanceTestClock", json!({"ms": 60_000})).await;
+    let status = app.ok("getPairingCodeStatus", json!({"code": code})).await;
+    assert_eq!(status["status"], json!("expired"), "reported");
+    assert_eq!(start(&fake, 1001, 77, &code).await, "Pairing failed: Pairing code expired");
+    let stored = stack.ctx.buckets.pairing.get::<Value>(&format!("code.{code}")).await.expect("read").expect("code");
+    assert_eq!(stored.value["status"], json!("expired"), "T8: persisted");
+    assert_eq!(start(&fake, 1001, 77, &code).await, "Pairing failed: Pairing code already used or expired");
+    assert!(app.ok("getUserAgentBinding", json!({"consumerUserId": "carol"})).await.is_null());
+
+    // Creating a code supersedes the user's pending ones; a profile without a bot cannot pair.
+    let first = app.ok("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "sales"})).await;
+    let second = app.ok("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "sales"})).await;
+    let first = app.ok("getPairingCodeStatus", json!({"code": first["code"]})).await;
+    assert_eq!((first["status"].clone(), second["status"].clone()), (json!("expired"), json!("pending")));
+    stack
+        .admin()
+        .ok("upsertAgentProfile", json!({"agentKey": "nobot", "version": "1", "secretsRef": [], "enabled": true}))
+        .await;
+    let err = app.err("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "nobot"})).await;
+    assert_eq!(err.message, "Agent 'nobot' is missing botIdentity. Import and verify the Telegram token first.");
+    let err = app.err("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "ghost"})).await;
+    assert_eq!(err.message, "Agent profile 'ghost' not found or disabled");
+    // S9: at most 10 codes per user per hour.
+    for _ in 0..8 {
+        app.ok("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "sales"})).await;
+    }
+    let err = app.err("createPairingCode", json!({"consumerUserId": "dan", "agentKey": "sales"})).await;
+    assert_eq!(err.code, common::ErrorCode::RateLimited);
+    // S9: guessing codes is cut off after 10 failures per hour.
+    for i in 0..10 {
+        assert_eq!(start(&fake, 1001, 99, &format!("GUESS{i:04}")).await, "Pairing failed: Pairing code not found");
+    }
+    assert_eq!(start(&fake, 1001, 99, "GUESSMORE").await, "Pairing failed: Too many pairing attempts; try again later");
+    stack.stop().await;
+}
