@@ -38,6 +38,7 @@ pub struct Settings {
     pub push: PushSettings,
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
+    pub telegram: TelegramSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +176,46 @@ pub struct SnapshotSettings {
     pub max_archive_bytes: u64,
     /// Object store chunk size; larger chunks mean fewer round trips per archive.
     pub chunk_bytes: usize,
+}
+
+/// The Telegram Bot API client, the webhook ingress and pairing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramSettings {
+    /// Base URL of the Bot API, without `/bot<token>`.
+    pub api_base_url: String,
+    pub http_timeout_ms: u64,
+    /// Attempts of one Bot API call in all (429 and 5xx are retried).
+    pub retry_attempts: u32,
+    pub retry_base_delay_ms: u64,
+    /// A 429 asking to wait longer than this fails the call instead.
+    pub max_retry_after_ms: u64,
+    /// The webhook is served at `<webhook_path_prefix>/telegram/webhook`.
+    pub webhook_path_prefix: String,
+    /// Base URL Telegram reaches ingress at; empty = `http.public_url`.
+    pub public_url: String,
+    /// Accept a webhook URL that is not https (always accepted for a loopback host).
+    pub allow_insecure_webhook: bool,
+    /// Window in which an update delivered again (same bot and update_id) is dropped.
+    pub update_dedup_window_ms: u64,
+    /// Largest accepted update body.
+    pub max_update_bytes: usize,
+    /// Deliveries of one update to the consumer before it is given up (transient failures).
+    pub consumer_max_deliver: i64,
+    /// Pairing codes one consumer user may create per hour.
+    pub pairing_max_per_user_per_hour: u32,
+    /// Pairing codes one bot's agents may create per hour.
+    pub pairing_max_per_bot_per_hour: u32,
+    /// Failed `/start <code>` attempts one Telegram user may make per bot per hour.
+    pub pairing_max_failures_per_hour: u32,
+}
+
+impl TelegramSettings {
+    /// The webhook path, `<prefix>/telegram/webhook`.
+    pub fn webhook_path(&self) -> String {
+        let prefix = self.webhook_path_prefix.trim().trim_end_matches('/');
+        format!("{prefix}/telegram/webhook")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -439,6 +480,33 @@ impl Settings {
         }
         if self.limits.max_list_items < 1 {
             return fail("limits.max_list_items", "must be at least 1");
+        }
+        let t = &self.telegram;
+        if !t.api_base_url.starts_with("http://") && !t.api_base_url.starts_with("https://") {
+            return fail("telegram.api_base_url", "must start with http:// or https://");
+        }
+        if t.http_timeout_ms < 100 {
+            return fail("telegram.http_timeout_ms", "must be at least 100");
+        }
+        if !(1..=20).contains(&t.retry_attempts) {
+            return fail("telegram.retry_attempts", "must be between 1 and 20");
+        }
+        let prefix = t.webhook_path_prefix.trim();
+        if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.contains(['?', '#', ' ', '{', '}'])) {
+            return fail("telegram.webhook_path_prefix", "must be empty or a path starting with /");
+        }
+        let url = t.public_url.trim();
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return fail("telegram.public_url", "must start with http:// or https://");
+        }
+        if t.update_dedup_window_ms < 1000 {
+            return fail("telegram.update_dedup_window_ms", "must be at least 1000");
+        }
+        if !(1024..=1_000_000).contains(&t.max_update_bytes) {
+            return fail("telegram.max_update_bytes", "must be between 1024 and 1000000");
+        }
+        if t.consumer_max_deliver < 1 {
+            return fail("telegram.consumer_max_deliver", "must be at least 1");
         }
         Ok(())
     }

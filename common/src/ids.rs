@@ -91,6 +91,33 @@ const SLUG: Rule = Rule {
     normalise: |s| s.trim().to_lowercase(),
 };
 
+const BOT: Rule = Rule {
+    max_bytes: 20,
+    pattern: "^[0-9]{1,20}$",
+    check: |s| s.bytes().all(|b| b.is_ascii_digit()),
+    explain: "a Telegram bot id: 1-20 digits",
+    normalise: |s| s.trim().to_string(),
+};
+
+const TELEGRAM: Rule = Rule {
+    max_bytes: 21,
+    pattern: "^-?[0-9]{1,20}$",
+    check: |s| {
+        let digits = s.strip_prefix('-').unwrap_or(s);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    },
+    explain: "a Telegram user or chat id: digits, optionally after a '-'",
+    normalise: |s| s.trim().to_string(),
+};
+
+const PAIRING: Rule = Rule {
+    max_bytes: 128,
+    pattern: "^[A-Za-z0-9_-]{4,128}$",
+    check: |s| s.len() >= 4 && s.bytes().all(minted_byte),
+    explain: "4-128 characters from A-Z a-z 0-9 _ -",
+    normalise: |s| s.trim().to_string(),
+};
+
 impl Rule {
     fn validate(&self, kind: &str, value: &str) -> Result<(), String> {
         if value.is_empty() || value.len() > self.max_bytes || !(self.check)(value) {
@@ -288,6 +315,12 @@ id_types! {
     BroadcastId: MINTED, "broadcast id";
     /// A push template's key, unique within its company (e.g. `daily-check-in`).
     TemplateKey: NAME, "template key";
+    /// A Telegram bot's numeric id, as `getMe` returns it (the original's `botIdentity`).
+    BotIdentity: BOT, "bot identity";
+    /// A Telegram user or chat id.
+    TelegramId: TELEGRAM, "telegram id";
+    /// A pairing code, as `createPairingCode` mints it.
+    PairingCode: PAIRING, "pairing code";
 }
 
 #[cfg(test)]
@@ -314,6 +347,18 @@ mod tests {
             assert!(SecretRef::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(SkillSlug::parse(" Web-search_2 ").expect("valid"), "web-search_2");
+        assert_eq!(BotIdentity::parse(" 123456 ").expect("valid"), "123456");
+        for bad in ["", "-1", "12a", "1.2", &"1".repeat(21)] {
+            assert!(BotIdentity::parse(bad).is_err(), "{bad}");
+        }
+        assert!(TelegramId::parse("-1001234").is_ok() && TelegramId::parse("42").is_ok());
+        for bad in ["", "-", "4-2", "a", "1 2"] {
+            assert!(TelegramId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(PairingCode::parse("AB12CD34EF56").is_ok());
+        for bad in ["abc", "a b c d", "a.bcd", &"a".repeat(129)] {
+            assert!(PairingCode::parse(bad).is_err(), "{bad}");
+        }
         for bad in ["", "a", "-a", "a.b", "a b", &"a".repeat(129)] {
             assert!(SkillSlug::parse(bad).is_err(), "{bad}");
         }

@@ -64,6 +64,21 @@ pub const PUSH_DISPATCHES: &str = "af_push_dispatches";
 /// Broadcast records, key = `b.<broadcastId>`.
 pub const BROADCASTS: &str = "af_broadcasts";
 
+/// Telegram bots: `bot.<botIdentity>` records and `wh.<sha256 of webhook secret>` index keys.
+pub const TELEGRAM_BOTS: &str = "af_telegram_bots";
+/// Pairing codes (`code.<code>`), per (user, agent) indexes and rate-limit windows.
+pub const PAIRING: &str = "af_pairing";
+/// Raw Telegram updates as ingress accepted them, subject `af.telegram.updates.<botIdentity>`,
+/// deduplicated by `<botIdentity>:<update_id>`; removed once the consumer acknowledged them.
+pub const TELEGRAM_UPDATES_STREAM: &str = "AF_TELEGRAM_UPDATES";
+pub const TELEGRAM_UPDATES_SUBJECT_PREFIX: &str = "af.telegram.updates";
+/// The durable consumer of the hydration service that processes Telegram updates.
+pub const TELEGRAM_UPDATES_CONSUMER: &str = "telegram-updates";
+
+pub fn telegram_updates_subject(bot_identity: &str) -> String {
+    format!("{TELEGRAM_UPDATES_SUBJECT_PREFIX}.{bot_identity}")
+}
+
 /// Object store of workspace snapshot archives, object name = snapshotId.
 pub const SNAPSHOT_ARCHIVES: &str = "af_snapshot_archives";
 /// Object store of inbound media, object name = storageId.
@@ -114,6 +129,8 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(PUSH_JOBS, "push jobs", 1, settings),
         bucket(PUSH_DISPATCHES, "push and broadcast dispatch audit rows", 1, settings),
         bucket(BROADCASTS, "broadcast records", 1, settings),
+        bucket(TELEGRAM_BOTS, "telegram bots and webhook secret index", 1, settings),
+        bucket(PAIRING, "pairing codes and their rate limits", 1, settings),
     ]
 }
 
@@ -158,6 +175,22 @@ fn inbox_config(settings: &Settings) -> stream::Config {
     }
 }
 
+fn telegram_updates_config(settings: &Settings) -> stream::Config {
+    stream::Config {
+        name: TELEGRAM_UPDATES_STREAM.to_string(),
+        description: Some("raw telegram updates, deduplicated by bot and update_id".to_string()),
+        subjects: vec![format!("{TELEGRAM_UPDATES_SUBJECT_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: settings.nats.replicas,
+        retention: stream::RetentionPolicy::WorkQueue,
+        // Telegram keeps an undelivered update at most 24 hours; so do we, unprocessed.
+        max_age: Duration::from_millis(settings.telegram.update_dedup_window_ms.max(86_400_000)),
+        duplicate_window: Duration::from_millis(settings.telegram.update_dedup_window_ms),
+        max_message_size: (settings.telegram.max_update_bytes + 4096) as i32,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates every stream and bucket. Safe to run from any number of services.
 pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -169,6 +202,9 @@ pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::
             js.create_or_update_stream(history_config(settings))
                 .await
                 .with_context(|| format!("provisioning stream {HISTORY_STREAM}"))?;
+            js.create_or_update_stream(telegram_updates_config(settings))
+                .await
+                .with_context(|| format!("provisioning stream {TELEGRAM_UPDATES_STREAM}"))?;
             for cfg in bucket_configs(settings) {
                 let name = cfg.bucket.clone();
                 js.create_or_update_key_value(cfg).await.with_context(|| format!("provisioning bucket {name}"))?;
@@ -226,6 +262,8 @@ pub struct Buckets {
     pub push_jobs: JsonStore,
     pub push_dispatches: JsonStore,
     pub broadcasts: JsonStore,
+    pub telegram_bots: JsonStore,
+    pub pairing: JsonStore,
     pub snapshot_archives: object_store::ObjectStore,
     pub media: object_store::ObjectStore,
 }
@@ -263,6 +301,8 @@ impl Buckets {
             push_jobs: open(PUSH_JOBS).await?,
             push_dispatches: open(PUSH_DISPATCHES).await?,
             broadcasts: open(BROADCASTS).await?,
+            telegram_bots: open(TELEGRAM_BOTS).await?,
+            pairing: open(PAIRING).await?,
             snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
             media: open_objects(js, MEDIA).await?,
         })

@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub mod fake_fly;
+pub mod fake_telegram;
 pub mod workload;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";

@@ -12,6 +12,7 @@ pub mod attachments;
 pub mod bindings;
 pub mod history;
 pub mod openapi;
+pub mod pairing;
 pub mod pool;
 pub mod profiles;
 pub mod push;
@@ -20,6 +21,7 @@ pub mod skills;
 pub mod snapshots;
 pub mod system;
 pub mod templates;
+pub mod telegram;
 
 use std::time::Duration;
 
@@ -417,6 +419,33 @@ operations! {
         push::BroadcastArgs => push::BroadcastResult, "send one message to every enabled agent of a company";
     GetBroadcastStatus = "getBroadcastStatus", PushDispatcher, [Admin, App];
         push::BroadcastIdArgs => Option<push::BroadcastView>, "a broadcast and its progress";
+    // Telegram administration.
+    ImportTelegramTokenForAgent = "importTelegramTokenForAgent", Hydration, [Admin, App];
+        telegram::ImportTelegramTokenArgs => telegram::ImportedTelegramToken,
+        "verify a bot token with getMe and store it as the agent's token";
+    ConfigureTelegramWebhook = "configureTelegramWebhook", Hydration, [Admin];
+        telegram::ConfigureWebhookArgs => telegram::WebhookConfigured,
+        "point a bot's webhook at this deployment, with a random per-bot secret";
+    ReconcileTelegramBotIdentityForAgent = "reconcileTelegramBotIdentityForAgent", Hydration, [Admin];
+        telegram::ReconcileBotIdentityArgs => telegram::ReconciledBotIdentity,
+        "verify an agent's stored token again and re-sync its bot identity";
+    GetWebhookReadiness = "getWebhookReadiness", Hydration, [Admin, App];
+        profiles::AgentKeyArgs => telegram::WebhookReadiness, "ask Telegram whether an agent's webhook is ready";
+    SoftResetTelegramBindingsMissingBotIdentity = "softResetTelegramBindingsMissingBotIdentity", Hydration, [Admin];
+        telegram::SoftResetArgs => telegram::SoftResetReport,
+        "the 3.1.0 migration: annotate or revoke bindings and expire pairings without a bot identity";
+    // Pairing.
+    CreatePairingCode = "createPairingCode", Hydration, [Admin, App];
+        pairing::CreatePairingArgs => pairing::PairingView, "a one-time code a user sends to the agent's bot";
+    ConsumePairingCode = "consumePairingCode", Hydration, [Admin, App];
+        pairing::ConsumePairingArgs => pairing::ConsumedPairing,
+        "bind the Telegram identity that sent /start <code> to the code's user";
+    GetPairingCodeStatus = "getPairingCodeStatus", Hydration, [Admin, App];
+        pairing::PairingCodeArgs => Option<pairing::PairingView>, "one pairing code";
+    CreateUserAgentPairing = "createUserAgentPairing", Hydration, [Admin, App];
+        pairing::CreatePairingArgs => pairing::UserAgentPairing, "a pairing code with its t.me deep link";
+    GetUserAgentPairingStatus = "getUserAgentPairingStatus", Hydration, [Admin, App];
+        pairing::UserAgentArgs => Option<pairing::PairingView>, "the newest pairing code of a user and agent";
 }
 
 #[cfg(test)]

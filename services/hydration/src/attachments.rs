@@ -36,7 +36,8 @@ use crate::fence;
 
 /// Default attachment retention when the message runtime config sets none (spec §2.3).
 pub const DEFAULT_RETENTION_MS: i64 = 604_800_000;
-const KINDS: [&str; 5] = ["photo", "video", "audio", "voice", "document"];
+/// The original's kinds, and the Telegram kinds it dropped (T3).
+const KINDS: [&str; 8] = ["photo", "video", "audio", "voice", "document", "video_note", "animation", "sticker"];
 const DEFAULT_SWEEP: usize = 100;
 const MAX_SWEEP: usize = 1000;
 
@@ -195,7 +196,7 @@ async fn pending_job(ctx: &ServiceContext, conversation_id: &str, message_id: &s
     }
 }
 
-async fn attach(ctx: &ServiceContext, args: AttachMediaArgs) -> Result<Vec<AttachmentRecord>, OpError> {
+pub(crate) async fn attach(ctx: &ServiceContext, args: AttachMediaArgs) -> Result<Vec<AttachmentRecord>, OpError> {
     let (message_id, conversation_id) = (args.message_id.as_str(), args.conversation_id.as_str());
     if args.attachments.is_empty() {
         return Err(OpError::invalid("attachments: at least one is required"));

@@ -437,7 +437,7 @@ fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), OpError>
 }
 
 /// `bindUserAgent` (spec §3.8.2); the write order is explained in the module doc.
-async fn bind(ctx: &ServiceContext, args: BindArgs) -> Result<BindingView, OpError> {
+pub(crate) async fn bind(ctx: &ServiceContext, args: BindArgs) -> Result<BindingView, OpError> {
     let req = validate_bind(args)?;
     let profile = get_profile(ctx, &req.agent_key)
         .await?

@@ -11,11 +11,14 @@ pub mod bundle;
 mod fence;
 pub mod history;
 pub mod metadata;
+pub mod pairing;
 pub mod profiles;
 pub mod runtime_config;
 pub mod secrets;
 pub mod skills;
 pub mod snapshots;
+pub mod telegram;
+pub mod telegram_updates;
 
 use std::sync::Arc;
 
@@ -42,15 +45,23 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
     metadata::register(ctx, ops);
     bindings::register(ctx, ops);
     skills::register(ctx, ops);
+    pairing::register(ctx, ops);
+    let telegram =
+        telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
+    telegram::register(&telegram, ops);
 }
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cipher = Arc::new(cipher_from_settings(&ctx.settings)?);
     let mut ops = OpRegistry::new();
+    let telegram =
+        telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
     register(&ctx, cipher, &mut ops);
     let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
+    // The Telegram update consumer is part of the message path: it runs with the service.
+    let updates = telegram_updates::run(telegram, shutdown.clone());
     let serve = ops.serve(ctx, shutdown);
-    tokio::try_join!(health, serve)?;
+    tokio::try_join!(health, serve, updates)?;
     Ok(())
 }

@@ -2,13 +2,15 @@
 //! `POST /v1/ops/<name>` is forwarded over NATS with the caller's Authorization header, and the
 //! owning service authenticates and answers. Besides the operations it serves the catalogue
 //! (`GET /v1/ops`), liveness (`/healthz`), readiness (`/readyz`), Prometheus metrics
-//! (`/metrics`) and the file shim for snapshot archives and media ([`blobs`]).
+//! (`/metrics`), the file shim for snapshot archives and media ([`blobs`]) and the Telegram
+//! webhook ([`telegram`]), which stores each update in a deduplicating stream before answering.
 //!
 //! Ingress rejects on its own only what it can judge without state: an unknown operation (404),
 //! a request without credentials (401) and a body over `http.max_body_bytes` (413). Everything
 //! else, malformed JSON included, is judged by the owning service.
 
 mod blobs;
+mod telegram;
 
 use std::time::{Duration, Instant};
 
@@ -111,6 +113,8 @@ pub fn router(ctx: ServiceContext) -> Router {
         .route("/v1/snapshots/{id}/archive", put(blobs::put_snapshot).get(blobs::get_snapshot))
         .route("/v1/media", post(blobs::post_media))
         .route("/v1/media/{id}", get(blobs::get_media))
+        // The Telegram webhook, with its own body limit and secret check (telegram.rs).
+        .route_service(&ctx.settings.telegram.webhook_path(), telegram::router(ctx.clone()))
         .layer(middleware::from_fn(trace_request))
         .with_state(ctx)
 }

@@ -27,6 +27,9 @@ const ID_TYPES: &[&str] = &[
     "PushJobId",
     "BroadcastId",
     "TemplateKey",
+    "BotIdentity",
+    "TelegramId",
+    "PairingCode",
 ];
 
 fn root_file(path: &str) -> std::path::PathBuf {
@@ -162,6 +165,9 @@ fn valid_for(kind: &str, value: &str) -> bool {
         "PushJobId" => PushJobId::parse(value).is_ok(),
         "BroadcastId" => BroadcastId::parse(value).is_ok(),
         "TemplateKey" => TemplateKey::parse(value).is_ok(),
+        "BotIdentity" => BotIdentity::parse(value).is_ok(),
+        "TelegramId" => TelegramId::parse(value).is_ok(),
+        "PairingCode" => PairingCode::parse(value).is_ok(),
         other => panic!("unknown id type {other}"),
     }
 }

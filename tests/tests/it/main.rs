@@ -21,5 +21,6 @@ mod skills;
 mod smoke;
 pub(crate) mod snapshots;
 mod store;
+mod telegram;
 mod tidy;
 mod worker_kit;
