@@ -11,10 +11,10 @@ use anyhow::{Context, bail};
 
 pub struct NatsServer {
     child: Option<tokio::process::Child>,
-    /// Without credentials.
-    url: String,
     /// With the credentials clients need.
-    client_url: String,
+    url: String,
+    /// Without credentials.
+    public_url: String,
     log_file: PathBuf,
     run_dir: PathBuf,
 }
@@ -110,21 +110,22 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let client_url = match &options.credentials {
-            Some((user, password)) => url.replacen("://", &format!("://{user}:{password}@"), 1),
-            None => url.clone(),
+        let public_url = url;
+        let url = match &options.credentials {
+            Some((user, password)) => public_url.replacen("://", &format!("://{user}:{password}@"), 1),
+            None => public_url.clone(),
         };
-        Ok(Self { child: Some(child), url, client_url, log_file, run_dir: options.run_dir.clone() })
+        Ok(Self { child: Some(child), url, public_url, log_file, run_dir: options.run_dir.clone() })
     }
 
     /// The URL clients connect with, credentials included: give it only to the services.
     pub fn url(&self) -> &str {
-        &self.client_url
+        &self.url
     }
 
     /// The URL without credentials, for logs and banners.
     pub fn public_url(&self) -> &str {
-        &self.url
+        &self.public_url
     }
 
     /// The HTTP monitoring endpoint (`/varz`, `/jsz`), on a port the server chose.

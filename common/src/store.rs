@@ -185,25 +185,36 @@ impl JsonStore {
             })
             .await
             .map_err(|e| err(&e))?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| err(&e))?;
-            let info = message.info().map_err(|e| err(&e))?;
-            let (revision, pending) = (info.stream_sequence, info.pending);
-            let deleted = message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some();
-            let key = message.subject.as_str().strip_prefix(self.kv.prefix.as_str()).unwrap_or_default().to_string();
-            if !deleted {
-                out.push((key.clone(), Versioned { value: decode(&key, &message.payload)?, revision }));
-            }
+        // A stream holds at most 1000 consumers (nats-server 2.15's default), so a scan removes
+        // its own at once instead of leaving it to the inactivity reaper: a caller polling a
+        // scanning operation would otherwise fill the stream within seconds.
+        let (stream, name) = (self.kv.stream.clone(), consumer.cached_info().name.clone());
+        let pending = consumer.cached_info().num_pending;
+        let read = async {
+            let mut out = Vec::new();
             if pending == 0 {
-                break;
+                return Ok(out);
             }
+            let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| err(&e))?;
+                let info = message.info().map_err(|e| err(&e))?;
+                let (revision, pending) = (info.stream_sequence, info.pending);
+                let deleted = message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some();
+                let key =
+                    message.subject.as_str().strip_prefix(self.kv.prefix.as_str()).unwrap_or_default().to_string();
+                if !deleted {
+                    out.push((key.clone(), Versioned { value: decode(&key, &message.payload)?, revision }));
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+            Ok(out)
         }
-        Ok(out)
+        .await;
+        tokio::spawn(async move { stream.delete_consumer(&name).await });
+        read
     }
 
     /// Every live entry, decoded. Entries that fail to decode are reported, not hidden.

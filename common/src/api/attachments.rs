@@ -13,18 +13,24 @@ use super::queue::PayloadAttachment;
 use crate::clock::Millis;
 use crate::ids::{AgentKey, ConversationId, MessageId, StorageId};
 
-/// What an attachment is (spec §1.3).
+/// What an attachment is (spec §1.3), with the Telegram kinds the original dropped (T3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum AttachmentKind {
     Photo,
     Video,
     Audio,
     Voice,
     Document,
+    VideoNote,
+    Animation,
+    Sticker,
 }
 
 impl AttachmentKind {
+    pub const NAMES: [&'static str; 8] =
+        ["photo", "video", "audio", "voice", "document", "video_note", "animation", "sticker"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Photo => "photo",
@@ -32,6 +38,9 @@ impl AttachmentKind {
             Self::Audio => "audio",
             Self::Voice => "voice",
             Self::Document => "document",
+            Self::VideoNote => "video_note",
+            Self::Animation => "animation",
+            Self::Sticker => "sticker",
         }
     }
 }
@@ -54,7 +63,7 @@ pub struct Attachment {
     pub agent_key: String,
     /// The payload's provider (default `telegram`).
     pub provider: String,
-    /// `photo`, `video`, `audio`, `voice` or `document`.
+    /// `photo`, `video`, `audio`, `voice`, `document`, `video_note`, `animation` or `sticker`.
     pub kind: String,
     pub status: AttachmentStatus,
     pub storage_id: String,
@@ -85,7 +94,7 @@ pub struct AttachMediaArgs {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewAttachment {
-    /// `photo`, `video`, `audio`, `voice` or `document`.
+    /// `photo`, `video`, `audio`, `voice`, `document`, `video_note`, `animation` or `sticker`.
     pub kind: String,
     /// As `POST /v1/media` answered it.
     pub storage_id: StorageId,

@@ -20,8 +20,8 @@ pub mod queue;
 pub mod skills;
 pub mod snapshots;
 pub mod system;
-pub mod templates;
 pub mod telegram;
+pub mod templates;
 
 use std::time::Duration;
 

@@ -36,8 +36,7 @@ use crate::fence;
 
 /// Default attachment retention when the message runtime config sets none (spec §2.3).
 pub const DEFAULT_RETENTION_MS: i64 = 604_800_000;
-/// The original's kinds, and the Telegram kinds it dropped (T3).
-const KINDS: [&str; 8] = ["photo", "video", "audio", "voice", "document", "video_note", "animation", "sticker"];
+const KINDS: [&str; 8] = common::api::attachments::AttachmentKind::NAMES;
 const DEFAULT_SWEEP: usize = 100;
 const MAX_SWEEP: usize = 1000;
 
@@ -196,7 +195,7 @@ async fn pending_job(ctx: &ServiceContext, conversation_id: &str, message_id: &s
     }
 }
 
-pub(crate) async fn attach(ctx: &ServiceContext, args: AttachMediaArgs) -> Result<Vec<AttachmentRecord>, OpError> {
+async fn attach(ctx: &ServiceContext, args: AttachMediaArgs) -> Result<Vec<AttachmentRecord>, OpError> {
     let (message_id, conversation_id) = (args.message_id.as_str(), args.conversation_id.as_str());
     if args.attachments.is_empty() {
         return Err(OpError::invalid("attachments: at least one is required"));

@@ -32,10 +32,9 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use bytes::Bytes;
 use common::OpError;
-use common::api::attachments::{AttachMediaArgs, NewAttachment};
 use common::api::pairing::ConsumePairingArgs;
 use common::error::ErrorCode;
-use common::ids::{BotIdentity, ConversationId, MessageId, PairingCode, StorageId, TelegramId};
+use common::ids::{BotIdentity, ConversationId, MessageId, PairingCode, TelegramId};
 use common::topology::{TELEGRAM_UPDATES_CONSUMER, TELEGRAM_UPDATES_STREAM};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
@@ -323,7 +322,6 @@ async fn handle(
     }
     let max = ctx.settings.attachments.max_per_message;
     let mut attachments = Vec::new();
-    let mut new_attachments = Vec::new();
     let mut metadata = BTreeMap::new();
     metadata.insert("telegramBotIdentity".to_string(), bot.to_string());
     metadata.insert("telegramChatId".to_string(), msg.chat_id.clone());
@@ -349,13 +347,6 @@ async fn handle(
             "telegramFileId": candidate.file_id, "fileName": candidate.file_name,
             "mimeType": mime, "sizeBytes": candidate.size.unwrap_or(size),
         }));
-        new_attachments.push(NewAttachment {
-            kind: candidate.kind.to_string(),
-            storage_id: StorageId::trusted(storage_id),
-            telegram_file_id: Some(candidate.file_id.clone()),
-            file_name: candidate.file_name.clone(),
-            mime_type: Some(mime),
-        });
     }
     if !kinds.is_empty() {
         metadata.insert("telegramMediaType".to_string(), kinds.join("+"));
@@ -386,11 +377,8 @@ async fn handle(
         now_ms: common::api::Ignored,
         provider_config: common::api::Ignored,
     };
+    // Enqueue records the payload's attachments before the message is published.
     let message_id: MessageId = ctx.call_service::<common::api::EnqueueMessage>(&args).await?;
-    if !new_attachments.is_empty() {
-        let args = AttachMediaArgs { message_id: message_id.clone(), conversation_id, attachments: new_attachments };
-        crate::attachments::attach(ctx, args).await?;
-    }
     tracing::info!(bot_identity = %bot, agent_key = %binding.agent_key, %message_id, "telegram message enqueued");
     Ok(Outcome::Done("enqueued"))
 }

@@ -248,7 +248,7 @@ async fn attachments_are_stored_visible_at_claim_time_and_expire_with_their_file
     assert_eq!(records[0]["expiresAt"], T0 + 604_800_000);
     assert_eq!(stack.app().err("attachMessageMedia", attach("m-nope")).await.code, ErrorCode::NotFound);
     let wrong_kind = json!({"messageId": message_id, "conversationId": "c1",
-                            "attachments": [{"kind": "sticker", "storageId": storage_id}]});
+                            "attachments": [{"kind": "hologram", "storageId": storage_id}]});
     assert_eq!(stack.app().err("attachMessageMedia", wrong_kind).await.code, ErrorCode::InvalidInput);
 
     // At claim time the bundle lists it with a link only the lease holder can follow.

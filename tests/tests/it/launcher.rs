@@ -20,6 +20,8 @@ async fn launcher_exits_non_zero_when_its_embedded_nats_server_dies() {
     let data = tempfile::tempdir().expect("tmp");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let mut child = tokio::process::Command::new(binary)
+        // As a user runs it: from the checkout, where it finds .tools/nats.
+        .current_dir(tests::project_root())
         .env("AF_DATA_DIR", data.path())
         .env("AF_HTTP__BIND", format!("127.0.0.1:{port}"))
         .env("AF_SCHEDULER__DEFAULT_PROVIDER", "none")

@@ -156,7 +156,7 @@ async fn original_shapes_enqueue_refuses_malformed_attachments_naming_the_path()
     let good = upload(&stack, &stack.http_url("/v1/media"), APP_TOKEN, b"abc", "text/plain").await;
     let item = |kind: &str, storage_id: &str| json!({"kind": kind, "storageId": storage_id, "telegramFileId": "t"});
     let cases: Vec<(Value, &str)> = vec![
-        (json!([item("sticker", &good)]), "payload.attachments[0].kind: unknown variant `sticker`"),
+        (json!([item("hologram", &good)]), "payload.attachments[0].kind: unknown variant `hologram`"),
         (json!([item("photo", "a.b")]), "payload.attachments[0].storageId: invalid storage id"),
         (json!([item("photo", &"x".repeat(5000))]), "payload.attachments[0].storageId: invalid storage id"),
         (json!([{"kind": "photo"}]), "payload.attachments[0]: missing field `storageId`"),
