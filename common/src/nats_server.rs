@@ -118,6 +118,8 @@ impl NatsServer {
     }
 
     /// The URL clients connect with, credentials included: give it only to the services.
+    // Deliberately not `self.url`, which has no credentials (that is `public_url`).
+    #[allow(clippy::misnamed_getters)]
     pub fn url(&self) -> &str {
         &self.client_url
     }
