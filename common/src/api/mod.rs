@@ -22,6 +22,7 @@ pub mod snapshots;
 pub mod system;
 pub mod telegram;
 pub mod templates;
+pub mod user_agents;
 
 use std::time::Duration;
 
@@ -446,6 +447,29 @@ operations! {
         pairing::CreatePairingArgs => pairing::UserAgentPairing, "a pairing code with its t.me deep link";
     GetUserAgentPairingStatus = "getUserAgentPairingStatus", Hydration, [Admin, App];
         pairing::UserAgentArgs => Option<pairing::PairingView>, "the newest pairing code of a user and agent";
+    // User-facing aggregates.
+    GetUserAgentsOverview = "getUserAgentsOverview", Hydration, [Admin, App];
+        user_agents::ConsumerUserNowArgs => user_agents::UserAgentsOverview,
+        "a user's agents with their status, and whether the user may create another";
+    ListUserAgents = "listUserAgents", Hydration, [Admin, App];
+        user_agents::ListUserAgentsArgs => Vec<user_agents::UserAgentView>, "a user's agents, newest binding first";
+    GetUserAgent = "getUserAgent", Hydration, [Admin, App];
+        pairing::UserAgentArgs => Option<user_agents::UserAgentView>, "one agent of a user, or null";
+    GetActiveUserAgent = "getActiveUserAgent", Hydration, [Admin, App];
+        user_agents::ConsumerUserNowArgs => Option<user_agents::UserAgentView>,
+        "the agent of a user's active binding, or null";
+    GetUserAgentOnboardingState = "getUserAgentOnboardingState", Hydration, [Admin, App];
+        pairing::UserAgentArgs => user_agents::OnboardingState,
+        "how far a user's agent is set up, and the next step";
+    GetConversationViewForUserAgent = "getConversationViewForUserAgent", Hydration, [Admin, App];
+        user_agents::ConversationViewArgs => user_agents::ConversationView,
+        "history and queue items of a user's conversation with an agent";
+    ListQueueItemsForUserAgent = "listQueueItemsForUserAgent", Hydration, [Admin, App];
+        user_agents::ListUserAgentQueueItemsArgs => Vec<queue::JobView>,
+        "jobs of a user's conversation with an agent, newest first";
+    SendMessageToUserAgent = "sendMessageToUserAgent", Hydration, [Admin, App];
+        user_agents::SendMessageToUserAgentArgs => crate::ids::MessageId,
+        "queue a message into a user's conversation with their bound agent";
 }
 
 #[cfg(test)]

@@ -339,7 +339,7 @@ fn chat_index_key(bot: &str, telegram_chat_id: &str) -> String {
     format!("tgc.{}.{}", escape(bot), escape(telegram_chat_id))
 }
 
-async fn load_user(ctx: &ServiceContext, consumer_user_id: &str) -> Result<Option<UserBindings>, OpError> {
+pub(crate) async fn load_user(ctx: &ServiceContext, consumer_user_id: &str) -> Result<Option<UserBindings>, OpError> {
     Ok(ctx.buckets.bindings.get::<UserBindings>(&user_key(consumer_user_id)).await?.map(|v| v.value))
 }
 

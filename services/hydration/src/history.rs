@@ -260,6 +260,20 @@ pub(crate) async fn current_cache(
     }
 }
 
+/// The newest `limit` items of a conversation's history, oldest first (the order of the
+/// original's `contextHistory`); empty for a conversation without history.
+pub(crate) async fn newest(
+    ctx: &ServiceContext,
+    conversation_id: &str,
+    limit: usize,
+) -> Result<Vec<HistoryItem>, OpError> {
+    let stream = history_stream(ctx).await?;
+    let seq = last_seq(&stream, &history_subject(&escape(conversation_id))).await?;
+    let (mut items, _) = walk_back(&stream, seq, None, limit).await?;
+    items.reverse();
+    Ok(items)
+}
+
 async fn page(ctx: &ServiceContext, args: HistoryArgs) -> Result<HistoryPage, OpError> {
     let conversation_id = args.conversation_id.as_str();
     let limit = args.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);

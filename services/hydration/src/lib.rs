@@ -19,6 +19,7 @@ pub mod skills;
 pub mod snapshots;
 pub mod telegram;
 pub mod telegram_updates;
+pub mod user_agents;
 
 use std::sync::Arc;
 
@@ -46,6 +47,7 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
     bindings::register(ctx, ops);
     skills::register(ctx, ops);
     pairing::register(ctx, ops);
+    user_agents::register(ctx, ops);
     let telegram =
         telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
     telegram::register(&telegram, ops);

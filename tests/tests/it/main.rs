@@ -23,4 +23,5 @@ pub(crate) mod snapshots;
 mod store;
 mod telegram;
 mod tidy;
+mod user_agents;
 mod worker_kit;
