@@ -163,6 +163,22 @@ pub struct BotRecord {
     pub updated_at: crate::clock::Millis,
 }
 
+impl BotRecord {
+    /// A bot seen for the first time: nothing known about it yet.
+    pub fn new(bot_identity: &str, now: crate::clock::Millis) -> Self {
+        Self {
+            bot_identity: bot_identity.to_string(),
+            agent_key: None,
+            telegram_username: None,
+            token_secret_ref: None,
+            webhook_url: None,
+            webhook_ready: false,
+            webhook_secret_sha256: None,
+            updated_at: now,
+        }
+    }
+}
+
 /// A webhook secret index entry (`af_telegram_bots`, key `wh.<sha256 hex of the secret>`):
 /// the bot a presented secret belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -230,16 +230,7 @@ impl Telegram {
             .buckets
             .telegram_bots
             .modify::<BotRecord, OpError, _>(&bot_key(bot), |current| {
-                let mut record = current.unwrap_or_else(|| BotRecord {
-                    bot_identity: bot.to_string(),
-                    agent_key: None,
-                    telegram_username: None,
-                    token_secret_ref: None,
-                    webhook_url: None,
-                    webhook_ready: false,
-                    webhook_secret_sha256: None,
-                    updated_at: now,
-                });
+                let mut record = current.unwrap_or_else(|| BotRecord::new(bot, now));
                 record.agent_key = Some(agent_key.to_string());
                 if username.is_some() {
                     record.telegram_username = username.map(str::to_string);
@@ -415,16 +406,7 @@ impl Telegram {
             .buckets
             .telegram_bots
             .modify::<BotRecord, OpError, _>(&bot_key(bot), |current| {
-                let mut record = current.unwrap_or_else(|| BotRecord {
-                    bot_identity: bot.to_string(),
-                    agent_key: None,
-                    telegram_username: None,
-                    token_secret_ref: None,
-                    webhook_url: None,
-                    webhook_ready: false,
-                    webhook_secret_sha256: None,
-                    updated_at: now,
-                });
+                let mut record = current.unwrap_or_else(|| BotRecord::new(bot, now));
                 if let Some(agent_key) = agent_key {
                     record.agent_key = Some(agent_key.to_string());
                 }
