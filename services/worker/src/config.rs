@@ -35,12 +35,29 @@ Earlier messages of the conversation are included. Reply with the message text o
 pub struct ConfigError(pub String);
 
 /// How the worker reaches the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Transport {
     /// `AF_NATS_URL`: operations by NATS request/reply, files straight to the object stores.
     Nats { url: String },
     /// `AF_API_URL` (or `CONVEX_URL`): ingress over HTTP.
     Http { base_url: String },
+}
+
+impl fmt::Debug for Transport {
+    /// A NATS URL's password is left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nats { url } => {
+                let (address, credentials) = common::service::split_credentials(url);
+                let shown = match credentials {
+                    Some((user, _)) => address.replacen("://", &format!("://{user}:<redacted>@"), 1),
+                    None => address,
+                };
+                f.debug_struct("Nats").field("url", &shown).finish()
+            }
+            Self::Http { base_url } => f.debug_struct("Http").field("base_url", base_url).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,6 +453,8 @@ mod tests {
         assert_eq!(c.telegram_format, TelegramFormat::Plain);
         assert_eq!(c.telegram_max_retry_after, Duration::from_secs(30));
         assert!(!format!("{c:?}").contains("tok\""), "the token is redacted: {c:?}");
+        let c = WorkerConfig::from_env(&env(&[("AF_NATS_URL", "nats://svc:pa55@127.0.0.1:4222")])).unwrap();
+        assert_eq!(format!("{:?}", c.transport), r#"Nats { url: "nats://svc:<redacted>@127.0.0.1:4222" }"#);
     }
 
     #[test]

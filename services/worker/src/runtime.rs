@@ -127,12 +127,19 @@ fn is_fatal(e: &OpError) -> bool {
 pub async fn connect(config: &WorkerConfig) -> Result<WorkerClient, WorkerError> {
     match &config.transport {
         Transport::Nats { url } => {
-            let nats = async_nats::ConnectOptions::new()
+            // A URL with `user:password@` (the password-protected server of the stack) sends
+            // them as the client's credentials; errors name the address only.
+            let (address, credentials) = common::service::split_credentials(url);
+            let mut options = async_nats::ConnectOptions::new()
                 .name(format!("af-worker {}", config.worker_id))
-                .connection_timeout(config.request_timeout)
-                .connect(url.as_str())
+                .connection_timeout(config.request_timeout);
+            if let Some((user, password)) = credentials {
+                options = options.user_and_password(user, password);
+            }
+            let nats = options
+                .connect(address.as_str())
                 .await
-                .map_err(|e| WorkerError::new(format!("cannot connect to NATS at {url}: {e}")))?;
+                .map_err(|e| WorkerError::new(format!("cannot connect to NATS at {address}: {e}")))?;
             Ok(WorkerClient::over_nats(nats, &config.worker_id, &config.token, config.request_timeout))
         }
         Transport::Http { base_url } => Ok(WorkerClient::over_http(base_url, &config.worker_id, &config.token)
