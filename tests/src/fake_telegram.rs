@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -107,8 +107,8 @@ struct World {
     files: HashMap<String, FakeFile>,
     sent: Vec<Sent>,
     faults: Vec<Fault>,
-    /// Every method call: (bot id, method).
-    calls: Vec<(u64, String)>,
+    /// Every method call: (bot id, method, when it arrived).
+    calls: Vec<(u64, String, Instant)>,
     next_file: u64,
 }
 
@@ -235,7 +235,13 @@ impl FakeTelegram {
 
     /// Every Bot API call `(bot id, method)` so far.
     pub fn calls(&self) -> Vec<(u64, String)> {
-        self.shared.world().calls.clone()
+        self.shared.world().calls.iter().map(|(bot, method, _)| (*bot, method.clone())).collect()
+    }
+
+    /// When each call of `method` (any bot) arrived, in order, refused ones included: a test
+    /// reads from them how long a client waited before trying again.
+    pub fn call_times(&self, method: &str) -> Vec<Instant> {
+        self.shared.world().calls.iter().filter(|(_, m, _)| m == method).map(|(_, _, at)| *at).collect()
     }
 
     /// The bot's webhook: `(url, secret_token)`.
@@ -442,8 +448,11 @@ fn token_of(segment: &str) -> Option<&str> {
     segment.strip_prefix("bot")
 }
 
+/// An uploaded file of a multipart call: (form field, file name, size).
+type Upload = (String, String, usize);
+
 /// Reads a method's parameters: JSON body, form, multipart, or query string, as Telegram does.
-async fn params(request: Request) -> (BTreeMap<String, Value>, Option<(String, usize)>) {
+async fn params(request: Request) -> (BTreeMap<String, Value>, Option<Upload>) {
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let query: BTreeMap<String, Value> = request
@@ -465,7 +474,7 @@ async fn params(request: Request) -> (BTreeMap<String, Value>, Option<(String, u
                 let file_name = field.file_name().map(str::to_string);
                 let Ok(bytes) = field.bytes().await else { break };
                 match file_name {
-                    Some(file_name) => file = Some((file_name, bytes.len())),
+                    Some(file_name) => file = Some((name, file_name, bytes.len())),
                     None => {
                         out.insert(name, Value::from(String::from_utf8_lossy(&bytes).into_owned()));
                     }
@@ -522,7 +531,7 @@ async fn call(
     let (params, file) = params(request).await;
     let mut world = shared.world();
     let Some(bot) = world.bot_by_token(&token).cloned() else { return error(401, "Unauthorized") };
-    world.calls.push((bot.id, method.clone()));
+    world.calls.push((bot.id, method.clone(), Instant::now()));
     if let Some(fault) = world.faults.iter_mut().find(|f| f.method == method && f.remaining > 0) {
         fault.remaining -= 1;
         let (status, retry_after) = (fault.status, fault.retry_after);
@@ -546,8 +555,8 @@ async fn call(
             chat_id,
             text,
             parse_mode,
-            file_name: file.as_ref().map(|f| f.0.clone()),
-            file_bytes: file.as_ref().map(|f| f.1),
+            file_name: file.as_ref().map(|f| f.1.clone()),
+            file_bytes: file.as_ref().map(|f| f.2),
         });
     };
     match method.as_str() {
@@ -638,8 +647,10 @@ async fn call(
         }
         "sendAudio" | "sendDocument" => {
             let chat_id = text_param(&params, "chat_id").unwrap_or_default();
-            if file.is_none() {
-                return error(400, "Bad Request: there is no file in the request");
+            // The file goes in the field the method names (`audio`, `document`).
+            let field = if method == "sendAudio" { "audio" } else { "document" };
+            if file.as_ref().is_none_or(|f| f.0 != field) {
+                return error(400, &format!("Bad Request: there is no {field} in the request"));
             }
             let caption = text_param(&params, "caption").unwrap_or_default();
             record(&mut world, &method, chat_id.clone(), caption, text_param(&params, "parse_mode"));
