@@ -118,6 +118,7 @@ impl NatsServer {
     }
 
     /// The URL clients connect with, credentials included: give it only to the services.
+    #[allow(clippy::misnamed_getters, reason = "`url` is the client URL; `public_url` the one without credentials")]
     pub fn url(&self) -> &str {
         &self.client_url
     }

@@ -12,8 +12,10 @@
 //!   [`FakeTelegram::add_file`] (a `file_id` of another bot is `400 Bad Request: invalid file_id`);
 //! * `sendMessage` (a `parse_mode: "HTML"` text with a stray `<` or `&` is refused with
 //!   `400 Bad Request: can't parse entities`, as Telegram does), `sendChatAction`, and the
-//!   multipart uploads `sendAudio` / `sendDocument`. Every one is **recorded**
-//!   ([`FakeTelegram::sent`], `GET /fake/sent`), so a test reads what a user received;
+//!   multipart uploads `sendAudio` / `sendDocument` (the file in the `audio` / `document` field,
+//!   else `400 Bad Request: there is no <field> in the request`). Every one is **recorded**
+//!   ([`FakeTelegram::sent`], `GET /fake/sent`), so a test reads what a user received, and
+//!   [`FakeTelegram::call_times`] tells when each call arrived (how long a client waited);
 //! * delivery of updates to the configured webhook with the configured
 //!   `X-Telegram-Bot-Api-Secret-Token`: an update is queued per bot and POSTed in order; one not
 //!   answered 2xx stays queued (its error shows in `getWebhookInfo`) and is delivered again by

@@ -41,6 +41,9 @@ async fn wait_replies(fake: &FakeTelegram, count: usize) -> Vec<Sent> {
     .await
 }
 
+/// `(method, text or caption, parse_mode, file name, file size)` of a recorded call.
+type Delivered<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, Option<usize>);
+
 /// `(method, text, parse_mode)` of a recorded call.
 fn summary(sent: &Sent) -> (&str, &str, Option<&str>) {
     (sent.method.as_str(), sent.text.as_str(), sent.parse_mode.as_deref())
@@ -119,7 +122,7 @@ async fn telegram_reference_worker_replies_in_the_chat() {
     // sendDocument; a file outside the workspace is not sent, and the user is told.
     fake.send_update(1001, fake.text_update(1001, 42, "files")).await;
     let sent = wait_replies(&fake, seen + 4).await;
-    let files: Vec<(&str, &str, Option<&str>, Option<&str>, Option<usize>)> = sent[seen..]
+    let files: Vec<Delivered<'_>> = sent[seen..]
         .iter()
         .map(|s| (s.method.as_str(), s.text.as_str(), s.parse_mode.as_deref(), s.file_name.as_deref(), s.file_bytes))
         .collect();
