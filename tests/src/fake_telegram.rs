@@ -28,7 +28,8 @@
 //! `POST /fake/users/{user_id}/messages` (a simulated user writes to a bot), `GET /fake/sent`.
 //!
 //! Faults: [`FakeTelegram::fail_next`] answers the next calls of a method with a status (429
-//! with `retry_after`, 5xx) before they take effect.
+//! with `retry_after`, 5xx) before they take effect; [`FakeTelegram::fail_after`] lets some
+//! calls through first.
 //!
 //! Not faked: long polling (`getUpdates`), inline mode, payments, editing and deleting
 //! messages, groups' member lists, file size limits, real flood limits, certificates.
@@ -100,6 +101,8 @@ struct Fault {
     method: String,
     status: u16,
     retry_after: Option<u64>,
+    /// Calls of the method that still go through before this fault starts.
+    skip: usize,
     remaining: usize,
 }
 
@@ -217,7 +220,13 @@ impl FakeTelegram {
     /// The next `count` calls of `method` (any bot) answer `status` without taking effect; a
     /// 429 carries `retry_after`.
     pub fn fail_next(&self, method: &str, status: u16, retry_after: Option<u64>, count: usize) {
-        self.shared.world().faults.push(Fault { method: method.to_string(), status, retry_after, remaining: count });
+        self.fail_after(method, 0, status, retry_after, count);
+    }
+
+    /// As [`FakeTelegram::fail_next`], after `skip` more calls of `method` went through.
+    pub fn fail_after(&self, method: &str, skip: usize, status: u16, retry_after: Option<u64>, count: usize) {
+        let fault = Fault { method: method.to_string(), status, retry_after, skip, remaining: count };
+        self.shared.world().faults.push(fault);
     }
 
     /// Everything sent to users, in order.
@@ -534,7 +543,15 @@ async fn call(
     let mut world = shared.world();
     let Some(bot) = world.bot_by_token(&token).cloned() else { return error(401, "Unauthorized") };
     world.calls.push((bot.id, method.clone(), Instant::now()));
-    if let Some(fault) = world.faults.iter_mut().find(|f| f.method == method && f.remaining > 0) {
+    let fault = world.faults.iter_mut().find(|f| f.method == method && f.remaining > 0).and_then(|fault| {
+        if fault.skip > 0 {
+            fault.skip -= 1;
+            None
+        } else {
+            Some(fault)
+        }
+    });
+    if let Some(fault) = fault {
         fault.remaining -= 1;
         let (status, retry_after) = (fault.status, fault.retry_after);
         let description = match status {

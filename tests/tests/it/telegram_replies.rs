@@ -1,7 +1,8 @@
 //! Replies in the chat from the reference worker (issue 11 item 7): a user writes to the bot
 //! through the webhook, the worker (in-process, over ingress HTTP) answers, and the fake Bot API
 //! records what the user received — split at 4,096 UTF-16 units, the formatting fallback, a 429
-//! waited out, and files sent with `sendAudio` / `sendDocument`.
+//! waited out, files sent with `sendAudio` / `sendDocument`, and a reply cut short by a 429 the
+//! worker does not wait out resumed by the job's retry without repeating a message.
 
 use std::time::Duration;
 
@@ -142,21 +143,39 @@ async fn telegram_reference_worker_replies_in_the_chat() {
         ]
     );
 
-    // Every job is done once, and history keeps what the user got.
-    tests::wait_until("four jobs done", Duration::from_secs(20), || async {
+    seen += 4;
+    let history_now = history(&stack, conversation).await;
+    assert_eq!(history_now.len(), 8);
+    let transcript = "Two files.\n[file: voice.mp3]\n[file: report.pdf]\n[file: outside.txt]";
+    assert_eq!(history_now[7], ("assistant".to_string(), transcript.to_string()));
+    assert_eq!(history_now[3].1.chars().count(), 10_000);
+
+    // A 429 asking for longer than the worker waits (AF_TELEGRAM_MAX_RETRY_AFTER_MS, 30 s) in
+    // the middle of a long reply fails the job; its retry sends only the rest, once.
+    fake.fail_after("sendMessage", 1, 429, Some(60), 1);
+    fake.send_update(1001, fake.text_update(1001, 42, "long")).await;
+    let failed = tests::wait_until("the long reply failed once", Duration::from_secs(20), || async {
         let jobs = jobs(&stack, conversation).await;
-        (jobs.len() == 4 && jobs.iter().all(|j| j["status"] == "done")).then_some(())
+        jobs.into_iter().find(|j| j["attempts"] == 1 && j["status"] == "queued")
     })
     .await;
-    let history = history(&stack, conversation).await;
-    assert_eq!(history.len(), 8);
-    assert_eq!(
-        history[7],
-        ("assistant".to_string(), "Two files.\n[file: voice.mp3]\n[file: report.pdf]\n[file: outside.txt]".to_string())
-    );
-    assert_eq!(history[3].1.chars().count(), 10_000);
+    assert_eq!(failed["lastError"], json!("Telegram sendMessage failed: Too Many Requests: retry after 60"));
+    assert_eq!(replies(&fake).len(), seen + 1, "the first message went out before the 429");
+    stack.admin().ok("advanceTestClock", json!({"ms": 60_000})).await;
+    let sent = wait_replies(&fake, seen + 3).await;
+    let texts: Vec<&str> = sent[seen..].iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(texts, vec![a.as_str(), b.as_str(), c.as_str()], "each part once, in order");
+
+    // Every job is done once, and history has one pair per job.
+    tests::wait_until("five jobs done", Duration::from_secs(20), || async {
+        let jobs = jobs(&stack, conversation).await;
+        (jobs.len() == 5 && jobs.iter().all(|j| j["status"] == "done")).then_some(())
+    })
+    .await;
+    assert_eq!(history(&stack, conversation).await.len(), 10);
+    assert_eq!(replies(&fake).len(), seen + 3);
     stop.cancel();
     let outcome = finished(worker).await;
-    assert_eq!((outcome.jobs_completed, outcome.jobs_failed), (4, 0));
+    assert_eq!((outcome.jobs_completed, outcome.jobs_failed), (5, 1));
     stack.stop().await;
 }
