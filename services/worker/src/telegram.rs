@@ -85,7 +85,12 @@ impl Reply {
         let mut steps: Vec<Step> = if self.text.is_empty() {
             Vec::new()
         } else {
-            split_message(&self.text, MAX_MESSAGE_UTF16).into_iter().map(Step::Text).collect()
+            // Telegram refuses a message of blanks only ("message text is empty").
+            split_message(&self.text, MAX_MESSAGE_UTF16)
+                .into_iter()
+                .filter(|chunk| !chunk.trim().is_empty())
+                .map(Step::Text)
+                .collect()
         };
         steps.extend(self.files.iter().cloned().map(Step::File));
         steps
@@ -242,8 +247,11 @@ mod tests {
         let only_files = Reply::parse("MEDIA: a.mp3\n");
         assert_eq!(only_files.steps(), vec![Step::File("a.mp3".to_string())]);
         assert_eq!(only_files.transcript(), "[file: a.mp3]");
-        // Multi-byte text is never cut inside a character.
+        // Multi-byte text is never cut inside a character; a part of blanks only is not sent.
         assert_eq!(Reply::parse("é€😀").steps(), vec![Step::Text("é€😀".to_string())]);
+        let blanks = format!("{}\n{}\ny", "x".repeat(3000), " ".repeat(4096));
+        let steps = Reply::parse(&blanks).steps();
+        assert_eq!(steps, vec![Step::Text(format!("{}\n", "x".repeat(3000))), Step::Text("\ny".to_string())]);
     }
 
     #[test]

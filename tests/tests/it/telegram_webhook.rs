@@ -265,7 +265,23 @@ fn message() -> Value {
 
 /// Bodies a hostile or broken sender could POST, labelled by kind.
 fn hostile_body() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
-    let fields = ["update_id", "message", "message_id", "date", "from", "chat", "text", "caption", "photo", "document"];
+    let fields = [
+        "update_id",
+        "message",
+        "message_id",
+        "date",
+        "from",
+        "chat",
+        "sender_chat",
+        "text",
+        "caption",
+        "entities",
+        "reply_to_message",
+        "photo",
+        "document",
+        "voice",
+        "sticker",
+    ];
     prop_oneof![
         // Wrong types at the top.
         any_json().prop_map(|v| ("any json", v.to_string().into_bytes())),
