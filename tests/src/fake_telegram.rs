@@ -12,8 +12,10 @@
 //!   [`FakeTelegram::add_file`] (a `file_id` of another bot is `400 Bad Request: invalid file_id`);
 //! * `sendMessage` (a `parse_mode: "HTML"` text with a stray `<` or `&` is refused with
 //!   `400 Bad Request: can't parse entities`, as Telegram does), `sendChatAction`, and the
-//!   multipart uploads `sendAudio` / `sendDocument`. Every one is **recorded**
-//!   ([`FakeTelegram::sent`], `GET /fake/sent`), so a test reads what a user received;
+//!   multipart uploads `sendAudio` / `sendDocument` (the file in the `audio` / `document` field,
+//!   else `400 Bad Request: there is no <field> in the request`). Every one is **recorded**
+//!   ([`FakeTelegram::sent`], `GET /fake/sent`), so a test reads what a user received, and
+//!   [`FakeTelegram::call_times`] tells when each call arrived (how long a client waited);
 //! * delivery of updates to the configured webhook with the configured
 //!   `X-Telegram-Bot-Api-Secret-Token`: an update is queued per bot and POSTed in order; one not
 //!   answered 2xx stays queued (its error shows in `getWebhookInfo`) and is delivered again by
@@ -26,7 +28,8 @@
 //! `POST /fake/users/{user_id}/messages` (a simulated user writes to a bot), `GET /fake/sent`.
 //!
 //! Faults: [`FakeTelegram::fail_next`] answers the next calls of a method with a status (429
-//! with `retry_after`, 5xx) before they take effect.
+//! with `retry_after`, 5xx) before they take effect; [`FakeTelegram::fail_after`] lets some
+//! calls through first.
 //!
 //! Not faked: long polling (`getUpdates`), inline mode, payments, editing and deleting
 //! messages, groups' member lists, file size limits, real flood limits, certificates.
@@ -34,7 +37,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -98,6 +101,8 @@ struct Fault {
     method: String,
     status: u16,
     retry_after: Option<u64>,
+    /// Calls of the method that still go through before this fault starts.
+    skip: usize,
     remaining: usize,
 }
 
@@ -107,8 +112,8 @@ struct World {
     files: HashMap<String, FakeFile>,
     sent: Vec<Sent>,
     faults: Vec<Fault>,
-    /// Every method call: (bot id, method).
-    calls: Vec<(u64, String)>,
+    /// Every method call: (bot id, method, when it arrived).
+    calls: Vec<(u64, String, Instant)>,
     next_file: u64,
 }
 
@@ -215,7 +220,13 @@ impl FakeTelegram {
     /// The next `count` calls of `method` (any bot) answer `status` without taking effect; a
     /// 429 carries `retry_after`.
     pub fn fail_next(&self, method: &str, status: u16, retry_after: Option<u64>, count: usize) {
-        self.shared.world().faults.push(Fault { method: method.to_string(), status, retry_after, remaining: count });
+        self.fail_after(method, 0, status, retry_after, count);
+    }
+
+    /// As [`FakeTelegram::fail_next`], after `skip` more calls of `method` went through.
+    pub fn fail_after(&self, method: &str, skip: usize, status: u16, retry_after: Option<u64>, count: usize) {
+        let fault = Fault { method: method.to_string(), status, retry_after, skip, remaining: count };
+        self.shared.world().faults.push(fault);
     }
 
     /// Everything sent to users, in order.
@@ -235,7 +246,13 @@ impl FakeTelegram {
 
     /// Every Bot API call `(bot id, method)` so far.
     pub fn calls(&self) -> Vec<(u64, String)> {
-        self.shared.world().calls.clone()
+        self.shared.world().calls.iter().map(|(bot, method, _)| (*bot, method.clone())).collect()
+    }
+
+    /// When each call of `method` (any bot) arrived, in order, refused ones included: a test
+    /// reads from them how long a client waited before trying again.
+    pub fn call_times(&self, method: &str) -> Vec<Instant> {
+        self.shared.world().calls.iter().filter(|(_, m, _)| m == method).map(|(_, _, at)| *at).collect()
     }
 
     /// The bot's webhook: `(url, secret_token)`.
@@ -442,8 +459,11 @@ fn token_of(segment: &str) -> Option<&str> {
     segment.strip_prefix("bot")
 }
 
+/// An uploaded file of a multipart call: (form field, file name, size).
+type Upload = (String, String, usize);
+
 /// Reads a method's parameters: JSON body, form, multipart, or query string, as Telegram does.
-async fn params(request: Request) -> (BTreeMap<String, Value>, Option<(String, usize)>) {
+async fn params(request: Request) -> (BTreeMap<String, Value>, Option<Upload>) {
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let query: BTreeMap<String, Value> = request
@@ -465,7 +485,7 @@ async fn params(request: Request) -> (BTreeMap<String, Value>, Option<(String, u
                 let file_name = field.file_name().map(str::to_string);
                 let Ok(bytes) = field.bytes().await else { break };
                 match file_name {
-                    Some(file_name) => file = Some((file_name, bytes.len())),
+                    Some(file_name) => file = Some((name, file_name, bytes.len())),
                     None => {
                         out.insert(name, Value::from(String::from_utf8_lossy(&bytes).into_owned()));
                     }
@@ -522,8 +542,16 @@ async fn call(
     let (params, file) = params(request).await;
     let mut world = shared.world();
     let Some(bot) = world.bot_by_token(&token).cloned() else { return error(401, "Unauthorized") };
-    world.calls.push((bot.id, method.clone()));
-    if let Some(fault) = world.faults.iter_mut().find(|f| f.method == method && f.remaining > 0) {
+    world.calls.push((bot.id, method.clone(), Instant::now()));
+    let fault = world.faults.iter_mut().find(|f| f.method == method && f.remaining > 0).and_then(|fault| {
+        if fault.skip > 0 {
+            fault.skip -= 1;
+            None
+        } else {
+            Some(fault)
+        }
+    });
+    if let Some(fault) = fault {
         fault.remaining -= 1;
         let (status, retry_after) = (fault.status, fault.retry_after);
         let description = match status {
@@ -546,8 +574,8 @@ async fn call(
             chat_id,
             text,
             parse_mode,
-            file_name: file.as_ref().map(|f| f.0.clone()),
-            file_bytes: file.as_ref().map(|f| f.1),
+            file_name: file.as_ref().map(|f| f.1.clone()),
+            file_bytes: file.as_ref().map(|f| f.2),
         });
     };
     match method.as_str() {
@@ -638,8 +666,10 @@ async fn call(
         }
         "sendAudio" | "sendDocument" => {
             let chat_id = text_param(&params, "chat_id").unwrap_or_default();
-            if file.is_none() {
-                return error(400, "Bad Request: there is no file in the request");
+            // The file goes in the field the method names (`audio`, `document`).
+            let field = if method == "sendAudio" { "audio" } else { "document" };
+            if file.as_ref().is_none_or(|f| f.0 != field) {
+                return error(400, &format!("Bad Request: there is no {field} in the request"));
             }
             let caption = text_param(&params, "caption").unwrap_or_default();
             record(&mut world, &method, chat_id.clone(), caption, text_param(&params, "parse_mode"));

@@ -138,6 +138,10 @@ async fn receive(State(webhook): State<Webhook>, request: Request) -> Response {
         }
         Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"ok": false, "error": "could not read the update"})),
     };
+    // serde_json skips the fields `Head` ignores without checking their UTF-8.
+    if std::str::from_utf8(&body).is_err() {
+        return reply(StatusCode::BAD_REQUEST, json!({"ok": false, "error": "invalid update: not UTF-8"}));
+    }
     let head = match serde_json::from_slice::<Head>(&body) {
         Ok(head) => head,
         Err(e) => {

@@ -270,8 +270,7 @@ impl BotApi {
     /// needs ([`split_message`]).
     pub async fn send_text(&self, token: &str, chat_id: &str, text: &str) -> Result<(), BotApiError> {
         for chunk in split_message(text, MAX_MESSAGE_UTF16) {
-            let params = SendMessageParams::builder().chat_id(chat_id_of(chat_id)).text(chunk).build();
-            self.send_message(token, &params).await?;
+            self.send_one(token, chat_id, &chunk, None).await?;
         }
         Ok(())
     }
@@ -286,22 +285,34 @@ impl BotApi {
         parse_mode: frankenstein::ParseMode,
     ) -> Result<(), BotApiError> {
         for chunk in split_message(text, MAX_MESSAGE_UTF16) {
-            let params = SendMessageParams::builder()
-                .chat_id(chat_id_of(chat_id))
-                .text(chunk.clone())
-                .parse_mode(parse_mode)
-                .build();
-            match self.send_message(token, &params).await {
-                Ok(_) => {}
-                Err(e) if e.is_formatting_error() => {
-                    tracing::debug!(error = %e, "formatted reply refused; sending it as plain text");
-                    let plain = SendMessageParams::builder().chat_id(chat_id_of(chat_id)).text(chunk).build();
-                    self.send_message(token, &plain).await?;
-                }
-                Err(e) => return Err(e),
-            }
+            self.send_one(token, chat_id, &chunk, Some(parse_mode)).await?;
         }
         Ok(())
+    }
+
+    /// Sends one message of at most [`MAX_MESSAGE_UTF16`] units (callers split longer texts with
+    /// [`split_message`]): formatted with `parse_mode` when given, and sent again as plain text
+    /// when Telegram refuses that formatting ([`BotApiError::is_formatting_error`]).
+    pub async fn send_one(
+        &self,
+        token: &str,
+        chat_id: &str,
+        text: &str,
+        parse_mode: Option<frankenstein::ParseMode>,
+    ) -> Result<Message, BotApiError> {
+        let plain = SendMessageParams::builder().chat_id(chat_id_of(chat_id)).text(text).build();
+        let Some(parse_mode) = parse_mode else {
+            return self.send_message(token, &plain).await;
+        };
+        let formatted =
+            SendMessageParams::builder().chat_id(chat_id_of(chat_id)).text(text).parse_mode(parse_mode).build();
+        match self.send_message(token, &formatted).await {
+            Err(e) if e.is_formatting_error() => {
+                tracing::debug!(error = %e, "formatted message refused; sending it as plain text");
+                self.send_message(token, &plain).await
+            }
+            other => other,
+        }
     }
 
     /// `sendChatAction` (`typing` lasts at most 5 s or until the bot's next message).
@@ -344,6 +355,17 @@ pub enum FileMethod {
 }
 
 impl FileMethod {
+    /// `sendAudio` for a file whose extension names an audio format (mp3, m4a, ogg, oga, opus,
+    /// wav, aac, flac), else `sendDocument`.
+    pub fn for_file_name(name: &str) -> Self {
+        const AUDIO: &[&str] = &["mp3", "m4a", "ogg", "oga", "opus", "wav", "aac", "flac"];
+        let extension = std::path::Path::new(name).extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        match extension {
+            Some(ext) if AUDIO.contains(&ext.as_str()) => Self::Audio,
+            _ => Self::Document,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Audio => "sendAudio",
@@ -566,5 +588,15 @@ mod tests {
         assert_eq!(truncate_utf16("😀😀", 3), "😀");
         assert_eq!(chat_id_of(" -100 "), ChatId::Integer(-100));
         assert_eq!(chat_id_of("@chan"), ChatId::String("@chan".into()));
+    }
+
+    #[test]
+    fn audio_files_go_to_send_audio_and_the_rest_to_send_document() {
+        for name in ["a.mp3", "dir/b.M4A", "voice.ogg", "x.flac"] {
+            assert_eq!(FileMethod::for_file_name(name), FileMethod::Audio, "{name}");
+        }
+        for name in ["report.pdf", "mp3", "noext", "a.mp3.txt", ""] {
+            assert_eq!(FileMethod::for_file_name(name), FileMethod::Document, "{name}");
+        }
     }
 }

@@ -20,7 +20,9 @@ pub const DEFAULT_HISTORY_ITEMS: usize = 64;
 /// The server's default `attachments.max_bytes`.
 pub const DEFAULT_ATTACHMENT_MAX_BYTES: u64 = 52_428_800;
 pub const DEFAULT_DATA_DIR: &str = "/data";
-pub const DEFAULT_TELEGRAM_API_BASE_URL: &str = "https://api.telegram.org";
+pub const DEFAULT_TELEGRAM_API_BASE_URL: &str = telegram_bot::DEFAULT_BASE_URL;
+/// The longest Telegram `retry_after` a reply waits out before the job fails (and is retried).
+pub const DEFAULT_TELEGRAM_MAX_RETRY_AFTER_MS: u64 = 30_000;
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
@@ -33,12 +35,29 @@ Earlier messages of the conversation are included. Reply with the message text o
 pub struct ConfigError(pub String);
 
 /// How the worker reaches the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Transport {
     /// `AF_NATS_URL`: operations by NATS request/reply, files straight to the object stores.
     Nats { url: String },
     /// `AF_API_URL` (or `CONVEX_URL`): ingress over HTTP.
     Http { base_url: String },
+}
+
+impl fmt::Debug for Transport {
+    /// A NATS URL's password is left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nats { url } => {
+                let (address, credentials) = common::service::split_credentials(url);
+                let shown = match credentials {
+                    Some((user, _)) => address.replacen("://", &format!("://{user}:<redacted>@"), 1),
+                    None => address,
+                };
+                f.debug_struct("Nats").field("url", &shown).finish()
+            }
+            Self::Http { base_url } => f.debug_struct("Http").field("base_url", base_url).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +75,17 @@ pub struct SkillsConfig {
     pub release_channel: String,
     /// Bounds fetching the manifest and materialising it, each.
     pub timeout: Duration,
+}
+
+/// How replies to Telegram are formatted (`AF_TELEGRAM_PARSE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TelegramFormat {
+    /// No `parse_mode`: the text is shown as written (T11: model output is not HTML).
+    Plain,
+    /// `parse_mode: "HTML"`.
+    Html,
+    /// `parse_mode: "MarkdownV2"`.
+    MarkdownV2,
 }
 
 /// Which reply engine runs a job (`AF_ENGINE`).
@@ -131,6 +161,11 @@ pub struct WorkerConfig {
     pub engine: EngineConfig,
     pub telegram_api_base_url: String,
     pub telegram_timeout: Duration,
+    /// `AF_TELEGRAM_PARSE_MODE`: `plain` (default), `HTML` or `MarkdownV2`; a message Telegram
+    /// refuses for its formatting is sent again as plain text.
+    pub telegram_format: TelegramFormat,
+    /// `AF_TELEGRAM_MAX_RETRY_AFTER_MS`: a 429 asking to wait longer fails the job instead.
+    pub telegram_max_retry_after: Duration,
     pub attachment_max_bytes: u64,
     /// `AF_WORKER_LOG`: a tracing filter.
     pub log_filter: String,
@@ -154,6 +189,7 @@ impl fmt::Debug for WorkerConfig {
             .field("skills", &self.skills)
             .field("engine", &self.engine)
             .field("telegram_api_base_url", &self.telegram_api_base_url)
+            .field("telegram_format", &self.telegram_format)
             .finish_non_exhaustive()
     }
 }
@@ -299,6 +335,20 @@ impl WorkerConfig {
                 .url("TELEGRAM_API_BASE_URL")?
                 .unwrap_or_else(|| DEFAULT_TELEGRAM_API_BASE_URL.to_string()),
             telegram_timeout: env.ms_or("AF_TELEGRAM_TIMEOUT_MS", DEFAULT_TELEGRAM_TIMEOUT_MS)?,
+            telegram_format: match env.get("AF_TELEGRAM_PARSE_MODE").map(|v| v.to_ascii_lowercase()).as_deref() {
+                None | Some("plain" | "none") => TelegramFormat::Plain,
+                Some("html") => TelegramFormat::Html,
+                Some("markdownv2") => TelegramFormat::MarkdownV2,
+                Some(_) => {
+                    return Err(ConfigError(format!(
+                        "AF_TELEGRAM_PARSE_MODE must be plain, HTML or MarkdownV2, got '{}'",
+                        env.get("AF_TELEGRAM_PARSE_MODE").unwrap_or_default()
+                    )));
+                }
+            },
+            telegram_max_retry_after: Duration::from_millis(
+                env.u64_or("AF_TELEGRAM_MAX_RETRY_AFTER_MS", DEFAULT_TELEGRAM_MAX_RETRY_AFTER_MS)?,
+            ),
             attachment_max_bytes: env.u64_or("AF_ATTACHMENT_MAX_BYTES", DEFAULT_ATTACHMENT_MAX_BYTES)?,
             log_filter: env.get("AF_WORKER_LOG").unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string()),
         })
@@ -400,7 +450,11 @@ mod tests {
         assert_eq!(c.skills.release_channel, "stable");
         assert_eq!(c.engine, EngineConfig::Echo);
         assert_eq!(c.telegram_api_base_url, "https://api.telegram.org");
+        assert_eq!(c.telegram_format, TelegramFormat::Plain);
+        assert_eq!(c.telegram_max_retry_after, Duration::from_secs(30));
         assert!(!format!("{c:?}").contains("tok\""), "the token is redacted: {c:?}");
+        let c = WorkerConfig::from_env(&env(&[("AF_NATS_URL", "nats://svc:pa55@127.0.0.1:4222")])).unwrap();
+        assert_eq!(format!("{:?}", c.transport), r#"Nats { url: "nats://svc:<redacted>@127.0.0.1:4222" }"#);
     }
 
     #[test]
@@ -457,6 +511,16 @@ mod tests {
                 .starts_with("OPENCLAW_STATE_DIR is '/elsewhere' but must be '/data/.clawdbot'")
         );
         assert!(err(&[("TELEGRAM_API_BASE_URL", "::")]).starts_with("TELEGRAM_API_BASE_URL is not a URL"));
+        assert_eq!(
+            err(&[("AF_TELEGRAM_PARSE_MODE", "bbcode")]),
+            "AF_TELEGRAM_PARSE_MODE must be plain, HTML or MarkdownV2, got 'bbcode'"
+        );
+        let parse_mode =
+            |v: &str| WorkerConfig::from_env(&env(&[("AF_TELEGRAM_PARSE_MODE", v)])).unwrap().telegram_format;
+        assert_eq!(
+            (parse_mode("HTML"), parse_mode("markdownv2"), parse_mode("plain")),
+            (TelegramFormat::Html, TelegramFormat::MarkdownV2, TelegramFormat::Plain)
+        );
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! - [`CommandEngine`] (`command`): runs a program per job with the job as JSON on stdin and
 //!   takes its stdout as the reply; a non-zero exit fails the job;
 //! - [`OpenAiEngine`] (`openai`): an OpenAI-compatible `POST <base>/chat/completions`.
+//!
+//! Whatever the engine, a line of its reply that is `MEDIA: <path>` names a file of the
+//! workspace: the worker takes the line out of the text and sends the file to a Telegram chat
+//! ([`crate::telegram`]).
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the environment contract ([`config::WorkerConfig::from_env`]);
 //! - [`engine`]: the pluggable reply engines (echo, command, OpenAI-compatible);
-//! - [`telegram`]: plain-text replies through the Bot API;
+//! - [`telegram`]: replies in the chat through the `telegram-bot` library (split messages,
+//!   formatting fallback, files);
 //! - [`workspace`]: memory files, the restore rule and the per-job journal;
 //! - [`runtime`]: boot, the claim loop, job processing, drain and snapshot.
 //!

@@ -37,7 +37,7 @@ use worker_kit::client::{SnapshotScope, UploadedSnapshot, WorkerClient};
 
 use crate::config::{SkillsMode, Transport, WorkerConfig};
 use crate::engine::{self, Engine, EngineJob, HistoryRole};
-use crate::telegram::{self, Telegram};
+use crate::telegram::{self, Replier, Reply};
 use crate::workspace::{self, Journal, MemoryEntry};
 
 /// First pause after a failed backend call in the loop; doubles up to [`MAX_BACKOFF`].
@@ -127,6 +127,8 @@ fn is_fatal(e: &OpError) -> bool {
 pub async fn connect(config: &WorkerConfig) -> Result<WorkerClient, WorkerError> {
     match &config.transport {
         Transport::Nats { url } => {
+            // A URL with `user:password@` (the password-protected server of the stack) sends
+            // them as the client's credentials; errors name the address only.
             let (address, credentials) = common::service::split_credentials(url);
             let mut options = async_nats::ConnectOptions::new()
                 .name(format!("af-worker {}", config.worker_id))
@@ -167,7 +169,7 @@ pub struct Worker {
     config: WorkerConfig,
     client: WorkerClient,
     engine: Arc<dyn Engine>,
-    telegram: Telegram,
+    telegram: Replier,
     clock: Clock,
     sticky: Option<Sticky>,
     /// Whether the snapshot question has been settled (restored, nothing to restore, or the
@@ -184,7 +186,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(config: WorkerConfig, client: WorkerClient, engine: Arc<dyn Engine>) -> Self {
-        let telegram = Telegram::new(&config.telegram_api_base_url, config.telegram_timeout);
+        let telegram = Replier::new(&config);
         Self {
             config,
             client,
@@ -653,8 +655,11 @@ impl Worker {
         if lease_lost.load(Ordering::SeqCst) {
             return Err("the lease moved on while processing; side effects skipped".to_string());
         }
+        // Media lines leave the text; history and memory keep what the user gets.
+        let reply = Reply::parse(&reply);
+        let transcript = reply.transcript();
         if !journal.memory_recorded {
-            self.record_memory(job, &user_text, &reply).await;
+            self.record_memory(job, &user_text, &transcript).await;
             journal.memory_recorded = true;
             save(&journal);
         }
@@ -663,7 +668,7 @@ impl Worker {
             let args = AppendMessagesArgs {
                 conversation_id: job.conversation_id.clone(),
                 workspace_id: Some(self.config.workspace_id.clone()),
-                messages: vec![item(HistoryRole::User, &user_text), item(HistoryRole::Assistant, &reply)],
+                messages: vec![item(HistoryRole::User, &user_text), item(HistoryRole::Assistant, &transcript)],
                 now_ms: Ignored,
             };
             self.client
@@ -674,12 +679,11 @@ impl Worker {
             save(&journal);
         }
         if let Some((token, chat_id)) = telegram_target {
-            let parts = telegram::split_message(&reply);
-            for part in parts.iter().skip(journal.telegram_sent) {
+            for step in reply.steps().iter().skip(journal.telegram_sent) {
                 if lease_lost.load(Ordering::SeqCst) {
                     return Err("the lease moved on while replying; remaining messages not sent".to_string());
                 }
-                self.telegram.send_message(&token, &chat_id, part).await.map_err(|e| e.to_string())?;
+                self.telegram.send(&token, &chat_id, step).await.map_err(|e| e.to_string())?;
                 journal.telegram_sent += 1;
                 save(&journal);
             }

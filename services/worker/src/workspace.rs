@@ -153,7 +153,8 @@ pub struct Journal {
     pub memory_recorded: bool,
     #[serde(default)]
     pub history_appended: bool,
-    /// Telegram messages of the reply already sent.
+    /// Steps of the Telegram reply already taken (its messages, then its files:
+    /// `telegram::Reply::steps`).
     #[serde(default)]
     pub telegram_sent: usize,
 }

@@ -5,13 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::{Path as UrlPath, State};
-use axum::routing::post;
 use serde_json::{Value, json};
+use tests::fake_telegram::FakeTelegram;
 use tests::{MANUAL, TestStack, seed_profile, wait_until};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,36 +17,21 @@ use worker_kit::client::{SnapshotScope, WorkerClient};
 
 use crate::snapshots::assign;
 
-const BOT_TOKEN: &str = "123456:test-bot-token";
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-/// What the fake Telegram Bot API received: (path segment `bot<token>`, JSON body).
-type Sent = Arc<Mutex<Vec<(String, Value)>>>;
-
-async fn fake_telegram() -> (String, Sent) {
-    async fn send_message(
-        State(sent): State<Sent>,
-        UrlPath(bot): UrlPath<String>,
-        Json(body): Json<Value>,
-    ) -> Json<Value> {
-        sent.lock().expect("lock").push((bot, body));
-        Json(json!({"ok": true, "result": {"message_id": 1}}))
-    }
-    let sent: Sent = Arc::default();
-    let router = axum::Router::new().route("/{bot}/sendMessage", post(send_message)).with_state(sent.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("fake telegram") });
-    (format!("http://{addr}"), sent)
+/// What the fake Bot API recorded: `(method, chat id, text, parse_mode)` per call that reached a
+/// user.
+fn sent(fake: &FakeTelegram) -> Vec<(String, String, String, Option<String>)> {
+    fake.sent().into_iter().map(|s| (s.method, s.chat_id, s.text, s.parse_mode)).collect()
 }
 
-enum Via {
+pub(crate) enum Via {
     Nats,
     Http,
 }
 
 /// The worker's configuration, built through its env contract as a spawned worker gets it.
-fn config(stack: &TestStack, worker: &str, via: Via, data: &Path, extra: &[(&str, &str)]) -> WorkerConfig {
+pub(crate) fn config(stack: &TestStack, worker: &str, via: Via, data: &Path, extra: &[(&str, &str)]) -> WorkerConfig {
     let token = stack.ctx.auth.mint_worker_token(worker).expect("token");
     let mut env: HashMap<String, String> = HashMap::from([
         ("WORKER_ID".to_string(), worker.to_string()),
@@ -68,13 +50,13 @@ fn config(stack: &TestStack, worker: &str, via: Via, data: &Path, extra: &[(&str
     WorkerConfig::from_env(&env).expect("valid worker env")
 }
 
-fn start(config: WorkerConfig) -> (CancellationToken, JoinHandle<Result<RunOutcome, WorkerError>>) {
+pub(crate) fn start(config: WorkerConfig) -> (CancellationToken, JoinHandle<Result<RunOutcome, WorkerError>>) {
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(worker::run(config, shutdown.clone()));
     (shutdown, handle)
 }
 
-async fn finished(handle: JoinHandle<Result<RunOutcome, WorkerError>>) -> RunOutcome {
+pub(crate) async fn finished(handle: JoinHandle<Result<RunOutcome, WorkerError>>) -> RunOutcome {
     tokio::time::timeout(WAIT, handle).await.expect("the worker stops in time").expect("no panic").expect("clean stop")
 }
 
@@ -84,12 +66,12 @@ async fn enqueue(stack: &TestStack, conversation: &str, agent: &str, payload: Va
 }
 
 /// The queue view of one message.
-async fn item(stack: &TestStack, conversation: &str, message_id: &str) -> Value {
+pub(crate) async fn item(stack: &TestStack, conversation: &str, message_id: &str) -> Value {
     let items = stack.app().ok("listQueueItemsForConversation", json!({"conversationId": conversation})).await;
     items.as_array().expect("items").iter().find(|i| i["_id"] == message_id).cloned().expect("the message is listed")
 }
 
-async fn wait_done(stack: &TestStack, conversation: &str, message_id: &str) {
+pub(crate) async fn wait_done(stack: &TestStack, conversation: &str, message_id: &str) {
     wait_until(&format!("message {message_id} is done"), WAIT, || async {
         (item(stack, conversation, message_id).await["status"] == "done").then_some(())
     })
@@ -97,7 +79,7 @@ async fn wait_done(stack: &TestStack, conversation: &str, message_id: &str) {
 }
 
 /// `(role, content)` of a conversation's history, oldest first.
-async fn history(stack: &TestStack, conversation: &str) -> Vec<(String, String)> {
+pub(crate) async fn history(stack: &TestStack, conversation: &str) -> Vec<(String, String)> {
     let page = stack.admin().ok("getConversationHistory", json!({"conversationId": conversation})).await;
     let mut items: Vec<(String, String)> = page["items"]
         .as_array()
@@ -144,10 +126,12 @@ async fn reference_worker_serves_its_conversation_drains_and_hands_its_workspace
                    "secretsRef": ["telegram.botToken.agent-a"]}),
         )
         .await;
+    let fake = FakeTelegram::start().await;
+    let bot_token = fake.add_bot(123456, "agent_a_bot");
     admin
-        .ok("importPlaintextSecret", json!({"secretRef": "telegram.botToken.agent-a", "plaintextValue": BOT_TOKEN}))
+        .ok("importPlaintextSecret", json!({"secretRef": "telegram.botToken.agent-a", "plaintextValue": bot_token}))
         .await;
-    let (telegram_url, sent) = fake_telegram().await;
+    let telegram_url = fake.base_url();
     assign(&stack, "w1", "c1", "agent-a").await;
 
     // A Telegram message from a group chat: the reply must go to the chat, in plain text.
@@ -168,11 +152,12 @@ async fn reference_worker_serves_its_conversation_drains_and_hands_its_workspace
     ];
     let (_stop1, worker1) = start(config(&stack, "w1", Via::Nats, data1.path(), &env));
     wait_done(&stack, "c1", &first).await;
-    let sent_now = sent.lock().expect("lock").clone();
     assert_eq!(
-        sent_now,
-        vec![(format!("bot{BOT_TOKEN}"), json!({"chat_id": -100777, "text": format!("echo: {text}")}))]
+        sent(&fake),
+        vec![("sendMessage".to_string(), "-100777".to_string(), format!("echo: {text}"), None)],
+        "plain text (no parse_mode) to the group chat"
     );
+    assert_eq!(fake.sent()[0].bot_id, 123456);
 
     // A job of another provider: no Telegram message.
     let second = enqueue(
@@ -183,7 +168,7 @@ async fn reference_worker_serves_its_conversation_drains_and_hands_its_workspace
     )
     .await;
     wait_done(&stack, "c1", &second).await;
-    assert_eq!(sent.lock().expect("lock").len(), 1);
+    assert_eq!(fake.sent().len(), 1);
     let expected_history = pairs(&[
         ("user", text),
         ("assistant", &format!("echo: {text}")),
@@ -245,7 +230,7 @@ async fn reference_worker_serves_its_conversation_drains_and_hands_its_workspace
     )
     .await;
     wait_done(&stack, "c1", &third).await;
-    assert_eq!(sent.lock().expect("lock")[1].1, json!({"chat_id": 42, "text": "echo: again"}));
+    assert_eq!(sent(&fake)[1], ("sendMessage".to_string(), "42".to_string(), "echo: again".to_string(), None));
     assert_eq!(history(&stack, "c1").await.len(), 6);
 
     // A stop signal: the worker snapshots with reason `signal` and stops.
