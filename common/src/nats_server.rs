@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 pub struct NatsServer {
     child: Option<tokio::process::Child>,
     /// Without credentials.
-    url: String,
+    public_url: String,
     /// With the credentials clients need.
     client_url: String,
     log_file: PathBuf,
@@ -114,7 +114,7 @@ impl NatsServer {
             Some((user, password)) => url.replacen("://", &format!("://{user}:{password}@"), 1),
             None => url.clone(),
         };
-        Ok(Self { child: Some(child), url, client_url, log_file, run_dir: options.run_dir.clone() })
+        Ok(Self { child: Some(child), public_url: url, client_url, log_file, run_dir: options.run_dir.clone() })
     }
 
     /// The URL clients connect with, credentials included: give it only to the services.
@@ -124,7 +124,7 @@ impl NatsServer {
 
     /// The URL without credentials, for logs and banners.
     pub fn public_url(&self) -> &str {
-        &self.url
+        &self.public_url
     }
 
     /// The HTTP monitoring endpoint (`/varz`, `/jsz`), on a port the server chose.
