@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn dumped_settings_are_toml_like_and_hide_secrets() {
-        let env = [("AF_AUTH__ADMIN_TOKEN", "hunter2"), ("AF_CLOCK__START_MS", "7")]
+        let env = [("AF_AUTH__ADMIN_TOKEN", "hunter2-hunter2-hunter2"), ("AF_CLOCK__START_MS", "7")]
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .into();
         let settings = Settings::load(None, &env).expect("valid settings");
