@@ -403,7 +403,10 @@ async fn fake_telegram(
             match sent["webhookStatus"].as_u64() {
                 Some(0) => writeln!(out, "update {update} queued; the webhook could not be reached"),
                 Some(status) => writeln!(out, "update {update} delivered; the webhook answered {status}"),
-                None => writeln!(out, "update {update} queued; the bot has no webhook yet"),
+                None => writeln!(
+                    out,
+                    "update {update} queued, not delivered yet (the bot has no webhook, or an earlier update is undelivered)"
+                ),
             }
             .map_err(io_error)
         }

@@ -33,7 +33,7 @@
 //! |---|---|
 //! | `GET /fake/bots` | every bot: `id`, `username`, `token`, `webhookUrl`, `pending` |
 //! | `POST /fake/bots` `{"id", "username", "token"?}` | creates a bot: `{"id", "username", "token"}` |
-//! | `POST /fake/users/{userId}/send` `{"botId", "text"}` | user `userId` writes `text` to the bot in their private chat; the update is queued and delivered to the bot's webhook at once: `{"updateId", "webhookStatus"}` (`webhookStatus` null when the bot has no webhook, 0 when it could not be reached) |
+//! | `POST /fake/users/{userId}/send` `{"botId", "text"}` | user `userId` writes `text` to the bot in their private chat; the update is queued and delivered to the bot's webhook at once: `{"updateId", "webhookStatus"}` (`webhookStatus` is 0 when the webhook could not be reached, null when the update was not tried: the bot has no webhook, or an earlier update of the bot is still undelivered; auto delivery retries it) |
 //! | `GET /fake/bots/{botId}/chats/{chatId}/messages` | the chat's record, oldest first ([`ChatEntry`]): the user's messages (`from: "user"`) and every call of the bot that reached the chat (`from: "bot"`) |
 //! | `GET /fake/sent` | everything every bot sent ([`Sent`]) |
 //!
