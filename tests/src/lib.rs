@@ -16,7 +16,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub mod fake_fly;
-pub mod fake_telegram;
+/// The fake Telegram Bot API, moved to its own crate (`services/fake-telegram`) so the launcher
+/// can run it for the local demo; re-exported here for the tests.
+pub use ::fake_telegram;
 pub mod workload;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";

@@ -1,6 +1,7 @@
 //! `afctl`, the operator CLI. It speaks HTTP to ingress (`POST /v1/ops/<name>`), so it needs
 //! nothing but the API URL and a token. `op` reaches every operation of the catalogue; the other
-//! commands are shortcuts with flags and readable tables.
+//! commands are shortcuts with flags and readable tables. `fake-telegram` drives the fake Telegram
+//! Bot API of the local demo (`agent-factory --fake-telegram`) through its control API.
 //!
 //! The logic lives here, not in `main.rs`, so tests drive it in-process with [`run_with_input`].
 
@@ -117,6 +118,14 @@ enum Command {
     },
     /// Every worker row.
     Workers,
+    /// The fake Telegram Bot API of the local demo (`agent-factory --fake-telegram`).
+    FakeTelegram {
+        /// Base URL of the fake Bot API.
+        #[arg(long, env = "AF_FAKE_TELEGRAM_URL", default_value = "http://127.0.0.1:8081")]
+        fake_url: String,
+        #[command(subcommand)]
+        command: FakeTelegramCommand,
+    },
     /// Lease the next job as a worker (admin tool for debugging).
     Claim {
         #[arg(long)]
@@ -150,6 +159,43 @@ enum ProfileCommand {
     List,
     /// One profile.
     Get { agent_key: String },
+}
+
+#[derive(Subcommand)]
+enum FakeTelegramCommand {
+    /// Create a bot; prints its token.
+    AddBot {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        username: String,
+    },
+    /// Every bot with its webhook and undelivered updates.
+    Bots,
+    /// A simulated user writes to a bot; the update is delivered to the bot's webhook at once.
+    Send {
+        /// The Telegram user id (also the private chat's id).
+        #[arg(long)]
+        user: i64,
+        #[arg(long)]
+        bot: u64,
+        #[arg(long)]
+        text: String,
+    },
+    /// The record of a chat: the user's messages and what the bot sent, oldest first.
+    Messages {
+        #[arg(long)]
+        bot: u64,
+        /// The chat id (a user's id for their private chat).
+        #[arg(long)]
+        chat: i64,
+        /// Wait until the bot has sent a message containing this text.
+        #[arg(long)]
+        wait_for: Option<String>,
+        /// How long to wait for `--wait-for`.
+        #[arg(long, default_value_t = 30_000)]
+        wait_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -249,6 +295,7 @@ async fn execute(
             let columns = ["workerId", "status", "load", "heartbeatAt", "assignment.conversationId"];
             render(out, raw, &workers, &columns)
         }
+        Command::FakeTelegram { fake_url, command } => fake_telegram(api, &fake_url, command, raw, out).await,
         Command::Claim { worker, wait_ms, conversation } => {
             let conversation_id = conversation.map(|c| id_arg("--conversation", &c)).transpose()?;
             let args = ClaimArgs { worker_id: id_arg("--worker", &worker)?, conversation_id, wait_ms, now_ms: Ignored };
@@ -326,6 +373,70 @@ async fn secret(
     }
 }
 
+async fn fake_telegram(
+    api: &Api,
+    base: &str,
+    cmd: FakeTelegramCommand,
+    raw: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let base = base.trim_end_matches('/');
+    match cmd {
+        FakeTelegramCommand::AddBot { id, username } => {
+            let bot = api.fake(base, "/fake/bots", Some(json!({"id": id, "username": username}))).await?;
+            match raw {
+                true => print_json(out, &bot),
+                false => writeln!(out, "{}", bot["token"].as_str().unwrap_or_default()).map_err(io_error),
+            }
+        }
+        FakeTelegramCommand::Bots => {
+            let bots = api.fake(base, "/fake/bots", None).await?;
+            render(out, raw, &bots, &["id", "username", "webhookUrl", "pending"])
+        }
+        FakeTelegramCommand::Send { user, bot, text } => {
+            let path = format!("/fake/users/{user}/send");
+            let sent = api.fake(base, &path, Some(json!({"botId": bot, "text": text}))).await?;
+            if raw {
+                return print_json(out, &sent);
+            }
+            let update = &sent["updateId"];
+            match sent["webhookStatus"].as_u64() {
+                Some(0) => writeln!(out, "update {update} queued; the webhook could not be reached"),
+                Some(status) => writeln!(out, "update {update} delivered; the webhook answered {status}"),
+                None => writeln!(
+                    out,
+                    "update {update} queued, not delivered yet (the bot has no webhook, or an earlier update is undelivered)"
+                ),
+            }
+            .map_err(io_error)
+        }
+        FakeTelegramCommand::Messages { bot, chat, wait_for, wait_ms } => {
+            let path = format!("/fake/bots/{bot}/chats/{chat}/messages");
+            let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
+            let record = loop {
+                let record = api.fake(base, &path, None).await?;
+                let Some(wanted) = &wait_for else { break record };
+                let seen = record.as_array().is_some_and(|entries| {
+                    entries
+                        .iter()
+                        .any(|e| e["from"] == "bot" && e["text"].as_str().is_some_and(|t| t.contains(wanted.as_str())))
+                });
+                if seen {
+                    break record;
+                }
+                if std::time::Instant::now() >= deadline {
+                    render(out, raw, &record, &["from", "method", "text"])?;
+                    return Err(CliError::Other(format!(
+                        "bot {bot} sent no message containing '{wanted}' to chat {chat} within {wait_ms} ms"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            render(out, raw, &record, &["from", "method", "text"])
+        }
+    }
+}
+
 /// Parses a command-line id by its contract's rule.
 fn id_arg<T: TryFrom<String, Error = common::OpError>>(flag: &str, value: &str) -> Result<T, CliError> {
     T::try_from(value.to_string()).map_err(|e| CliError::Usage(format!("error: {flag}: {}\n", e.message)))
@@ -384,6 +495,30 @@ impl Api {
             .await
             .map_err(|e| CliError::Other(format!("cannot reach {}: {e}", self.base)))?;
         decode(response).await
+    }
+
+    /// Calls the fake Telegram's control API at `base`: a GET, or a POST of `body`. Returns the
+    /// `result` of its `{"ok": true, "result": …}` answer.
+    async fn fake(&self, base: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+        let url = format!("{base}{path}");
+        let request = match body {
+            Some(body) => self.http.post(&url).json(&body),
+            None => self.http.get(&url),
+        };
+        let response = request.send().await.map_err(|e| CliError::Other(format!("cannot reach {base}: {e}")))?;
+        let status = response.status();
+        let answer: Value = response
+            .json()
+            .await
+            .map_err(|e| CliError::Other(format!("undecodable answer of the fake Telegram ({status}): {e}")))?;
+        match answer.get("ok").and_then(Value::as_bool) {
+            Some(true) => Ok(answer.get("result").cloned().unwrap_or(Value::Null)),
+            _ => Err(CliError::Other(format!(
+                "fake Telegram: {} {}",
+                status.as_u16(),
+                answer.get("description").and_then(Value::as_str).unwrap_or("unexpected answer")
+            ))),
+        }
     }
 
     async fn catalogue(&self) -> Result<Value, CliError> {

@@ -1,6 +1,7 @@
 //! `agent-factory`: the whole stack in one process. Starts a local nats-server unless `nats.url`
 //! is configured, creates the local credentials on first run, serves the HTTP API and stops
-//! everything (nats-server included) on SIGINT/SIGTERM or when any service ends.
+//! everything (nats-server included) on SIGINT/SIGTERM or when any service ends. With
+//! `--fake-telegram` it also runs the fake Telegram Bot API beside the stack (the local demo).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,6 +29,14 @@ struct Args {
     /// Print the effective settings (secrets redacted) and exit.
     #[arg(long)]
     dump_config: bool,
+    /// Also run the fake Telegram Bot API (the local demo): the stack's `telegram.api_base_url`
+    /// points at it, `telegram.allow_insecure_webhook` is set, and spawned workers reply
+    /// through it. `afctl fake-telegram` drives it.
+    #[arg(long)]
+    fake_telegram: bool,
+    /// Loopback address the fake Telegram Bot API listens on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081", requires = "fake_telegram")]
+    fake_telegram_bind: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -46,10 +55,36 @@ async fn main() -> ExitCode {
         Ok(guard) => guard,
         Err(e) => return config_error(e),
     };
-    run(&mut settings).await.unwrap_or_else(|e| {
+    let fake = match args.fake_telegram {
+        true => match start_fake_telegram(args.fake_telegram_bind, &mut settings).await {
+            Ok(fake) => Some(fake),
+            Err(e) => return config_error(e),
+        },
+        false => None,
+    };
+    let fake_url = fake.as_ref().map(fake_telegram::FakeTelegram::base_url);
+    run(&mut settings, fake_url.as_deref()).await.unwrap_or_else(|e| {
         tracing::error!("agent-factory failed: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+/// Starts the fake Telegram Bot API on `bind` (loopback only: its control API has no
+/// authentication) and points the stack at it.
+async fn start_fake_telegram(
+    bind: std::net::SocketAddr,
+    settings: &mut Settings,
+) -> anyhow::Result<fake_telegram::FakeTelegram> {
+    anyhow::ensure!(bind.ip().is_loopback(), "--fake-telegram-bind {bind}: must be a loopback address");
+    let mut fake = fake_telegram::FakeTelegram::try_start_on(&bind.to_string())
+        .await
+        .with_context(|| format!("--fake-telegram-bind {bind}: cannot listen"))?;
+    // Telegram redelivers an update its webhook did not answer 200; so does the fake.
+    fake.start_auto_delivery();
+    settings.telegram.api_base_url = fake.base_url();
+    settings.telegram.allow_insecure_webhook = true;
+    tracing::info!(url = fake.base_url(), "fake Telegram Bot API started");
+    Ok(fake)
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
@@ -57,7 +92,7 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(common::process::EXIT_CONFIG as u8)
 }
 
-async fn run(settings: &mut Settings) -> anyhow::Result<ExitCode> {
+async fn run(settings: &mut Settings, fake_telegram: Option<&str>) -> anyhow::Result<ExitCode> {
     let token_file = local_credentials(settings)?;
     let mut nats = match settings.nats.url {
         Some(_) => None,
@@ -67,7 +102,7 @@ async fn run(settings: &mut Settings) -> anyhow::Result<ExitCode> {
         Some(server) => server.url().to_string(),
         None => settings.nats.url.clone().unwrap_or_default(),
     };
-    let result = serve(settings, &url, token_file.as_deref(), nats.as_mut()).await;
+    let result = serve(settings, &url, token_file.as_deref(), nats.as_mut(), fake_telegram).await;
     if let Some(server) = nats.as_mut() {
         server.stop(Duration::from_secs(5)).await;
         tracing::info!("nats-server stopped");
@@ -125,6 +160,7 @@ async fn serve(
     url: &str,
     token_file: Option<&Path>,
     mut embedded: Option<&mut NatsServer>,
+    fake_telegram: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let signals = common::service::shutdown_on_signals();
     // Services stop only after the local workers did: a worker's final snapshot needs them.
@@ -135,7 +171,7 @@ async fn serve(
         .with_context(|| format!("binding http.bind {}", settings.http.bind))?;
     let addr = listener.local_addr()?;
     let mut tasks = launcher::spawn_services(&ctx, listener, &shutdown);
-    banner(addr, &common::service::split_credentials(url).0, embedded.is_some(), token_file);
+    banner(addr, &common::service::split_credentials(url).0, embedded.is_some(), token_file, fake_telegram);
 
     let nats_exit = async {
         match embedded.as_deref_mut() {
@@ -209,16 +245,20 @@ fn report(joined: Joined, early: bool) -> bool {
     false
 }
 
-fn banner(addr: std::net::SocketAddr, nats_url: &str, embedded: bool, token: Option<&Path>) {
+fn banner(addr: std::net::SocketAddr, nats_url: &str, embedded: bool, token: Option<&Path>, fake: Option<&str>) {
     let base = format!("http://{addr}");
     let nats = if embedded { "embedded" } else { "external" };
     let token = token.map_or("from configuration (auth.admin_token)".to_string(), |p| p.display().to_string());
+    let fake = fake.map_or(String::new(), |url| {
+        format!("  Telegram     {url} (fake Bot API; afctl fake-telegram --fake-url {url} ...)\n")
+    });
     eprintln!(
         "\nagent-factory is running\n  \
          API          {base}/v1/ops/<operation>   (catalogue: {base}/v1/ops)\n  \
          health       {base}/healthz   ready: {base}/readyz   metrics: {base}/metrics\n  \
          NATS         {nats_url} ({nats})\n  \
-         admin token  {token}\n  \
+         admin token  {token}\n\
+         {fake}  \
          try          target/release/afctl --url {base} ops\n\
          Press Ctrl-C to stop.\n"
     );

@@ -418,6 +418,8 @@ impl Scheduler {
             ("WORKER_IDLE_TIMEOUT_MS", scaling.idle_timeout_ms.to_string()),
             ("OPENCLAW_AGENT_KEY", target.agent_key.clone()),
             ("OPENCLAW_CONVERSATION_ID", target.conversation_id.clone()),
+            // Replies go through the Bot API the control plane uses (the fake one in the demo).
+            ("TELEGRAM_API_BASE_URL", settings.telegram.api_base_url.clone()),
         ];
         env.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
         env.retain(|_, v| !v.trim().is_empty());

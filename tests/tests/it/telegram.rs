@@ -371,3 +371,50 @@ async fn telegram_pairing_expiry_is_persisted_and_explained() {
     assert_eq!(start(&fake, 1001, 99, "GUESSMORE").await, "Pairing failed: Too many pairing attempts; try again later");
     stack.stop().await;
 }
+
+/// The fake's control API (what `afctl fake-telegram` and the local demo use): a simulated
+/// user's message is delivered to the webhook at once, and the chat's record holds both sides.
+#[tokio::test]
+async fn telegram_fake_control_api_delivers_user_messages_and_records_the_chat() {
+    let fake = FakeTelegram::start().await;
+    let stack = stack_with(&fake).await;
+    agent_with_bot(&stack, &fake, "sales", 1001).await;
+    let http = reqwest::Client::new();
+    let base = fake.base_url();
+    let send = |user: i64, body: Value| {
+        let request = http.post(format!("{base}/fake/users/{user}/send")).json(&body);
+        async move {
+            let response = request.send().await.expect("the fake answers");
+            (response.status().as_u16(), response.json::<Value>().await.expect("json"))
+        }
+    };
+
+    let (status, answer) = send(42, json!({"botId": 1001, "text": "hello"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"]["webhookStatus"], json!(200), "{answer}");
+    assert!(answer["result"]["updateId"].is_i64(), "{answer}");
+    wait_texts(&fake, 1001, 42, 1).await;
+    let record = fake.chat(1001, 42);
+    let sides: Vec<(&str, &str)> = record.iter().map(|e| (e.from.as_str(), e.method.as_str())).collect();
+    assert_eq!(sides, vec![("user", "message"), ("bot", "sendMessage")], "an unbound user gets the pairing hint");
+    assert_eq!(record[0].text, "hello");
+    assert!(record[1].text.contains("/start <code>"), "{record:?}");
+    let over_http: Value = http
+        .get(format!("{base}/fake/bots/1001/chats/42/messages"))
+        .send()
+        .await
+        .expect("the fake answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(over_http, json!({"ok": true, "result": record}));
+
+    // A bot without a webhook keeps the update pending; bad requests are refused.
+    fake.add_bot(1002, "idle_bot");
+    let (_, answer) = send(42, json!({"botId": 1002, "text": "anyone?"})).await;
+    assert_eq!(answer["result"]["webhookStatus"], Value::Null, "{answer}");
+    assert_eq!(fake.pending(1002), 1);
+    assert_eq!(send(42, json!({"botId": 9, "text": "x"})).await.0, 404);
+    assert_eq!(send(42, json!({"bot": "sales_bot"})).await.0, 400);
+    stack.stop().await;
+}

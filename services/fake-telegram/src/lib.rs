@@ -1,6 +1,7 @@
 //! A stateful fake of the Telegram Bot API, for tests and the local demo only (never on a
 //! production path): an axum server the stack talks to through `telegram.api_base_url`
-//! ([`FakeTelegram::base_url`]).
+//! ([`FakeTelegram::base_url`]). The tests use it as `tests::fake_telegram`; the launcher runs it
+//! beside the stack with `agent-factory --fake-telegram`.
 //!
 //! What it fakes, with the Bot API's paths and JSON shapes (`{"ok": true, "result": …}` or
 //! `{"ok": false, "error_code", "description", "parameters"?}`):
@@ -14,7 +15,7 @@
 //!   `400 Bad Request: can't parse entities`, as Telegram does), `sendChatAction`, and the
 //!   multipart uploads `sendAudio` / `sendDocument` (the file in the `audio` / `document` field,
 //!   else `400 Bad Request: there is no <field> in the request`). Every one is **recorded**
-//!   ([`FakeTelegram::sent`], `GET /fake/sent`), so a test reads what a user received, and
+//!   ([`FakeTelegram::sent`], [`FakeTelegram::chat`]), so a test reads what a user received, and
 //!   [`FakeTelegram::call_times`] tells when each call arrived (how long a client waited);
 //! * delivery of updates to the configured webhook with the configured
 //!   `X-Telegram-Bot-Api-Secret-Token`: an update is queued per bot and POSTed in order; one not
@@ -23,9 +24,20 @@
 //!
 //! **Delivery is driven by explicit calls, never by timers**, so tests are deterministic:
 //! [`FakeTelegram::send_update`] queues and delivers at once, returning the webhook's status.
-//! The demo binary (`fake-telegram`) turns on [`FakeTelegram::start_auto_delivery`], which
-//! retries pending updates every 500 ms, and exposes a small control API: `POST /fake/bots`,
-//! `POST /fake/users/{user_id}/messages` (a simulated user writes to a bot), `GET /fake/sent`.
+//! The launcher also turns on [`FakeTelegram::start_auto_delivery`], which retries pending
+//! updates every 500 ms.
+//!
+//! Besides the Bot API it serves a small control API for the demo (JSON in the Bot API's envelope
+//! `{"ok": true, "result": …}`; no authentication, so bind it to loopback), which
+//! `afctl fake-telegram` calls:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /fake/bots` | every bot: `id`, `username`, `token`, `webhookUrl`, `pending` |
+//! | `POST /fake/bots` `{"id", "username", "token"?}` | creates a bot: `{"id", "username", "token"}` |
+//! | `POST /fake/users/{userId}/send` `{"botId", "text"}` | user `userId` writes `text` to the bot in their private chat; the update is queued and delivered to the bot's webhook at once: `{"updateId", "webhookStatus"}` (`webhookStatus` is 0 when the webhook could not be reached, null when the update was not tried: the bot has no webhook, or an earlier update of the bot is still undelivered; auto delivery retries it) |
+//! | `GET /fake/bots/{botId}/chats/{chatId}/messages` | the chat's record, oldest first ([`ChatEntry`]): the user's messages (`from: "user"`) and every call of the bot that reached the chat (`from: "bot"`) |
+//! | `GET /fake/sent` | everything every bot sent ([`Sent`]) |
 //!
 //! Faults: [`FakeTelegram::fail_next`] answers the next calls of a method with a status (429
 //! with `retry_after`, 5xx) before they take effect; [`FakeTelegram::fail_after`] lets some
@@ -95,6 +107,21 @@ pub struct Sent {
     pub file_bytes: Option<usize>,
 }
 
+/// One line of a chat's record: a message the user sent to the bot, or a call of the bot that
+/// reached the chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatEntry {
+    pub bot_id: u64,
+    pub chat_id: String,
+    /// `user` or `bot`.
+    pub from: String,
+    /// `message` for the user's messages; the Bot API method for the bot's.
+    pub method: String,
+    /// The text or caption (the chat action for `sendChatAction`).
+    pub text: String,
+}
+
 /// A fault injected for the next calls of one method.
 #[derive(Debug, Clone)]
 struct Fault {
@@ -111,6 +138,8 @@ struct World {
     bots: Vec<Bot>,
     files: HashMap<String, FakeFile>,
     sent: Vec<Sent>,
+    /// Both sides of every chat, in order.
+    chats: Vec<ChatEntry>,
     faults: Vec<Fault>,
     /// Every method call: (bot id, method, when it arrived).
     calls: Vec<(u64, String, Instant)>,
@@ -120,6 +149,27 @@ struct World {
 impl World {
     fn bot_by_token(&mut self, token: &str) -> Option<&mut Bot> {
         self.bots.iter_mut().find(|b| b.token == token)
+    }
+
+    /// Queues `update` for `bot_id` and records the user's text or caption in the chat's
+    /// record. Returns false for an unknown bot.
+    fn push_update(&mut self, bot_id: u64, update: Value) -> bool {
+        let Some(bot) = self.bots.iter_mut().find(|b| b.id == bot_id) else { return false };
+        let message = update.get("message");
+        let chat_id = message.and_then(|m| m.pointer("/chat/id")).and_then(Value::as_i64);
+        let text = message.and_then(|m| m.get("text").or_else(|| m.get("caption"))).and_then(Value::as_str);
+        let text = text.unwrap_or_default().to_string();
+        bot.pending.push_back(update);
+        if let Some(chat_id) = chat_id {
+            self.chats.push(ChatEntry {
+                bot_id,
+                chat_id: chat_id.to_string(),
+                from: "user".to_string(),
+                method: "message".to_string(),
+                text,
+            });
+        }
+        true
     }
 }
 
@@ -168,21 +218,26 @@ impl FakeTelegram {
         Self::start_on("127.0.0.1:0").await
     }
 
-    /// Starts on `bind` (the demo binary).
+    /// Starts on `bind`; panics when it cannot bind.
     pub async fn start_on(bind: &str) -> FakeTelegram {
+        Self::try_start_on(bind).await.expect("bind the fake Telegram API")
+    }
+
+    /// Starts on `bind` (the launcher's `--fake-telegram-bind`).
+    pub async fn try_start_on(bind: &str) -> std::io::Result<FakeTelegram> {
         common::telemetry::install_crypto_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
         let shared =
             Arc::new(Shared { world: Mutex::new(World::default()), http, delivering: tokio::sync::Mutex::new(()) });
-        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind the fake Telegram API");
-        let addr = listener.local_addr().expect("fake Telegram address");
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
         let router = router(shared.clone());
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 eprintln!("fake Telegram API stopped: {e}");
             }
         });
-        FakeTelegram { shared, addr, server, auto: None }
+        Ok(FakeTelegram { shared, addr, server, auto: None })
     }
 
     /// The Bot API base URL (`telegram.api_base_url`), `http://127.0.0.1:<port>`.
@@ -242,6 +297,12 @@ impl FakeTelegram {
             .filter(|s| s.bot_id == bot_id && s.chat_id == chat && s.method == "sendMessage")
             .map(|s| s.text)
             .collect()
+    }
+
+    /// The record of chat `chat_id` with `bot_id`: the user's messages and the bot's calls, in
+    /// order.
+    pub fn chat(&self, bot_id: u64, chat_id: i64) -> Vec<ChatEntry> {
+        chat_record(&self.shared.world(), bot_id, &chat_id.to_string())
     }
 
     /// Every Bot API call `(bot id, method)` so far.
@@ -325,7 +386,7 @@ impl FakeTelegram {
                 }
             };
             update["update_id"] = json!(id);
-            bot.pending.push_back(update);
+            world.push_update(bot_id, update);
             id
         };
         let deliveries = deliver_pending(&self.shared, bot_id).await;
@@ -372,19 +433,6 @@ impl FakeTelegram {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }));
-    }
-
-    /// Queues a text update from `user_id` for the bot named `username` without delivering it
-    /// (auto delivery or [`FakeTelegram::deliver_pending`] does). Returns the update id.
-    pub fn queue_text(&self, username: &str, user_id: i64, text: &str) -> Option<i64> {
-        let bot_id = self.shared.world().bots.iter().find(|b| b.username == username).map(|b| b.id)?;
-        let mut update = self.text_update(bot_id, user_id, text);
-        let mut world = self.shared.world();
-        let bot = world.bots.iter_mut().find(|b| b.id == bot_id)?;
-        bot.next_update_id += 1;
-        update["update_id"] = json!(bot.next_update_id);
-        bot.pending.push_back(update);
-        Some(bot.next_update_id)
     }
 }
 
@@ -442,7 +490,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/file/{bot}/{*path}", get(download))
         .route("/fake/sent", get(control_sent))
         .route("/fake/bots", get(control_bots).post(control_add_bot))
-        .route("/fake/users/{user_id}/messages", post(control_user_message))
+        .route("/fake/bots/{bot_id}/chats/{chat_id}/messages", get(control_chat))
+        .route("/fake/users/{user_id}/send", post(control_user_send))
         .with_state(shared)
 }
 
@@ -567,6 +616,13 @@ async fn call(
         return (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), axum::Json(body)).into_response();
     }
     let record = |world: &mut World, method: &str, chat_id: String, text: String, parse_mode: Option<String>| {
+        world.chats.push(ChatEntry {
+            bot_id: bot.id,
+            chat_id: chat_id.clone(),
+            from: "bot".to_string(),
+            method: method.to_string(),
+            text: text.clone(),
+        });
         world.sent.push(Sent {
             bot_id: bot.id,
             bot_username: bot.username.clone(),
@@ -701,7 +757,7 @@ async fn download(State(shared): State<Arc<Shared>>, Path((bot, path)): Path<(St
 }
 
 async fn control_sent(State(shared): State<Arc<Shared>>) -> Response {
-    (StatusCode::OK, axum::Json(json!(shared.world().sent))).into_response()
+    ok(json!(shared.world().sent))
 }
 
 async fn control_bots(State(shared): State<Arc<Shared>>) -> Response {
@@ -711,7 +767,7 @@ async fn control_bots(State(shared): State<Arc<Shared>>) -> Response {
         .iter()
         .map(|b| json!({"id": b.id, "username": b.username, "token": b.token, "webhookUrl": b.webhook_url, "pending": b.pending.len()}))
         .collect();
-    (StatusCode::OK, axum::Json(json!(bots))).into_response()
+    ok(json!(bots))
 }
 
 #[derive(Deserialize)]
@@ -748,33 +804,59 @@ async fn control_add_bot(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
 }
 
 #[derive(Deserialize)]
-struct UserMessage {
-    bot: String,
+#[serde(rename_all = "camelCase")]
+struct UserSend {
+    bot_id: u64,
     text: String,
 }
 
-async fn control_user_message(State(shared): State<Arc<Shared>>, Path(user_id): Path<i64>, body: Bytes) -> Response {
-    let Ok(message) = serde_json::from_slice::<UserMessage>(&body) else {
-        return error(400, "expected {\"bot\": <username>, \"text\": <string>}");
+/// A simulated user writes to a bot: the update is queued and delivered at once.
+async fn control_user_send(State(shared): State<Arc<Shared>>, Path(user_id): Path<i64>, body: Bytes) -> Response {
+    let Ok(send) = serde_json::from_slice::<UserSend>(&body) else {
+        return error(400, "expected {\"botId\": <number>, \"text\": <string>}");
     };
-    let mut world = shared.world();
-    let Some(bot) = world.bots.iter_mut().find(|b| b.username == message.bot) else {
-        return error(404, "no such bot");
+    let (update_id, has_webhook) = {
+        let mut world = shared.world();
+        let Some(bot) = world.bots.iter_mut().find(|b| b.id == send.bot_id) else {
+            return error(404, "no such bot");
+        };
+        bot.next_update_id += 1;
+        bot.next_message_id += 1;
+        let (update_id, message_id) = (bot.next_update_id, bot.next_message_id);
+        let has_webhook = !bot.webhook_url.is_empty();
+        let user = json!({"id": user_id, "is_bot": false, "first_name": format!("User{user_id}"), "username": format!("user{user_id}")});
+        let update = json!({
+            "update_id": update_id,
+            "message": {
+                "message_id": message_id,
+                "from": user,
+                "chat": {"id": user_id, "type": "private", "first_name": format!("User{user_id}")},
+                "date": DATE_ORIGIN + message_id,
+                "text": send.text,
+            }
+        });
+        world.push_update(send.bot_id, update);
+        (update_id, has_webhook)
     };
-    bot.next_update_id += 1;
-    bot.next_message_id += 1;
-    let update = json!({
-        "update_id": bot.next_update_id,
-        "message": {
-            "message_id": bot.next_message_id,
-            "from": {"id": user_id, "is_bot": false, "first_name": format!("User{user_id}")},
-            "chat": {"id": user_id, "type": "private", "first_name": format!("User{user_id}")},
-            "date": DATE_ORIGIN + bot.next_message_id,
-            "text": message.text,
+    let status = match has_webhook {
+        true => {
+            deliver_pending(&shared, send.bot_id).await.into_iter().find(|d| d.update_id == update_id).map(|d| d.status)
         }
-    });
-    bot.pending.push_back(update);
-    ok(json!({"updateId": bot.next_update_id}))
+        false => None,
+    };
+    ok(json!({"updateId": update_id, "webhookStatus": status}))
+}
+
+fn chat_record(world: &World, bot_id: u64, chat_id: &str) -> Vec<ChatEntry> {
+    world.chats.iter().filter(|c| c.bot_id == bot_id && c.chat_id == chat_id).cloned().collect()
+}
+
+async fn control_chat(State(shared): State<Arc<Shared>>, Path((bot_id, chat_id)): Path<(u64, String)>) -> Response {
+    let world = shared.world();
+    if !world.bots.iter().any(|b| b.id == bot_id) {
+        return error(404, "no such bot");
+    }
+    ok(json!(chat_record(&world, bot_id, &chat_id)))
 }
 
 #[cfg(test)]
