@@ -421,6 +421,9 @@ operations! {
     GetBroadcastStatus = "getBroadcastStatus", PushDispatcher, [Admin, App];
         push::BroadcastIdArgs => Option<push::BroadcastView>, "a broadcast and its progress";
     // Telegram administration.
+    PrepareTelegramAttachmentsForEnqueue = "prepareTelegramAttachmentsForEnqueue", Hydration, [Admin, App];
+        telegram::PrepareTelegramAttachmentsArgs => Vec<queue::PayloadAttachment>,
+        "fetch a Telegram message's files with the agent's bot token into the media store, ready to enqueue";
     ImportTelegramTokenForAgent = "importTelegramTokenForAgent", Hydration, [Admin, App];
         telegram::ImportTelegramTokenArgs => telegram::ImportedTelegramToken,
         "verify a bot token with getMe and store it as the agent's token";

@@ -205,3 +205,27 @@ pub fn webhook_secret_key(secret_sha256_hex: &str) -> String {
 pub struct BotIdentityArgs {
     pub bot_identity: BotIdentity,
 }
+
+/// One file of a Telegram message to fetch (`prepareTelegramAttachmentsForEnqueue`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelegramAttachmentCandidate {
+    pub kind: super::attachments::AttachmentKind,
+    /// The `file_id` Telegram gave the file (1–1024 bytes).
+    pub telegram_file_id: String,
+    #[serde(default)]
+    pub file_name: Option<String>,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrepareTelegramAttachmentsArgs {
+    /// Whose bot token fetches the files.
+    pub agent_key: AgentKey,
+    /// At most `attachments.max_per_message` (10).
+    pub attachments: Vec<TelegramAttachmentCandidate>,
+}

@@ -114,7 +114,7 @@ async fn by_storage_id(ctx: &ServiceContext, storage_id: &str) -> Result<Vec<Att
     Ok(found.map_err(OpError::internal)?.into_iter().map(|(_, v)| v.value).collect())
 }
 
-async fn retention_ms(ctx: &ServiceContext) -> Result<i64, OpError> {
+pub(crate) async fn retention_ms(ctx: &ServiceContext) -> Result<i64, OpError> {
     Ok(runtime_config::message_config(ctx)
         .await?
         .and_then(|c| c.telegram_attachment_retention_ms)

@@ -81,6 +81,9 @@ pub(crate) fn register(telegram: &Telegram, ops: &mut OpRegistry) {
     ops.handle::<api::GetWebhookReadiness, _, _, _, _>(telegram, |t, _: Caller, args| async move {
         t.readiness(&args.agent_key).await
     });
+    ops.handle::<api::PrepareTelegramAttachmentsForEnqueue, _, _, _, _>(telegram, |t, _: Caller, args| async move {
+        crate::telegram_updates::prepare_attachments(&t, args).await
+    });
     ops.handle::<api::SoftResetTelegramBindingsMissingBotIdentity, _, _, _, _>(
         telegram,
         |t, _: Caller, args| async move { soft_reset(&t.ctx, args).await },

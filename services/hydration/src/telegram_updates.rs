@@ -32,9 +32,12 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use bytes::Bytes;
 use common::OpError;
+use common::api::attachments::AttachmentStatus;
 use common::api::pairing::ConsumePairingArgs;
+use common::api::queue::PayloadAttachment;
+use common::api::telegram::PrepareTelegramAttachmentsArgs;
 use common::error::ErrorCode;
-use common::ids::{BotIdentity, ConversationId, MessageId, PairingCode, TelegramId};
+use common::ids::{BotIdentity, ConversationId, MessageId, PairingCode, StorageId, TelegramId};
 use common::topology::{TELEGRAM_UPDATES_CONSUMER, TELEGRAM_UPDATES_STREAM};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
@@ -394,6 +397,57 @@ async fn pair(telegram: &Telegram, bot: &str, code: &str, msg: &Incoming<'_>) ->
     };
     let consumed = crate::pairing::consume(&telegram.ctx, args).await?;
     Ok(consumed.binding.agent_key)
+}
+
+/// `prepareTelegramAttachmentsForEnqueue` (spec §3.6): fetches every file with the agent's bot
+/// token into the media store, concurrently; one failure fails the call. The answers are
+/// `payload.attachments` items ready for `enqueueMessage`.
+pub(crate) async fn prepare_attachments(
+    telegram: &Telegram,
+    args: PrepareTelegramAttachmentsArgs,
+) -> Result<Vec<PayloadAttachment>, OpError> {
+    let ctx = &telegram.ctx;
+    let max = ctx.settings.attachments.max_per_message;
+    if args.attachments.len() > max {
+        return Err(OpError::invalid(format!("attachments: at most {max} per message")));
+    }
+    if let Some(i) =
+        args.attachments.iter().position(|a| a.telegram_file_id.is_empty() || a.telegram_file_id.len() > 1024)
+    {
+        return Err(OpError::invalid(format!("attachments[{i}].telegramFileId: 1 to 1024 bytes")));
+    }
+    let agent_key = args.agent_key.as_str();
+    let profile = crate::profiles::get_profile(ctx, agent_key).await?;
+    let Some((_, token)) = telegram.agent_token(profile.as_ref(), agent_key).await? else {
+        return Err(OpError::invalid(format!("missing active telegram bot token for agent '{agent_key}'")));
+    };
+    let expires_at = ctx.clock.now_ms() + crate::attachments::retention_ms(ctx).await?;
+    let prepared = args.attachments.into_iter().map(|a| {
+        let token = token.expose_secret();
+        async move {
+            let candidate = Candidate {
+                kind: a.kind.as_str(),
+                file_id: a.telegram_file_id,
+                file_name: a.file_name,
+                mime_type: a.mime_type,
+                size: a.size_bytes,
+            };
+            let storage_id = crate::attachments::new_storage_id();
+            let (size, mime) = fetch(telegram, token, &candidate, &storage_id).await?;
+            Ok::<_, OpError>(PayloadAttachment {
+                kind: a.kind,
+                status: Some(AttachmentStatus::Ready),
+                storage_id: StorageId::trusted(storage_id),
+                telegram_file_id: candidate.file_id,
+                file_name: candidate.file_name,
+                mime_type: Some(mime),
+                size_bytes: Some(candidate.size.unwrap_or(size)),
+                expires_at: Some(expires_at),
+                download_url: common::api::Ignored,
+            })
+        }
+    });
+    futures::future::try_join_all(prepared).await
 }
 
 /// Downloads one file through `getFile` into the media store as `storage_id`; returns its size

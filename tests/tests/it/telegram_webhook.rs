@@ -382,3 +382,45 @@ fn telegram_webhook_hostile_updates_never_5xx_and_enqueue_nothing() {
     });
     drop(fake);
 }
+
+/// `prepareTelegramAttachmentsForEnqueue` (spec §3.6): the files are fetched with the agent's
+/// bot token into the media store, and the answer is enqueued as it is.
+#[tokio::test]
+async fn telegram_prepared_attachments_are_fetched_and_enqueue_as_they_are() {
+    let fake = FakeTelegram::start().await;
+    let stack = stack_with(&fake).await;
+    agent_with_bot(&stack, &fake, "files", 9101).await;
+    let photo = fake.add_file(9101, "photos/file_7.jpg", b"jpeg-bytes".to_vec());
+    let voice = fake.add_file(9101, "voice/file_8.oga", b"ogg".to_vec());
+    let app = stack.app();
+
+    let args = json!({"agentKey": "files", "attachments": [
+        {"kind": "photo", "telegramFileId": photo, "sizeBytes": 99},
+        {"kind": "voice", "telegramFileId": voice, "fileName": "note.ogg", "mimeType": "application/octet-stream"},
+    ]});
+    let prepared = app.ok("prepareTelegramAttachmentsForEnqueue", args).await;
+    let items = prepared.as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    assert_eq!((items[0]["kind"].as_str(), items[0]["status"].as_str()), (Some("photo"), Some("ready")));
+    assert_eq!((items[0]["mimeType"].as_str(), items[0]["sizeBytes"].as_u64()), (Some("image/jpeg"), Some(99)));
+    assert_eq!(items[0]["telegramFileId"], photo.as_str());
+    assert_eq!(items[0]["expiresAt"], tests::T0 + 604_800_000);
+    assert_eq!((items[1]["mimeType"].as_str(), items[1]["sizeBytes"].as_u64()), (Some("audio/ogg"), Some(3)));
+
+    let payload = json!({"provider": "telegram", "providerUserId": "42", "messageText": "", "attachments": prepared});
+    let enqueue = json!({"conversationId": "telegram:42", "agentKey": "files", "payload": payload});
+    let message_id = app.ok("enqueueMessage", enqueue).await;
+    let job = stack.worker("w1").ok("claimNextJob", json!({"workerId": "w1"})).await;
+    assert_eq!(job["messageId"], message_id);
+    assert_eq!(job["payload"]["attachments"][1]["storageId"], items[1]["storageId"]);
+
+    // The original's errors: no token for the agent; Telegram refusing the file id.
+    let args = json!({"agentKey": "nobody", "attachments": [{"kind": "photo", "telegramFileId": photo}]});
+    let err = app.err("prepareTelegramAttachmentsForEnqueue", args).await;
+    assert_eq!(err.message, "missing active telegram bot token for agent 'nobody'");
+    let args = json!({"agentKey": "files", "attachments": [{"kind": "photo", "telegramFileId": "AgACnope"}]});
+    let err = app.err("prepareTelegramAttachmentsForEnqueue", args).await;
+    assert!(err.message.starts_with("Telegram getFile failed: "), "{}", err.message);
+    let args = json!({"agentKey": "files", "attachments": [{"kind": "hologram", "telegramFileId": photo}]});
+    assert_eq!(app.err("prepareTelegramAttachmentsForEnqueue", args).await.code, common::ErrorCode::InvalidInput);
+}
