@@ -621,11 +621,12 @@ async fn revoke(ctx: &ServiceContext, consumer_user_id: &str) -> Result<usize, O
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn binding(agent: &str, status: BindingStatus, bound_at: Millis) -> Binding {
+    /// A binding of user `u1` to `agent` (also the user-agent views' tests' fixture).
+    pub(crate) fn binding(agent: &str, status: BindingStatus, bound_at: Millis) -> Binding {
         Binding {
             agent_key: agent.to_string(),
             conversation_id: user_agent_conversation_id(agent, "u1"),

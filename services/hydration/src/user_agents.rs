@@ -423,22 +423,8 @@ async fn send_message(ctx: &ServiceContext, args: SendMessageToUserAgentArgs) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::api::bindings::BindingSource;
 
-    fn binding(agent: &str, status: BindingStatus, bound_at: Millis) -> Binding {
-        Binding {
-            agent_key: agent.to_string(),
-            conversation_id: bindings::user_agent_conversation_id(agent, "u1"),
-            bot_identity: None,
-            status,
-            source: BindingSource::Api,
-            telegram_user_id: None,
-            telegram_chat_id: None,
-            metadata: None,
-            bound_at,
-            revoked_at: (status == BindingStatus::Revoked).then_some(bound_at + 1),
-        }
-    }
+    use crate::bindings::tests::binding;
 
     fn code(agent: &str, status: PairingStatus, expires_at: Millis) -> PairingRecord {
         PairingRecord {
