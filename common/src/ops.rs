@@ -150,6 +150,16 @@ async fn handle(
     }
     .instrument(span.clone())
     .await;
+    // A reply NATS would refuse never arrives: the caller would wait for its timeout instead of
+    // learning why. Headers take a few dozen bytes of the limit.
+    let max_reply = ctx.nats.server_info().max_payload.saturating_sub(1024);
+    let result = result.and_then(|body| match body.len() > max_reply {
+        true => Err(OpError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the result ({} bytes) is larger than a NATS message may be ({max_reply} bytes)", body.len()),
+        )),
+        false => Ok(body),
+    });
     let (status, body) = match result {
         Ok(body) => (200u16, body),
         Err(err) => {

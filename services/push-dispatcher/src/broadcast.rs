@@ -99,10 +99,15 @@ fn row_key(id: &str, agent: &str) -> String {
 
 async fn start(ctx: &ServiceContext, a: BroadcastArgs) -> Result<BroadcastResult, OpError> {
     target::check_actor("requestedBy", &a.requested_by)?;
+    // Read from the bucket in one pass rather than through `listAgentProfiles`, whose answer for
+    // every agent of every company outgrows a NATS message at a few thousand agents.
     let mut targets: Vec<String> = ctx
-        .call_service::<api::ListAgentProfiles>(&Default::default())
+        .buckets
+        .profiles
+        .scan::<common::model::AgentProfile>(">")
         .await?
         .into_iter()
+        .map(|(_, p)| p.value)
         .filter(|p| p.enabled && p.company_id.as_deref() == Some(a.company_id.as_str()))
         .map(|p| p.agent_key)
         .collect();

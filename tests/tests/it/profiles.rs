@@ -423,3 +423,37 @@ async fn profiles_concurrent_secret_imports_get_distinct_versions() {
     assert_eq!(active, vec![8], "only the newest version is active");
     stack.stop().await;
 }
+
+/// An answer larger than one NATS message (12,000 profiles: about 1.7 MB) is a 413 naming the
+/// sizes, at once, not a request that times out; a broadcast still finds its company's agents
+/// among thousands.
+#[tokio::test]
+async fn profiles_an_answer_too_large_for_nats_is_a_413_and_broadcasts_still_work() {
+    let stack = TestStack::start().await;
+    let seeds = (0..12_000).map(|i| {
+        let ctx = stack.ctx.clone();
+        async move {
+            let profile = common::model::AgentProfile {
+                agent_key: format!("agent-{i:05}"),
+                version: "1.0.0".into(),
+                secrets_ref: vec![format!("telegram.botToken.agent-{i:05}"), "convex.url".into()],
+                bot_identity: None,
+                bridge_config: None,
+                enabled: true,
+                company_id: Some(if i < 2 { "small".into() } else { "other".into() }),
+                created_at: 0,
+                updated_at: 0,
+            };
+            ctx.buckets.profiles.create(&profile.agent_key, &profile).await.expect("seed profile");
+        }
+    });
+    futures::future::join_all(seeds).await;
+
+    let err = stack.admin().err("listAgentProfiles", json!({})).await;
+    assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+    assert!(err.message.contains("larger than a NATS message may be"), "{}", err.message);
+
+    let args = json!({"companyId": "small", "title": "hi", "text": "hello", "requestedBy": "ops"});
+    let result = stack.app().ok("sendBroadcastToAllActiveAgents", args).await;
+    assert_eq!(result["totalTargets"], 2, "{result}");
+}
