@@ -30,6 +30,10 @@ pub struct NatsServerOptions {
     /// The user and password every client must present; `None` runs the server open (only
     /// for tests that need it).
     pub credentials: Option<(String, String)>,
+    /// Serve the HTTP monitoring endpoints (`/varz`, `/jsz`, `/connz`) on a loopback port. Only
+    /// for the tests and benchmarks that read them: they are not password protected, and on a
+    /// machine running local workers anything on loopback could read them.
+    pub monitoring: bool,
 }
 
 /// Finds nats-server: `explicit`, then `<project>/.tools/nats/bin/nats-server` (the project's
@@ -72,13 +76,11 @@ impl NatsServer {
         }
         let log_file = options.run_dir.join("nats-server.log");
         let mut cmd = tokio::process::Command::new(&options.binary);
-        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-js", "--http_port", "-1"])
-            .arg("-sd")
-            .arg(&options.store_dir)
-            .arg("--ports_file_dir")
-            .arg(&options.run_dir)
-            .arg("-l")
-            .arg(&log_file);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-js"]);
+        if options.monitoring {
+            cmd.args(["--http_port", "-1"]);
+        }
+        cmd.arg("-sd").arg(&options.store_dir).arg("--ports_file_dir").arg(&options.run_dir).arg("-l").arg(&log_file);
         let mut config = String::new();
         if let Some((user, password)) = &options.credentials {
             // Only the services hold these; workers reach the control plane through ingress.

@@ -56,6 +56,8 @@ impl TestNats {
             run_dir: dir.path().join("run"),
             extra_config,
             credentials: Some(("af-test".to_string(), password)),
+            // The benchmarks read /varz and /jsz.
+            monitoring: true,
         };
         let server = NatsServer::start(&options).await.expect("nats-server starts");
         if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {

@@ -146,6 +146,7 @@ async fn start_nats(settings: &Settings) -> anyhow::Result<NatsServer> {
         run_dir: settings.data_dir.join("run"),
         extra_config: None,
         credentials: Some(("agent-factory".to_string(), password.expose_secret().to_string())),
+        monitoring: false,
     };
     let server = NatsServer::start(&options).await.context("starting nats-server")?;
     tracing::info!(url = server.public_url(), pid = server.pid(), "nats-server started");

@@ -38,6 +38,11 @@ async fn launcher_exits_non_zero_when_its_embedded_nats_server_dies() {
     })
     .await;
     let pid = nats_pid(&data.path().join("run")).expect("the embedded nats-server's ports file");
+    // No monitoring endpoints: they have no password, and local workers share the loopback.
+    let ports = std::fs::read_dir(data.path().join("run")).expect("run dir").flatten().find_map(|e| {
+        e.path().extension().is_some_and(|x| x == "ports").then(|| std::fs::read_to_string(e.path()).expect("ports"))
+    });
+    assert!(!ports.expect("ports file").contains("monitoring"), "the embedded nats-server serves monitoring");
     common::nats_server::signal(pid as u32, libc::SIGKILL);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

@@ -26,4 +26,5 @@ mod telegram_replies;
 mod telegram_webhook;
 mod tidy;
 mod user_agents;
+mod worker_isolation;
 mod worker_kit;
