@@ -63,45 +63,72 @@ pub fn is_secret_field(name: &str) -> bool {
     SECRET_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name))
 }
 
-/// Replaces the value of every secret field in `value`, at any depth.
-pub fn redact(value: &mut Value) {
+/// Replaces the value of every secret field in `value`, at any depth; answers the values
+/// removed as text (to scrub them from an error message that may quote one).
+pub fn redact(value: &mut Value) -> Vec<String> {
+    let mut removed = Vec::new();
+    redact_into(value, &mut removed);
+    removed
+}
+
+fn redact_into(value: &mut Value, removed: &mut Vec<String>) {
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
                 if is_secret_field(key) {
-                    *v = Value::String(REDACTED.to_string());
+                    let old = std::mem::replace(v, Value::String(REDACTED.to_string()));
+                    match old {
+                        Value::String(s) => removed.push(s),
+                        Value::Null => {}
+                        other => removed.push(other.to_string()),
+                    }
                 } else {
-                    redact(v);
+                    redact_into(v, removed);
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_into(v, removed)),
         _ => {}
     }
 }
 
-/// The arguments as stored: the request body, redacted, cut to [`MAX_ARGS_BYTES`]; and whether
-/// it was cut. A body that is not a JSON object is stored as its size only (it cannot be
-/// redacted field by field).
-pub fn stored_args(body: &[u8]) -> (Value, bool) {
+/// `text` with every occurrence of a removed secret value replaced by `"[REDACTED]"`.
+pub fn scrub(text: &str, removed: &[String]) -> String {
+    removed.iter().filter(|s| !s.is_empty()).fold(text.to_string(), |t, s| t.replace(s.as_str(), REDACTED))
+}
+
+/// The arguments as stored.
+pub struct StoredArgs {
+    /// The request body, redacted, or a string holding its first [`MAX_ARGS_BYTES`].
+    pub args: Value,
+    pub truncated: bool,
+    /// The secret values taken out, for [`scrub`]; never stored.
+    pub removed: Vec<String>,
+}
+
+/// The arguments as stored: the request body, redacted, cut to [`MAX_ARGS_BYTES`]. A body that
+/// is not a JSON object is stored as its size only (it cannot be redacted field by field).
+pub fn stored_args(body: &[u8]) -> StoredArgs {
     let body = body.trim_ascii();
+    let stored = |args, truncated, removed| StoredArgs { args, truncated, removed };
     if body.is_empty() {
-        return (Value::Object(Default::default()), false);
+        return stored(Value::Object(Default::default()), false, Vec::new());
     }
     let mut value = match serde_json::from_slice::<Value>(body) {
         Ok(v @ Value::Object(_)) => v,
-        _ => return (Value::String(format!("[not a JSON object: {} bytes]", body.len())), false),
+        _ => return stored(Value::String(format!("[not a JSON object: {} bytes]", body.len())), false, Vec::new()),
     };
-    redact(&mut value);
+    let removed = redact(&mut value);
     let text = value.to_string();
     if text.len() <= MAX_ARGS_BYTES {
-        return (value, false);
+        return stored(value, false, removed);
     }
     let mut cut = MAX_ARGS_BYTES;
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    (Value::String(format!("{}…[truncated, {} bytes in all]", &text[..cut], text.len())), true)
+    let prefix = format!("{}…[truncated, {} bytes in all]", &text[..cut], text.len());
+    stored(Value::String(prefix), true, removed)
 }
 
 /// A non-reversible name for a bearer token: the first 12 hex digits of its SHA-256.
@@ -211,8 +238,10 @@ mod tests {
     #[test]
     fn secrets_are_redacted_at_any_depth_and_long_args_are_cut() {
         let body = br#"{"secretRef":"a.b","plaintextValue":"hunter2","nested":[{"FlyApiToken":"t0k"}],"n":1}"#;
-        let (args, cut) = stored_args(body);
-        assert!(!cut);
+        let StoredArgs { args, truncated, removed } = stored_args(body);
+        assert!(!truncated);
+        assert_eq!(removed.len(), 2);
+        assert_eq!(scrub("invalid value hunter2 here", &removed), "invalid value [REDACTED] here");
         let text = args.to_string();
         assert!(!text.contains("hunter2") && !text.contains("t0k"), "{text}");
         assert_eq!(args["plaintextValue"], REDACTED);
@@ -220,15 +249,15 @@ mod tests {
         assert_eq!(args["secretRef"], "a.b");
 
         let long = format!(r#"{{"plaintextValue":"{}","text":"{}"}}"#, "s".repeat(20_000), "é".repeat(9_000));
-        let (args, cut) = stored_args(long.as_bytes());
-        assert!(cut);
+        let StoredArgs { args, truncated, .. } = stored_args(long.as_bytes());
+        assert!(truncated);
         let text = args.as_str().unwrap();
         assert!(text.len() < MAX_ARGS_BYTES + 100 && !text.contains("sss"), "{}", text.len());
         assert!(text.ends_with("bytes in all]"));
 
-        assert_eq!(stored_args(b"").0, serde_json::json!({}));
-        assert_eq!(stored_args(b"[\"hunter2\"]").0, "[not a JSON object: 11 bytes]");
-        assert_eq!(stored_args(b"{nope hunter2").0, "[not a JSON object: 13 bytes]");
+        assert_eq!(stored_args(b"").args, serde_json::json!({}));
+        assert_eq!(stored_args(b"[\"hunter2\"]").args, "[not a JSON object: 11 bytes]");
+        assert_eq!(stored_args(b"{nope hunter2").args, "[not a JSON object: 13 bytes]");
     }
 
     #[test]

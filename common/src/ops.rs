@@ -183,9 +183,11 @@ async fn handle(
     if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
         tracing::warn!(op = spec.name, error = %e, "could not send reply");
     }
-    if let Some(outcome) = outcome {
+    if let Some(mut outcome) = outcome {
         // After the reply: the caller does not wait for the audit log.
-        let (args, args_truncated) = crate::audit::stored_args(&msg.payload);
+        let stored = crate::audit::stored_args(&msg.payload);
+        // An error message may quote an argument: never a secret one.
+        outcome.error_message = outcome.error_message.map(|m| crate::audit::scrub(&m, &stored.removed));
         let record = crate::api::audit::AuditRecord {
             sequence: None,
             at_ms: ctx.clock.now_ms(),
@@ -198,8 +200,8 @@ async fn handle(
             outcome,
             duration_ms: duration.as_secs_f64() * 1000.0,
             trace_id: header("traceparent").and_then(crate::audit::trace_id),
-            args,
-            args_truncated,
+            args: stored.args,
+            args_truncated: stored.truncated,
         };
         crate::audit::append(&ctx.js, &record).await;
     }
