@@ -80,7 +80,8 @@ async fn audit_records_admin_calls_with_redacted_secrets_and_outcomes() {
         .ok("upsertAgentProfile", json!({ "agentKey": "audited", "version": "1", "secretsRef": [], "enabled": true }))
         .await;
     // A failing admin call (a required argument missing), with a secret in an extra field.
-    let err = admin.err("upsertAgentProfile", json!({ "agentKey": "broken", "version": "1", "token": PLAINTEXT })).await;
+    let err =
+        admin.err("upsertAgentProfile", json!({ "agentKey": "broken", "version": "1", "token": PLAINTEXT })).await;
     assert_eq!(err.code, ErrorCode::InvalidInput);
 
     let secrets = records_of(&stack, "importPlaintextSecret", 1).await;
@@ -125,9 +126,8 @@ async fn audit_skips_worker_and_app_calls_and_is_admin_only() {
     let worker = stack.worker("w-audit");
     // A worker's queue call (its outcome does not matter), then an admin call as a barrier: once
     // the admin call's record is there, a record of the earlier worker call would be too.
-    let _ = worker
-        .call("heartbeatJob", json!({ "workerId": "w-audit", "messageId": "m-none", "leaseId": "l-none" }))
-        .await;
+    let _ =
+        worker.call("heartbeatJob", json!({ "workerId": "w-audit", "messageId": "m-none", "leaseId": "l-none" })).await;
     let _ = stack.app().call("bindUserAgent", json!({ "consumerUserId": "u-1", "agentKey": "nobody" })).await;
     stack.admin().ok("advanceTestClock", json!({ "ms": 1000 })).await;
     records_of(&stack, "advanceTestClock", 1).await;
@@ -188,7 +188,8 @@ async fn audit_log_pages_and_filters() {
 
     // Since: only the calls made after the clock moved.
     let page = admin.ok("listAuditLog", json!({ "sinceMs": later, "operation": "upsertAgentProfile" })).await;
-    let keys: Vec<&str> = page["records"].as_array().unwrap().iter().filter_map(|r| r["args"]["agentKey"].as_str()).collect();
+    let keys: Vec<&str> =
+        page["records"].as_array().unwrap().iter().filter_map(|r| r["args"]["agentKey"].as_str()).collect();
     assert_eq!(keys, ["late-1", "late-0"]);
     assert!(page["records"].as_array().unwrap().iter().all(|r| r["atMs"] == later));
 
@@ -204,7 +205,10 @@ async fn audit_shows_in_the_cli() {
     let stack = TestStack::start_with(tests::MANUAL).await;
     stack
         .admin()
-        .ok("upsertAgentProfile", json!({ "agentKey": "cli-audited", "version": "1", "secretsRef": [], "enabled": true }))
+        .ok(
+            "upsertAgentProfile",
+            json!({ "agentKey": "cli-audited", "version": "1", "secretsRef": [], "enabled": true }),
+        )
         .await;
     records_of(&stack, "upsertAgentProfile", 1).await;
     let base = format!("http://{}", stack.http_addr);
