@@ -126,6 +126,7 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
         metrics::describe_counter!(LEASE_EXPIRIES, "expired leases recovered");
         metrics::describe_counter!(DEAD_LETTERS, "jobs moved to the dead letter");
         metrics::describe_counter!(ENQUEUED, "messages enqueued");
+        metrics::describe_counter!(AUDIT_APPEND_FAILURES, "audit records that could not be appended");
         handle
     })
 }

@@ -231,3 +231,32 @@ async fn audit_shows_in_the_cli() {
     assert_eq!(page["records"][0]["operation"], "upsertAgentProfile");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn audit_append_failure_never_fails_the_call_and_is_counted() {
+    // The recorder is process-wide: install it before anything is counted.
+    let metrics = common::telemetry::metrics_handle();
+    let failures = || {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(common::telemetry::AUDIT_APPEND_FAILURES))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let stack = TestStack::start_with(tests::MANUAL).await;
+    let before = failures();
+    // Without the stream, no append can succeed.
+    stack.ctx.js.delete_stream(common::audit::STREAM).await.expect("delete the audit stream");
+    let id = stack
+        .admin()
+        .ok("upsertAgentProfile", json!({ "agentKey": "unaudited", "version": "1", "secretsRef": [], "enabled": true }))
+        .await;
+    assert_eq!(id, "unaudited", "the call itself succeeded");
+    tests::wait_until("the failed append is counted", Duration::from_secs(10), || async {
+        (failures() > before).then_some(())
+    })
+    .await;
+    stack.stop().await;
+}
