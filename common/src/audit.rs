@@ -27,6 +27,8 @@ pub const REDACTED: &str = "[REDACTED]";
 /// The records `listAuditLog` looks at in one call at most; a page may come back shorter (with
 /// a cursor) when filters skip many records.
 const MAX_SCAN: u64 = 10_000;
+/// How far out of time order records of different services may be stored (`sinceMs`).
+const SINCE_SLACK_MS: i64 = 60_000;
 
 /// The argument fields that carry secret values, in the contracts' JSON spelling. Matched at any
 /// depth and without regard to case.
@@ -215,11 +217,16 @@ pub async fn list(js: &jetstream::Context, args: &ListAuditLogArgs) -> Result<Au
         };
         seq -= 1;
         let Ok(mut record) = serde_json::from_slice::<AuditRecord>(&message.payload) else { continue };
-        if args.since_ms.is_some_and(|since| record.at_ms < since) {
-            // Records are appended as calls finish, so they are nearly in time order; one a
-            // little older than `since` ends the walk (a record from a call that finished in
-            // the same instant on another service may be missed).
-            return Ok(AuditLogPage { records, next_cursor: None });
+        if let Some(since) = args.since_ms {
+            // Each service appends as its calls finish, so the stream is in time order only to
+            // within moments: an older record is skipped, and the walk ends at the first one
+            // older than `since` by more than that.
+            if record.at_ms < since.saturating_sub(SINCE_SLACK_MS) {
+                return Ok(AuditLogPage { records, next_cursor: None });
+            }
+            if record.at_ms < since {
+                continue;
+            }
         }
         if args.operation.as_deref().is_some_and(|op| op != record.operation) {
             continue;
