@@ -39,6 +39,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub telemetry: TelemetrySettings,
     pub telegram: TelegramSettings,
+    pub audit: AuditSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +155,14 @@ pub struct RetrySettings {
     pub max_delay_ms: i64,
     pub backoff_factor: f64,
     pub jitter_ratio: f64,
+}
+
+/// The audit log of admin calls (`AF_AUDIT`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// How long audit records are kept (the stream's max age); 0 keeps them forever.
+    pub retention_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -450,6 +459,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.history.max_batch_items) {
             return fail("history.max_batch_items", "must be between 1 and 10000");
+        }
+        if self.audit.retention_ms != 0 && self.audit.retention_ms < 60_000 {
+            return fail("audit.retention_ms", "must be 0 (keep forever) or at least 60000");
         }
         if self.snapshots.retention_ms < 60_000 {
             return fail("snapshots.retention_ms", "must be at least 60000");

@@ -7,6 +7,7 @@
 //! crates need it.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

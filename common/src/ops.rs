@@ -132,13 +132,16 @@ async fn handle(
     let started = Instant::now();
     let span = tracing::info_span!("op", otel.name = spec.name, op = spec.name, role = tracing::field::Empty);
     crate::telemetry::set_parent_from_headers(&span, msg.headers.as_ref());
+    let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+    // Set once the caller is known to be an admin calling an operation that changes something.
+    let mut audited = false;
     let result = async {
-        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
         let caller = ctx.auth.authenticate(header(HEADER_AUTHORIZATION))?;
         tracing::Span::current().record("role", caller.role.as_str());
         if !spec.roles.contains(&caller.role) {
             return Err(OpError::forbidden(format!("role '{}' may not call '{}'", caller.role.as_str(), spec.name)));
         }
+        audited = caller.role == crate::auth::Role::Admin && !spec.read_only;
         if let Some(rev) = header(HEADER_CLOCK_REVISION).and_then(|v| v.parse::<u64>().ok()) {
             ctx.clock.wait_for_revision(rev, Duration::from_secs(2)).await;
         }
@@ -160,6 +163,16 @@ async fn handle(
         )),
         false => Ok(body),
     });
+    let duration = started.elapsed();
+    // Built only for an audited call: other calls (the workers' message path) pay nothing.
+    let outcome = audited.then(|| match &result {
+        Ok(_) => crate::api::audit::AuditOutcome { ok: true, error_code: None, error_message: None },
+        Err(err) => crate::api::audit::AuditOutcome {
+            ok: false,
+            error_code: serde_json::to_value(err.code).ok().and_then(|v| v.as_str().map(str::to_string)),
+            error_message: Some(err.message.clone()),
+        },
+    });
     let (status, body) = match result {
         Ok(body) => (200u16, body),
         Err(err) => {
@@ -179,6 +192,28 @@ async fn handle(
     headers.insert(HEADER_STATUS, status);
     if let Err(e) = ctx.nats.publish_with_headers(reply, headers, Bytes::from(body)).await {
         tracing::warn!(op = spec.name, error = %e, "could not send reply");
+    }
+    if let Some(mut outcome) = outcome {
+        // After the reply: the caller does not wait for the audit log.
+        let stored = crate::audit::stored_args(&msg.payload);
+        // An error message may quote an argument: never a secret one.
+        outcome.error_message = outcome.error_message.map(|m| crate::audit::scrub(&m, &stored.removed));
+        let record = crate::api::audit::AuditRecord {
+            sequence: None,
+            at_ms: ctx.clock.now_ms(),
+            role: crate::auth::Role::Admin.as_str().to_string(),
+            principal: crate::audit::fingerprint(crate::audit::bearer_token(
+                header(HEADER_AUTHORIZATION).unwrap_or_default(),
+            )),
+            operation: spec.name.to_string(),
+            service: spec.service.as_str().to_string(),
+            outcome,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            trace_id: header("traceparent").and_then(crate::audit::trace_id),
+            args: stored.args,
+            args_truncated: stored.truncated,
+        };
+        crate::audit::append(&ctx.js, &record).await;
     }
 }
 

@@ -39,6 +39,8 @@ pub const POOL_DEMAND: &str = "af_scheduler_demand";
 pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
 /// Counter: connections ingress closed at accept because `http.max_connections` were open.
 pub const HTTP_CONNECTIONS_REFUSED: &str = "af_http_connections_refused_total";
+/// Counter: audit records that could not be appended to `AF_AUDIT` (the call itself went on).
+pub const AUDIT_APPEND_FAILURES: &str = "af_audit_append_failures_total";
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 
@@ -124,6 +126,7 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
         metrics::describe_counter!(LEASE_EXPIRIES, "expired leases recovered");
         metrics::describe_counter!(DEAD_LETTERS, "jobs moved to the dead letter");
         metrics::describe_counter!(ENQUEUED, "messages enqueued");
+        metrics::describe_counter!(AUDIT_APPEND_FAILURES, "audit records that could not be appended");
         handle
     })
 }

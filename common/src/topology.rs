@@ -205,6 +205,9 @@ pub async fn provision(js: &jetstream::Context, settings: &Settings) -> anyhow::
             js.create_or_update_stream(telegram_updates_config(settings))
                 .await
                 .with_context(|| format!("provisioning stream {TELEGRAM_UPDATES_STREAM}"))?;
+            js.create_or_update_stream(crate::audit::stream_config(settings))
+                .await
+                .with_context(|| format!("provisioning stream {}", crate::audit::STREAM))?;
             for cfg in bucket_configs(settings) {
                 let name = cfg.bucket.clone();
                 js.create_or_update_key_value(cfg).await.with_context(|| format!("provisioning bucket {name}"))?;

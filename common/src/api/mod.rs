@@ -9,6 +9,7 @@
 //! types the handlers and callers use.
 
 pub mod attachments;
+pub mod audit;
 pub mod bindings;
 pub mod history;
 pub mod openapi;
@@ -65,6 +66,9 @@ pub struct OpSpec {
     pub long_poll: bool,
     /// Overrides `limits.max_string_bytes` for operations that carry file contents.
     pub max_string_bytes: Option<usize>,
+    /// The operation only reads: its calls are not written to the audit log (`crate::audit`).
+    /// Every other operation's admin calls are.
+    pub read_only: bool,
     pub args_schema: fn(&mut SchemaGenerator) -> Schema,
     pub result_schema: fn(&mut SchemaGenerator) -> Schema,
 }
@@ -73,6 +77,10 @@ impl OpSpec {
     #[doc(hidden)]
     pub const fn long_poll(self) -> Self {
         Self { long_poll: true, ..self }
+    }
+    #[doc(hidden)]
+    pub const fn read_only(self) -> Self {
+        Self { read_only: true, ..self }
     }
     #[doc(hidden)]
     pub const fn max_string_bytes(self, bytes: usize) -> Self {
@@ -135,6 +143,7 @@ macro_rules! operations {
                     summary: $summary,
                     long_poll: false,
                     max_string_bytes: None,
+                    read_only: false,
                     args_schema: $crate::api::schema_of::<$args>,
                     result_schema: $crate::api::schema_of::<$output>,
                 }$(.$flag($($value)?))*;
@@ -208,13 +217,13 @@ operations! {
         queue::FailArgs => queue::FailOutcome, "fail a leased job: retry with backoff or dead-letter";
     ReleaseStuckJobs = "releaseStuckJobs", QueueManager, [Admin];
         queue::ReleaseArgs => queue::ReleaseOutcome, "recover jobs whose lease expired";
-    GetQueueStats = "getQueueStats", QueueManager, [Admin, App];
+    GetQueueStats = "getQueueStats", QueueManager, [Admin, App], read_only;
         queue::NowArgs => queue::QueueStats, "counts of ready, processing and dead-lettered jobs";
-    ListJobsByStatus = "listJobsByStatus", QueueManager, [Admin];
+    ListJobsByStatus = "listJobsByStatus", QueueManager, [Admin], read_only;
         queue::ListJobsArgs => Vec<queue::JobView>, "jobs in one status";
-    ListQueueItemsForConversation = "listQueueItemsForConversation", QueueManager, [Admin, App];
+    ListQueueItemsForConversation = "listQueueItemsForConversation", QueueManager, [Admin, App], read_only;
         queue::ConversationArgs => Vec<queue::JobView>, "a conversation's jobs, newest first";
-    HasQueuedJobsForConversation = "hasQueuedJobsForConversation", QueueManager, [Admin, App, Worker];
+    HasQueuedJobsForConversation = "hasQueuedJobsForConversation", QueueManager, [Admin, App, Worker], read_only;
         queue::ConversationArgs => bool, "whether a conversation has queued jobs";
     RequeueDeadLetter = "requeueDeadLetter", QueueManager, [Admin];
         queue::MessageIdArgs => crate::ids::MessageId,
@@ -222,19 +231,19 @@ operations! {
     PurgeDeadLetter = "purgeDeadLetter", QueueManager, [Admin];
         queue::MessageIdArgs => bool, "delete a dead-lettered job";
     // Workers.
-    GetWorkerControlState = "getWorkerControlState", QueueManager, [Admin, Worker];
+    GetWorkerControlState = "getWorkerControlState", QueueManager, [Admin, Worker], read_only;
         queue::WorkerIdArgs => queue::ControlState, "whether a worker should stop";
-    GetWorkerStats = "getWorkerStats", QueueManager, [Admin, App];
+    GetWorkerStats = "getWorkerStats", QueueManager, [Admin, App], read_only;
         NoArgs => queue::WorkerStatsView, "active workers and their load";
     UpsertWorkerState = "upsertWorkerState", QueueManager, [Admin];
         queue::UpsertWorkerArgs => queue::WorkerView, "create or move a worker row through its lifecycle";
-    ListWorkersForScheduler = "listWorkersForScheduler", QueueManager, [Admin];
+    ListWorkersForScheduler = "listWorkersForScheduler", QueueManager, [Admin], read_only;
         queue::NowArgs => Vec<queue::WorkerView>, "every worker row";
-    GetActiveConversationsForScheduler = "getActiveConversationsForScheduler", QueueManager, [Admin];
+    GetActiveConversationsForScheduler = "getActiveConversationsForScheduler", QueueManager, [Admin], read_only;
         queue::DemandArgs => Vec<queue::DemandRow>, "conversations with work claimable now or in flight";
-    GetActiveConversationCountForScheduler = "getActiveConversationCountForScheduler", QueueManager, [Admin];
+    GetActiveConversationCountForScheduler = "getActiveConversationCountForScheduler", QueueManager, [Admin], read_only;
         queue::NowArgs => u64, "how many conversations need a worker";
-    GetReadyConversationCountForScheduler = "getReadyConversationCountForScheduler", QueueManager, [Admin];
+    GetReadyConversationCountForScheduler = "getReadyConversationCountForScheduler", QueueManager, [Admin], read_only;
         queue::NowArgs => u64, "how many conversations have a job claimable now";
     RecordWorkerSnapshot = "recordWorkerSnapshot", QueueManager, [Admin];
         queue::RecordSnapshotArgs => Option<queue::WorkerView>,
@@ -242,7 +251,7 @@ operations! {
     IssueWorkerToken = "issueWorkerToken", QueueManager, [Admin];
         queue::WorkerIdArgs => queue::WorkerToken, "mint the bearer token a worker uses";
     // Test clock.
-    GetTestClock = "getTestClock", QueueManager, [Admin];
+    GetTestClock = "getTestClock", QueueManager, [Admin], read_only;
         NoArgs => system::ClockView, "the clock mode and the time every service sees";
     SetTestClock = "setTestClock", QueueManager, [Admin];
         system::SetTestClockArgs => system::ClockView, "manual clock only: set the time of the whole stack";
@@ -252,23 +261,23 @@ operations! {
     // Profiles, secrets, runtime configuration.
     UpsertAgentProfile = "upsertAgentProfile", Hydration, [Admin];
         profiles::UpsertAgentProfileArgs => crate::ids::AgentKey, "create or update an agent profile";
-    GetAgentProfile = "getAgentProfile", Hydration, [Admin, App];
+    GetAgentProfile = "getAgentProfile", Hydration, [Admin, App], read_only;
         profiles::AgentKeyArgs => Option<crate::model::AgentProfile>, "one agent profile";
-    ListAgentProfiles = "listAgentProfiles", Hydration, [Admin];
+    ListAgentProfiles = "listAgentProfiles", Hydration, [Admin], read_only;
         NoArgs => Vec<crate::model::AgentProfile>, "every agent profile";
     ImportPlaintextSecret = "importPlaintextSecret", Hydration, [Admin];
         profiles::ImportSecretArgs => profiles::ImportedSecret, "store a new active version of a secret";
-    GetSecretsStatus = "getSecretsStatus", Hydration, [Admin];
+    GetSecretsStatus = "getSecretsStatus", Hydration, [Admin], read_only;
         profiles::SecretsStatusArgs => Vec<profiles::SecretStatus>, "which secret refs have an active version";
-    ProviderRuntimeConfig = "providerRuntimeConfig", Hydration, [Admin];
+    ProviderRuntimeConfig = "providerRuntimeConfig", Hydration, [Admin], read_only;
         NoArgs => Option<crate::model::ProviderConfig>, "the stored provider configuration";
     SetProviderRuntimeConfig = "setProviderRuntimeConfig", Hydration, [Admin];
         profiles::SetProviderConfigArgs => (), "store the provider configuration";
-    ScalingRuntimeConfig = "scalingRuntimeConfig", Hydration, [Admin];
+    ScalingRuntimeConfig = "scalingRuntimeConfig", Hydration, [Admin], read_only;
         NoArgs => Option<crate::model::ScalingPolicy>, "the stored scaling policy of the worker pool";
     SetScalingRuntimeConfig = "setScalingRuntimeConfig", Hydration, [Admin];
         profiles::SetScalingPolicyArgs => (), "store the scaling policy of the worker pool";
-    MessageRuntimeConfig = "messageRuntimeConfig", Hydration, [Admin];
+    MessageRuntimeConfig = "messageRuntimeConfig", Hydration, [Admin], read_only;
         NoArgs => Option<crate::model::MessageConfig>, "the stored message configuration";
     SetMessageRuntimeConfig = "setMessageRuntimeConfig", Hydration, [Admin];
         profiles::SetMessageConfigArgs => (), "store the message configuration";
@@ -287,11 +296,11 @@ operations! {
     // Conversation history and hydration.
     AppendConversationMessages = "appendConversationMessages", Hydration, [Admin, Worker];
         history::AppendMessagesArgs => history::AppendResult, "append to a conversation's history (lease-fenced)";
-    GetConversationHistory = "getConversationHistory", Hydration, [Admin, App];
+    GetConversationHistory = "getConversationHistory", Hydration, [Admin, App], read_only;
         history::HistoryArgs => history::HistoryPage, "a conversation's history, newest first, in pages";
-    GetHydrationBundleForClaimedJob = "getHydrationBundleForClaimedJob", Hydration, [Admin, Worker];
+    GetHydrationBundleForClaimedJob = "getHydrationBundleForClaimedJob", Hydration, [Admin, Worker], read_only;
         history::BundleArgs => Option<history::Bundle>, "everything a worker needs for its claimed job";
-    GetWorkerSpawnOpenClawEnv = "getWorkerSpawnOpenClawEnv", Hydration, [Admin];
+    GetWorkerSpawnOpenClawEnv = "getWorkerSpawnOpenClawEnv", Hydration, [Admin], read_only;
         NoArgs => history::SpawnEnv, "bridge environment forwarded to spawned workers";
     // Workspace snapshots.
     PrepareDataSnapshotUpload = "prepareDataSnapshotUpload", Hydration, [Admin, Worker];
@@ -300,49 +309,49 @@ operations! {
         snapshots::FinalizeSnapshotArgs => bool, "verify an uploaded archive and mark it ready";
     FailDataSnapshotUpload = "failDataSnapshotUpload", Hydration, [Admin, Worker];
         snapshots::FailSnapshotArgs => bool, "mark a snapshot upload failed";
-    GetLatestDataSnapshotForRestore = "getLatestDataSnapshotForRestore", Hydration, [Admin, Worker];
+    GetLatestDataSnapshotForRestore = "getLatestDataSnapshotForRestore", Hydration, [Admin, Worker], read_only;
         snapshots::RestoreArgs => Option<snapshots::RestoreTarget>, "the newest ready snapshot of a conversation";
-    ListSnapshotsForConversation = "listSnapshotsForConversation", Hydration, [Admin, App];
+    ListSnapshotsForConversation = "listSnapshotsForConversation", Hydration, [Admin, App], read_only;
         snapshots::ConversationSnapshotsArgs => Vec<snapshots::SnapshotView>,
         "a conversation's snapshots, newest first";
-    ListSnapshotsForUserAgent = "listSnapshotsForUserAgent", Hydration, [Admin, App];
+    ListSnapshotsForUserAgent = "listSnapshotsForUserAgent", Hydration, [Admin, App], read_only;
         snapshots::UserAgentSnapshotsArgs => Vec<snapshots::SnapshotView>,
         "snapshots of a user's conversation with an agent";
-    GetLatestSnapshotForUserAgent = "getLatestSnapshotForUserAgent", Hydration, [Admin, App];
+    GetLatestSnapshotForUserAgent = "getLatestSnapshotForUserAgent", Hydration, [Admin, App], read_only;
         snapshots::UserAgentSnapshotsArgs => Option<snapshots::SnapshotView>,
         "the newest snapshot of a user-agent conversation";
     ExpireOldDataSnapshots = "expireOldDataSnapshots", Hydration, [Admin];
         snapshots::SnapshotSweepArgs => snapshots::SnapshotSweep,
         "expire snapshots past retention and reap abandoned uploads";
-    AuthorizeBlobTransfer = "authorizeBlobTransfer", Hydration, [Admin, App, Worker];
+    AuthorizeBlobTransfer = "authorizeBlobTransfer", Hydration, [Admin, App, Worker], read_only;
         snapshots::BlobTransferArgs => snapshots::BlobTransfer, "ingress: may this caller move this archive or file";
     // Identity bindings.
     BindUserAgent = "bindUserAgent", Hydration, [Admin, App];
         bindings::BindArgs => bindings::BindingView, "bind a consumer user to an agent";
     RevokeUserAgentBinding = "revokeUserAgentBinding", Hydration, [Admin, App];
         bindings::RevokeBindingArgs => bindings::RevokeResult, "revoke a consumer user's active bindings";
-    ResolveAgentForUser = "resolveAgentForUser", Hydration, [Admin, App];
+    ResolveAgentForUser = "resolveAgentForUser", Hydration, [Admin, App], read_only;
         bindings::ConsumerUserArgs => bindings::AgentForUser, "the agent a consumer user is bound to";
-    GetUserAgentBinding = "getUserAgentBinding", Hydration, [Admin, App];
+    GetUserAgentBinding = "getUserAgentBinding", Hydration, [Admin, App], read_only;
         bindings::ConsumerUserArgs => Option<bindings::BindingView>, "a consumer user's active binding";
-    ResolveAgentForTelegram = "resolveAgentForTelegram", Hydration, [Admin, App];
+    ResolveAgentForTelegram = "resolveAgentForTelegram", Hydration, [Admin, App], read_only;
         bindings::TelegramResolveArgs => bindings::TelegramResolution,
         "the binding a Telegram user or chat of one bot resolves to";
     // Global skills.
     DeployGlobalSkill = "deployGlobalSkill", Hydration, [Admin], max_string_bytes(SKILL_BUNDLE_MAX_BYTES);
         skills::DeploySkillArgs => skills::DeployedSkill, "deploy a skill version to a release channel";
-    ListGlobalSkills = "listGlobalSkills", Hydration, [Admin];
+    ListGlobalSkills = "listGlobalSkills", Hydration, [Admin], read_only;
         skills::ListSkillsArgs => Vec<skills::SkillView>, "global skills with their active release";
     SetGlobalSkillStatus = "setGlobalSkillStatus", Hydration, [Admin];
         skills::SetSkillStatusArgs => skills::SkillStatusResult, "enable or disable a global skill";
     DeleteGlobalSkill = "deleteGlobalSkill", Hydration, [Admin];
         skills::SkillSlugArgs => skills::DeletedSkill, "delete a skill with all its versions and releases";
-    GetWorkerGlobalSkillsManifest = "getWorkerGlobalSkillsManifest", Hydration, [Admin, Worker];
+    GetWorkerGlobalSkillsManifest = "getWorkerGlobalSkillsManifest", Hydration, [Admin, Worker], read_only;
         skills::ManifestArgs => crate::skills::SkillsManifest, "the skills a worker materialises";
     // Attachments.
     AttachMessageMedia = "attachMessageMedia", Hydration, [Admin, App];
         attachments::AttachMediaArgs => Vec<attachments::Attachment>, "attach uploaded media to an enqueued message";
-    ListMessageAttachments = "listMessageAttachments", Hydration, [Admin, App];
+    ListMessageAttachments = "listMessageAttachments", Hydration, [Admin, App], read_only;
         attachments::MessageAttachmentsArgs => Vec<attachments::Attachment>, "the attachment records of a message";
     ExpireOldTelegramAttachments = "expireOldTelegramAttachments", Hydration, [Admin];
         attachments::AttachmentSweepArgs => usize,
@@ -352,9 +361,9 @@ operations! {
         "enqueue: record a payload's attachments before its message is published";
     AttachMessageMetadata = "attachMessageMetadata", Hydration, [Admin, App, Worker];
         attachments::AttachMetadataArgs => bool, "merge keys into a message's payload metadata";
-    GenerateMediaUploadUrl = "generateMediaUploadUrl", Hydration, [Admin, App, Worker];
+    GenerateMediaUploadUrl = "generateMediaUploadUrl", Hydration, [Admin, App, Worker], read_only;
         NoArgs => attachments::MediaUploadUrl, "where to upload a media file";
-    GetStorageFileUrl = "getStorageFileUrl", Hydration, [Admin, App, Worker];
+    GetStorageFileUrl = "getStorageFileUrl", Hydration, [Admin, App, Worker], read_only;
         attachments::StorageFileArgs => Option<String>, "the download link of a stored file, or null";
     // Message templates.
     CreateMessageTemplate = "createMessageTemplate", PushDispatcher, [Admin, App];
@@ -363,7 +372,7 @@ operations! {
         templates::UpdateMessageTemplateArgs => bool, "change a message template";
     DeleteMessageTemplate = "deleteMessageTemplate", PushDispatcher, [Admin, App];
         templates::MessageTemplateIdArgs => bool, "delete a message template";
-    ListMessageTemplatesByCompany = "listMessageTemplatesByCompany", PushDispatcher, [Admin, App];
+    ListMessageTemplatesByCompany = "listMessageTemplatesByCompany", PushDispatcher, [Admin, App], read_only;
         templates::ListMessageTemplatesArgs => Vec<templates::MessageTemplateView>,
         "message templates, most used first";
     SendMessageTemplateToUserAgent = "sendMessageTemplateToUserAgent", PushDispatcher, [Admin, App];
@@ -376,7 +385,7 @@ operations! {
         push::UpdatePushTemplateArgs => bool, "change a push template (its jobs are not affected)";
     DeletePushTemplate = "deletePushTemplate", PushDispatcher, [Admin, App];
         push::PushTemplateIdArgs => bool, "delete a push template";
-    ListPushTemplatesByCompany = "listPushTemplatesByCompany", PushDispatcher, [Admin, App];
+    ListPushTemplatesByCompany = "listPushTemplatesByCompany", PushDispatcher, [Admin, App], read_only;
         push::ListPushTemplatesArgs => Vec<push::PushTemplateView>, "a company's push templates, newest first";
     CreatePushJobFromTemplate = "createPushJobFromTemplate", PushDispatcher, [Admin, App];
         push::CreatePushJobFromTemplateArgs => crate::ids::PushJobId, "schedule a push for a user from a template";
@@ -388,15 +397,15 @@ operations! {
         push::PushJobIdArgs => bool, "delete a push job";
     SetPushJobEnabled = "setPushJobEnabled", PushDispatcher, [Admin, App];
         push::SetPushJobEnabledArgs => bool, "enable or disable a push job";
-    ListPushJobsForUser = "listPushJobsForUser", PushDispatcher, [Admin, App];
+    ListPushJobsForUser = "listPushJobsForUser", PushDispatcher, [Admin, App], read_only;
         push::ListPushJobsForUserArgs => Vec<push::PushJobView>, "a user's push jobs, newest first";
     TriggerPushJobNow = "triggerPushJobNow", PushDispatcher, [Admin, App];
         push::TriggerPushJobArgs => push::TriggerResult, "send a push job's message now";
     DispatchDuePushJobs = "dispatchDuePushJobs", PushDispatcher, [Admin, App];
         push::DispatchDueArgs => push::DispatchSummary, "fire the due push jobs now (the dispatcher also does it on time)";
-    ListPushDispatchesByJob = "listPushDispatchesByJob", PushDispatcher, [Admin, App];
+    ListPushDispatchesByJob = "listPushDispatchesByJob", PushDispatcher, [Admin, App], read_only;
         push::ListDispatchesByJobArgs => Vec<push::DispatchView>, "a push job's dispatches, newest first";
-    ListPushJobsForAgent = "listPushJobsForAgent", PushDispatcher, [Admin, App];
+    ListPushJobsForAgent = "listPushJobsForAgent", PushDispatcher, [Admin, App], read_only;
         push::ListPushJobsForAgentArgs => Vec<push::PushJobView>, "a user's push jobs with one agent";
     CreatePushJobFromTemplateForAgent = "createPushJobFromTemplateForAgent", PushDispatcher, [Admin, App];
         push::CreatePushJobFromTemplateForAgentArgs => crate::ids::PushJobId,
@@ -407,18 +416,18 @@ operations! {
         push::UpdatePushJobForAgentArgs => bool, "change a push job of a user's agent";
     TriggerPushJobNowForAgent = "triggerPushJobNowForAgent", PushDispatcher, [Admin, App];
         push::TriggerPushJobForAgentArgs => push::TriggerResult, "send a push job of a user's agent now";
-    ListPushDispatchesForAgent = "listPushDispatchesForAgent", PushDispatcher, [Admin, App];
+    ListPushDispatchesForAgent = "listPushDispatchesForAgent", PushDispatcher, [Admin, App], read_only;
         push::ListDispatchesForAgentArgs => Vec<push::DispatchView>, "dispatches of a user's jobs with one agent";
-    GetUserAgentPushStats = "getUserAgentPushStats", PushDispatcher, [Admin, App];
+    GetUserAgentPushStats = "getUserAgentPushStats", PushDispatcher, [Admin, App], read_only;
         push::UserAgentArgs => push::PushStats, "push job and dispatch counts of a user with one agent";
-    GetUserAgentConversationStats = "getUserAgentConversationStats", PushDispatcher, [Admin, App];
+    GetUserAgentConversationStats = "getUserAgentConversationStats", PushDispatcher, [Admin, App], read_only;
         push::UserAgentArgs => push::ConversationStats, "history and queue counts of a user's conversation with an agent";
-    GetUserAgentUsageStats = "getUserAgentUsageStats", PushDispatcher, [Admin, App];
+    GetUserAgentUsageStats = "getUserAgentUsageStats", PushDispatcher, [Admin, App], read_only;
         push::UserAgentArgs => push::UsageStats, "push and conversation counts of a user with one agent";
     // Broadcasts.
     SendBroadcastToAllActiveAgents = "sendBroadcastToAllActiveAgents", PushDispatcher, [Admin, App];
         push::BroadcastArgs => push::BroadcastResult, "send one message to every enabled agent of a company";
-    GetBroadcastStatus = "getBroadcastStatus", PushDispatcher, [Admin, App];
+    GetBroadcastStatus = "getBroadcastStatus", PushDispatcher, [Admin, App], read_only;
         push::BroadcastIdArgs => Option<push::BroadcastView>, "a broadcast and its progress";
     // Telegram administration.
     PrepareTelegramAttachmentsForEnqueue = "prepareTelegramAttachmentsForEnqueue", Hydration, [Admin, App];
@@ -433,7 +442,7 @@ operations! {
     ReconcileTelegramBotIdentityForAgent = "reconcileTelegramBotIdentityForAgent", Hydration, [Admin];
         telegram::ReconcileBotIdentityArgs => telegram::ReconciledBotIdentity,
         "verify an agent's stored token again and re-sync its bot identity";
-    GetWebhookReadiness = "getWebhookReadiness", Hydration, [Admin, App];
+    GetWebhookReadiness = "getWebhookReadiness", Hydration, [Admin, App], read_only;
         profiles::AgentKeyArgs => telegram::WebhookReadiness, "ask Telegram whether an agent's webhook is ready";
     SoftResetTelegramBindingsMissingBotIdentity = "softResetTelegramBindingsMissingBotIdentity", Hydration, [Admin];
         telegram::SoftResetArgs => telegram::SoftResetReport,
@@ -444,35 +453,39 @@ operations! {
     ConsumePairingCode = "consumePairingCode", Hydration, [Admin, App];
         pairing::ConsumePairingArgs => pairing::ConsumedPairing,
         "bind the Telegram identity that sent /start <code> to the code's user";
-    GetPairingCodeStatus = "getPairingCodeStatus", Hydration, [Admin, App];
+    GetPairingCodeStatus = "getPairingCodeStatus", Hydration, [Admin, App], read_only;
         pairing::PairingCodeArgs => Option<pairing::PairingView>, "one pairing code";
     CreateUserAgentPairing = "createUserAgentPairing", Hydration, [Admin, App];
         pairing::CreatePairingArgs => pairing::UserAgentPairing, "a pairing code with its t.me deep link";
-    GetUserAgentPairingStatus = "getUserAgentPairingStatus", Hydration, [Admin, App];
+    GetUserAgentPairingStatus = "getUserAgentPairingStatus", Hydration, [Admin, App], read_only;
         pairing::UserAgentArgs => Option<pairing::PairingView>, "the newest pairing code of a user and agent";
     // User-facing aggregates.
-    GetUserAgentsOverview = "getUserAgentsOverview", Hydration, [Admin, App];
+    GetUserAgentsOverview = "getUserAgentsOverview", Hydration, [Admin, App], read_only;
         user_agents::ConsumerUserNowArgs => user_agents::UserAgentsOverview,
         "a user's agents with their status, and whether the user may create another";
-    ListUserAgents = "listUserAgents", Hydration, [Admin, App];
+    ListUserAgents = "listUserAgents", Hydration, [Admin, App], read_only;
         user_agents::ListUserAgentsArgs => Vec<user_agents::UserAgentView>, "a user's agents, newest binding first";
-    GetUserAgent = "getUserAgent", Hydration, [Admin, App];
+    GetUserAgent = "getUserAgent", Hydration, [Admin, App], read_only;
         pairing::UserAgentArgs => Option<user_agents::UserAgentView>, "one agent of a user, or null";
-    GetActiveUserAgent = "getActiveUserAgent", Hydration, [Admin, App];
+    GetActiveUserAgent = "getActiveUserAgent", Hydration, [Admin, App], read_only;
         user_agents::ConsumerUserNowArgs => Option<user_agents::UserAgentView>,
         "the agent of a user's active binding, or null";
-    GetUserAgentOnboardingState = "getUserAgentOnboardingState", Hydration, [Admin, App];
+    GetUserAgentOnboardingState = "getUserAgentOnboardingState", Hydration, [Admin, App], read_only;
         pairing::UserAgentArgs => user_agents::OnboardingState,
         "how far a user's agent is set up, and the next step";
-    GetConversationViewForUserAgent = "getConversationViewForUserAgent", Hydration, [Admin, App];
+    GetConversationViewForUserAgent = "getConversationViewForUserAgent", Hydration, [Admin, App], read_only;
         user_agents::ConversationViewArgs => user_agents::ConversationView,
         "history and queue items of a user's conversation with an agent";
-    ListQueueItemsForUserAgent = "listQueueItemsForUserAgent", Hydration, [Admin, App];
+    ListQueueItemsForUserAgent = "listQueueItemsForUserAgent", Hydration, [Admin, App], read_only;
         user_agents::ListUserAgentQueueItemsArgs => Vec<queue::JobView>,
         "jobs of a user's conversation with an agent, newest first";
     SendMessageToUserAgent = "sendMessageToUserAgent", Hydration, [Admin, App];
         user_agents::SendMessageToUserAgentArgs => crate::ids::MessageId,
         "queue a message into a user's conversation with their bound agent";
+    // Audit log.
+    ListAuditLog = "listAuditLog", Hydration, [Admin], read_only;
+        audit::ListAuditLogArgs => audit::AuditLogPage,
+        "audited admin calls (who, what, when, redacted arguments, outcome), newest first, in pages";
 }
 
 #[cfg(test)]

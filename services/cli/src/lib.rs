@@ -118,6 +118,21 @@ enum Command {
     },
     /// Every worker row.
     Workers,
+    /// The audit log of admin calls, newest first (`listAuditLog`).
+    Audit {
+        /// Only this operation's records, e.g. importPlaintextSecret.
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only records made at or after this time (ms since the epoch).
+        #[arg(long)]
+        since: Option<i64>,
+        /// Records to show, 1–1000 [default: 100].
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Continue after an earlier page (the cursor it printed).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// The fake Telegram Bot API of the local demo (`agent-factory --fake-telegram`).
     FakeTelegram {
         /// Base URL of the fake Bot API.
@@ -294,6 +309,20 @@ async fn execute(
             let workers = json!(api.call::<api::ListWorkersForScheduler>(&Default::default()).await?);
             let columns = ["workerId", "status", "load", "heartbeatAt", "assignment.conversationId"];
             render(out, raw, &workers, &columns)
+        }
+        Command::Audit { operation, since, limit, cursor } => {
+            let args = api::audit::ListAuditLogArgs { since_ms: since, operation, limit, cursor };
+            let page = api.call::<api::ListAuditLog>(&args).await?;
+            if raw {
+                return print_json(out, &json!(page));
+            }
+            let columns =
+                ["atMs", "operation", "role", "principal", "outcome.ok", "outcome.errorCode", "durationMs", "args"];
+            render(out, false, &json!(page.records), &columns)?;
+            match page.next_cursor {
+                Some(cursor) => writeln!(out, "older records: --cursor {cursor}").map_err(io_error),
+                None => Ok(()),
+            }
         }
         Command::FakeTelegram { fake_url, command } => fake_telegram(api, &fake_url, command, raw, out).await,
         Command::Claim { worker, wait_ms, conversation } => {
@@ -610,12 +639,13 @@ fn lookup<'a>(row: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(row, |v, key| v.get(key))
 }
 
-/// One table cell. Fields ending in `At`/`For` holding milliseconds are shown as UTC time.
+/// One table cell. Fields ending in `At`/`For`, and `atMs`, holding milliseconds are shown as UTC
+/// time.
 fn cell(column: &str, value: Option<&Value>) -> String {
     match value {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) if column.ends_with("At") || column.ends_with("For") => {
+        Some(Value::Number(n)) if column.ends_with("At") || column.ends_with("For") || column == "atMs" => {
             n.as_i64().map(iso_utc).unwrap_or_else(|| n.to_string())
         }
         Some(Value::Array(items)) if items.iter().all(Value::is_string) => {

@@ -2,7 +2,7 @@
 //! ([`secrets`]) and the runtime configuration rows ([`runtime_config`]); later issues add
 //! hydration bundles, history, snapshots, skills and attachments. This file only wires the
 //! modules together: it builds the secrets cipher from configuration (`common::secrets`) and
-//! registers every operation the service serves.
+//! registers every operation the service serves, including `listAuditLog` (`common::audit`).
 
 pub mod attachments;
 pub mod bindings;
@@ -51,6 +51,10 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
     let telegram =
         telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
     telegram::register(&telegram, ops);
+    // The audit log is written by every service's operation transport; hydration serves reading it.
+    ops.handle::<common::api::ListAuditLog, _, _, _, _>(ctx, |ctx, _: common::auth::Caller, args| async move {
+        common::audit::list(&ctx.js, &args).await
+    });
 }
 
 /// Runs the service until `shutdown` is cancelled.

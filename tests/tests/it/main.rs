@@ -1,6 +1,7 @@
 //! The integration suite: one binary, one module per area. Every test starts its own
 //! nats-server (nextest runs each test in its own process).
 
+mod audit;
 mod bindings;
 mod cli;
 mod contracts;
