@@ -15,6 +15,7 @@ mod profiles;
 mod push;
 mod queue;
 mod queue_concurrency;
+mod rotation;
 pub(crate) mod reference_worker;
 mod scheduler;
 mod skills;
