@@ -618,7 +618,10 @@ mod tests {
         let key2 = crate::crypto::generate_key_base64().unwrap();
         let env = HashMap::from([
             ("AF_AUTH__ADMIN_TOKEN".to_string(), "admin-token-current-0001".to_string()),
-            ("AF_AUTH__PREVIOUS_ADMIN_TOKENS".to_string(), "admin-token-old-00000001,admin-token-old-00000002".to_string()),
+            (
+                "AF_AUTH__PREVIOUS_ADMIN_TOKENS".to_string(),
+                "admin-token-old-00000001,admin-token-old-00000002".to_string(),
+            ),
             ("AF_SECRETS__KEY".to_string(), key1),
             ("AF_SECRETS__PREVIOUS_KEYS".to_string(), key2),
         ]);

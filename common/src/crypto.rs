@@ -65,7 +65,8 @@ impl SecretCipher {
         let mut cipher = Self::from_base64(key)?;
         for key in previous {
             let entry = KeyEntry::from_base64(key)?;
-            let known = entry.key_id == cipher.current.key_id || cipher.previous.iter().any(|p| p.key_id == entry.key_id);
+            let known =
+                entry.key_id == cipher.current.key_id || cipher.previous.iter().any(|p| p.key_id == entry.key_id);
             if !known {
                 cipher.previous.push(entry);
             }
@@ -208,7 +209,8 @@ mod tests {
 
     #[test]
     fn previous_keys_open_and_the_current_key_seals() {
-        let (k1, k2) = (SecretString::from(generate_key_base64().unwrap()), SecretString::from(generate_key_base64().unwrap()));
+        let (k1, k2) =
+            (SecretString::from(generate_key_base64().unwrap()), SecretString::from(generate_key_base64().unwrap()));
         let old = SecretCipher::from_base64(&k1).unwrap();
         let sealed_old = old.seal("old value", "r#1").unwrap();
         let rotated = SecretCipher::with_previous(&k2, std::slice::from_ref(&k1)).unwrap();

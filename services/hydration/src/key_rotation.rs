@@ -107,7 +107,12 @@ pub async fn reencrypt(ctx: &ServiceContext, cipher: &SecretCipher) -> Result<Re
         tracing::info!(versions = reencrypted, refs = rewritten, key_id = cipher.key_id(), "secrets re-encrypted");
     }
     let status = status(ctx, cipher).await?;
-    Ok(ReencryptedSecrets { reencrypted_versions: reencrypted, rewritten_refs: rewritten, failed_versions: failed, status })
+    Ok(ReencryptedSecrets {
+        reencrypted_versions: reencrypted,
+        rewritten_refs: rewritten,
+        failed_versions: failed,
+        status,
+    })
 }
 
 /// The background re-encryption: while this replica leads, one pass every

@@ -74,7 +74,13 @@ impl Traffic {
 }
 
 /// The calls one client set makes: admin, app and a worker, each with its own token.
-fn calls(stack: &TestStack, admin: &str, app: &str, worker_id: &'static str, worker: &str) -> Vec<(&'static str, Api, &'static str, Value)> {
+fn calls(
+    stack: &TestStack,
+    admin: &str,
+    app: &str,
+    worker_id: &'static str,
+    worker: &str,
+) -> Vec<(&'static str, Api, &'static str, Value)> {
     vec![
         ("admin", stack.client(admin), "getQueueStats", json!({})),
         ("app", stack.client(app), "hasQueuedJobsForConversation", json!({"conversationId": "c-rotation"})),
