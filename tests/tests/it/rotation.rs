@@ -202,6 +202,10 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
         import(&admin, &format!("rot.ref{i}"), &format!("first-{i}")).await;
         import(&admin, &format!("rot.ref{i}"), &format!("second-{i}")).await;
     }
+    // A global secret an operation answers decrypted (the spawn environment of workers).
+    import(&admin, "agent-bridge.serviceKey", "bridge-key-1").await;
+    let spawn_env = || async { admin.ok("getWorkerSpawnOpenClawEnv", json!({})).await["OPENCLAW_SERVICE_KEY"].clone() };
+    assert_eq!(spawn_env().await, json!("bridge-key-1"));
     // A document stored before key ids were kept: its version has no keyId.
     let old = cipher_from_settings(&stack.ctx.settings).expect("cipher");
     let sealed = old.seal("legacy-value", &common::secrets::aad("rot.legacy", 1)).expect("seal");
@@ -211,7 +215,7 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
 
     let status = admin.ok("getSecretsKeyRotationStatus", json!({})).await;
     assert_eq!(status["currentKeyId"], json!(id1));
-    assert_eq!(status["versionsByKeyId"], json!({"": 1, id1.clone(): 2 * REFS}));
+    assert_eq!(status["versionsByKeyId"], json!({"": 1, id1.clone(): 2 * REFS + 1}));
     assert_eq!(status["pendingVersions"], json!(1), "the version without a key id is moved too");
 
     // Rolling deployment: K2 current, K1 previous; the K1-only processes stop.
@@ -222,6 +226,7 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
         })
         .await;
     stack.stop_services().await;
+    assert_eq!(spawn_env().await, json!("bridge-key-1"), "the service reads with K1 previous");
     let cipher = cipher_from_settings(&r1.ctx.settings).expect("cipher");
     for i in 0..REFS {
         let value = active_secret(&r1.ctx, &cipher, &format!("rot.ref{i}")).await.expect("read").expect("active");
@@ -230,7 +235,7 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
     let status = admin.ok("getSecretsKeyRotationStatus", json!({})).await;
     assert_eq!(status["currentKeyId"], json!(id2));
     assert_eq!(status["previousKeyIds"], json!([id1.clone()]));
-    assert_eq!(status["pendingVersions"], json!(2 * REFS + 1));
+    assert_eq!(status["pendingVersions"], json!(2 * REFS + 2));
     assert_eq!(status["unknownKeyVersions"], json!(0));
 
     // A new version of every ref is imported while the re-encryption runs.
@@ -245,9 +250,9 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
     let pass = admin.ok("reencryptSecrets", json!({})).await;
     importer.await.expect("importer");
     assert_eq!(pass["failedVersions"], json!(0));
-    assert_eq!(pass["reencryptedVersions"], json!(2 * REFS + 1), "every old version moved once: {pass}");
+    assert_eq!(pass["reencryptedVersions"], json!(2 * REFS + 2), "every old version moved once: {pass}");
     let status = admin.ok("getSecretsKeyRotationStatus", json!({})).await;
-    assert_eq!(status["versionsByKeyId"], json!({id2.clone(): 3 * REFS + 1}), "nothing lost, nothing left: {status}");
+    assert_eq!(status["versionsByKeyId"], json!({id2.clone(): 3 * REFS + 2}), "nothing lost, nothing left: {status}");
     assert_eq!(status["pendingVersions"], json!(0));
     let again = admin.ok("reencryptSecrets", json!({})).await;
     assert_eq!(again["reencryptedVersions"], json!(0));
@@ -263,9 +268,9 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
     let only_k2 = cipher_from_settings(&r2.ctx.settings).expect("cipher");
     assert!(only_k2.previous_key_ids().is_empty());
     let docs = stored_docs(&stack).await;
-    assert_eq!(docs.len(), REFS + 1);
+    assert_eq!(docs.len(), REFS + 2);
     for doc in &docs {
-        let expected = if doc.secret_ref == "rot.legacy" { 1 } else { 3 };
+        let expected = if doc.secret_ref.starts_with("rot.ref") { 3 } else { 1 };
         assert_eq!(doc.versions.len(), expected, "{}", doc.secret_ref);
         for v in &doc.versions {
             assert_eq!(v.key_id, id2);
@@ -273,6 +278,7 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
             only_k2.open(&v.sealed(), &aad).expect("opens with K2 alone");
         }
     }
+    assert_eq!(spawn_env().await, json!("bridge-key-1"), "the service reads with K2 alone");
     let legacy = active_secret(&r2.ctx, &only_k2, "rot.legacy").await.expect("read").expect("active");
     assert_eq!(legacy.expose_secret(), "legacy-value");
     for i in 0..REFS {
