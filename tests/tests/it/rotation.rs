@@ -23,9 +23,12 @@ fn secret(s: &str) -> SecretString {
     SecretString::from(s.to_string())
 }
 
-/// Calls running in a loop until stopped; every refusal of a credential (401 or 403) is kept.
-/// Other errors are not the rotation's: a replica stopping while it leads the queue can leave a
-/// request in flight unanswered (503 after `nats.request_timeout_ms`, as in any failover).
+/// Calls running in a loop until stopped; every failure is kept except the errors `tolerated`
+/// lets pass, and every answer that differs from `expected` (when given).
+///
+/// The token rotation tolerates every error but a refusal of a credential (401 or 403): a
+/// replica stopping while it leads the queue can leave a request in flight unanswered (503
+/// after `nats.request_timeout_ms`), as in any failover, and that is not the rotation's.
 struct Traffic {
     stop: Arc<AtomicBool>,
     rounds: Arc<AtomicU64>,
@@ -33,7 +36,11 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(calls: Vec<(&'static str, Api, &'static str, Value)>) -> Self {
+    fn start(
+        calls: Vec<(&'static str, Api, &'static str, Value)>,
+        tolerated: fn(&common::OpError) -> bool,
+        expected: Option<Value>,
+    ) -> Self {
         let (stop, rounds) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let (s, r) = (stop.clone(), rounds.clone());
         let task = tokio::spawn(async move {
@@ -41,10 +48,13 @@ impl Traffic {
             while !s.load(Ordering::SeqCst) {
                 for (who, api, op, args) in &calls {
                     match api.call(op, args.clone()).await {
-                        Err(e) if matches!(e.code, ErrorCode::Unauthenticated | ErrorCode::Forbidden) => {
-                            failures.push(format!("{op} as {who}: {:?} {}", e.code, e.message));
+                        Err(e) if tolerated(&e) => {
+                            eprintln!("{op} as {who} failed (tolerated): {:?} {}", e.code, e.message)
                         }
-                        Err(e) => eprintln!("{op} as {who} failed (not a refusal): {:?} {}", e.code, e.message),
+                        Err(e) => failures.push(format!("{op} as {who}: {:?} {}", e.code, e.message)),
+                        Ok(v) if expected.as_ref().is_some_and(|x| *x != v) => {
+                            failures.push(format!("{op} as {who}: answered {v}"))
+                        }
                         Ok(_) => {}
                     }
                 }
@@ -71,6 +81,10 @@ impl Traffic {
         let failures = self.task.await.expect("traffic task");
         assert!(failures.is_empty(), "{what}: requests refused during the rotation: {failures:#?}");
     }
+}
+
+fn not_a_refusal(e: &common::OpError) -> bool {
+    !matches!(e.code, ErrorCode::Unauthenticated | ErrorCode::Forbidden)
 }
 
 /// The calls one client set makes: admin, app and a worker, each with its own token.
@@ -116,7 +130,8 @@ fn step3(s: &mut Settings) {
 async fn rotation_of_admin_app_and_worker_tokens_refuses_nothing_during_a_rolling_rollover() {
     let mut stack = TestStack::start().await;
     let worker_a = stack.ctx.auth.mint_worker_token("afw-rotation-a").expect("token");
-    let traffic_a = Traffic::start(calls(&stack, ADMIN_TOKEN, APP_TOKEN, "afw-rotation-a", &worker_a));
+    let traffic_a =
+        Traffic::start(calls(&stack, ADMIN_TOKEN, APP_TOKEN, "afw-rotation-a", &worker_a), not_a_refusal, None);
     traffic_a.advance().await;
 
     // Step 1: processes that also accept B join; the old ones stop.
@@ -136,7 +151,7 @@ async fn rotation_of_admin_app_and_worker_tokens_refuses_nothing_during_a_rollin
     })
     .mint_worker_token("afw-rotation-b")
     .expect("token");
-    let traffic_b = Traffic::start(calls(&stack, ADMIN_B, APP_B, "afw-rotation-b", &worker_b));
+    let traffic_b = Traffic::start(calls(&stack, ADMIN_B, APP_B, "afw-rotation-b", &worker_b), not_a_refusal, None);
     traffic_b.advance().await;
 
     // Step 2: processes with B current and A previous replace step 1's.
@@ -218,14 +233,29 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
     assert_eq!(status["versionsByKeyId"], json!({"": 1, id1.clone(): 2 * REFS + 1}));
     assert_eq!(status["pendingVersions"], json!(1), "the version without a key id is moved too");
 
-    // Rolling deployment: K2 current, K1 previous; the K1-only processes stop.
+    // Reads of a secret run through the whole rolling deployment; only a failover timeout
+    // (a stopping replica leaving a request unanswered) is tolerated, never a wrong answer.
+    let reads = Traffic::start(
+        vec![("admin", admin.clone(), "getWorkerSpawnOpenClawEnv", json!({}))],
+        |e| e.code == ErrorCode::Unavailable,
+        Some(json!({"OPENCLAW_SERVICE_KEY": "bridge-key-1"})),
+    );
+    reads.advance().await;
+    // Step 1: processes that also open K2 replace the K1-only ones.
+    let r0 = stack.replica(|s| s.secrets.previous_keys = vec![secret(&k2)]).await;
+    reads.advance().await;
+    stack.stop_services().await;
+    reads.advance().await;
+    // Step 2: K2 current, K1 previous.
     let r1 = stack
         .replica(|s| {
             s.secrets.key = Some(secret(&k2));
             s.secrets.previous_keys = vec![secret(&k1)];
         })
         .await;
-    stack.stop_services().await;
+    reads.advance().await;
+    r0.stop().await;
+    reads.advance().await;
     assert_eq!(spawn_env().await, json!("bridge-key-1"), "the service reads with K1 previous");
     let cipher = cipher_from_settings(&r1.ctx.settings).expect("cipher");
     for i in 0..REFS {
@@ -264,7 +294,9 @@ async fn rotation_of_the_secrets_key_reencrypts_everything_without_losing_a_conc
             s.secrets.previous_keys.clear();
         })
         .await;
+    reads.advance().await;
     r1.stop().await;
+    reads.finish("reads of a secret").await;
     let only_k2 = cipher_from_settings(&r2.ctx.settings).expect("cipher");
     assert!(only_k2.previous_key_ids().is_empty());
     let docs = stored_docs(&stack).await;
