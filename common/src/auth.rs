@@ -1,6 +1,11 @@
 //! Roles, callers and bearer-token checks. Static tokens (admin, app) come from configuration and
 //! are compared in constant time; worker tokens are HMAC-SHA256 signatures over the worker id,
 //! so a worker is authenticated as exactly one workerId without any stored state.
+//!
+//! Rotation: besides the current token of each role, the previous ones
+//! (`auth.previous_admin_tokens`, `auth.previous_app_tokens`) are accepted, and worker tokens
+//! signed with a previous key (`auth.previous_worker_token_keys`) still verify; new worker
+//! tokens are always signed with the current key.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -61,18 +66,48 @@ const WORKER_TOKEN_PREFIX: &str = "afw1";
 /// Verifies bearer tokens. Holds only what configuration provides; a role without a configured
 /// token cannot be used at all.
 pub struct Authenticator {
-    admin: Option<[u8; 32]>,
-    app: Option<[u8; 32]>,
+    /// Digests of the accepted admin tokens: the current one, then the previous ones.
+    admin: Vec<[u8; 32]>,
+    app: Vec<[u8; 32]>,
     /// HMAC-SHA256 already keyed with `auth.worker_token_key`: each use clones it, so a request
     /// pays for its own message only, not for hashing the key again.
     worker_mac: Option<Hmac<Sha256>>,
+    /// Keyed with each of `auth.previous_worker_token_keys`: verify only.
+    previous_worker_macs: Vec<Hmac<Sha256>>,
+}
+
+fn digest(s: &SecretString) -> [u8; 32] {
+    Sha256::digest(s.expose_secret().as_bytes()).into()
+}
+
+fn keyed(key: &SecretString) -> Option<Hmac<Sha256>> {
+    <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).ok()
+}
+
+/// Whether `presented` equals one of `accepted`, comparing against every one of them in
+/// constant time so timing reveals neither which one matched nor how many there are to try.
+fn matches_any(accepted: &[[u8; 32]], presented: &[u8; 32]) -> bool {
+    accepted.iter().fold(subtle::Choice::from(0), |found, d| found | d.ct_eq(presented)).into()
 }
 
 impl Authenticator {
     pub fn new(admin: Option<&SecretString>, app: Option<&SecretString>, worker_key: Option<&SecretString>) -> Self {
-        let digest = |s: &SecretString| -> [u8; 32] { Sha256::digest(s.expose_secret().as_bytes()).into() };
-        let keyed = |key: &SecretString| <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret().as_bytes()).ok();
-        Self { admin: admin.map(digest), app: app.map(digest), worker_mac: worker_key.and_then(keyed) }
+        Self {
+            admin: admin.map(digest).into_iter().collect(),
+            app: app.map(digest).into_iter().collect(),
+            worker_mac: worker_key.and_then(keyed),
+            previous_worker_macs: Vec::new(),
+        }
+    }
+
+    /// Everything `auth` configures: the current tokens and key, and the previous ones that are
+    /// still accepted during a rollover.
+    pub fn from_settings(auth: &crate::config::AuthSettings) -> Self {
+        let mut out = Self::new(auth.admin_token.as_ref(), auth.app_token.as_ref(), auth.worker_token_key.as_ref());
+        out.admin.extend(auth.previous_admin_tokens.iter().map(digest));
+        out.app.extend(auth.previous_app_tokens.iter().map(digest));
+        out.previous_worker_macs = auth.previous_worker_token_keys.iter().filter_map(keyed).collect();
+        out
     }
 
     /// Authenticates the value of an `Authorization` header, which must be `Bearer <token>`
@@ -92,9 +127,9 @@ impl Authenticator {
             return Ok(Caller { role: Role::Worker, worker_id: Some(worker_id) });
         }
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Both comparisons always run so timing does not reveal which role matched.
-        let is_admin = self.admin.map(|d| d.ct_eq(&presented).into()).unwrap_or(false);
-        let is_app = self.app.map(|d| d.ct_eq(&presented).into()).unwrap_or(false);
+        // Every comparison always runs so timing does not reveal which role or token matched.
+        let is_admin = matches_any(&self.admin, &presented);
+        let is_app = matches_any(&self.app, &presented);
         match (is_admin, is_app) {
             (true, _) => Ok(Caller::admin()),
             (false, true) => Ok(Caller { role: Role::App, worker_id: None }),
@@ -114,7 +149,7 @@ impl Authenticator {
     }
 
     fn verify_worker_token(&self, token: &str) -> Option<String> {
-        let mut mac = self.worker_mac.clone()?;
+        self.worker_mac.as_ref()?;
         let mut parts = token.split('.');
         let (Some(WORKER_TOKEN_PREFIX), Some(id), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -123,9 +158,13 @@ impl Authenticator {
         };
         let worker_id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
         let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
-        mac.update(worker_id.as_bytes());
-        mac.verify_slice(&sig).ok()?;
-        Some(worker_id)
+        // The current key first, then the previous ones (each check is constant-time).
+        let verified = self.worker_mac.iter().chain(&self.previous_worker_macs).any(|mac| {
+            let mut mac = mac.clone();
+            mac.update(worker_id.as_bytes());
+            mac.verify_slice(&sig).is_ok()
+        });
+        verified.then_some(worker_id)
     }
 }
 
@@ -172,6 +211,46 @@ mod tests {
         let parts: Vec<&str> = token.split('.').collect();
         let swapped = format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode("afw-x"), parts[2]);
         assert!(a.authenticate(Some(&swapped)).is_err());
+    }
+
+    #[test]
+    fn previous_tokens_and_worker_keys_are_accepted_during_a_rollover() {
+        let old = auth();
+        let old_worker = old.mint_worker_token("afw-1").unwrap();
+        let settings = crate::config::AuthSettings {
+            admin_token: Some(SecretString::from("admin-secret-new")),
+            app_token: Some(SecretString::from("app-secret-new")),
+            worker_token_key: Some(SecretString::from("worker-key-new")),
+            previous_admin_tokens: vec![SecretString::from("admin-secret")],
+            previous_app_tokens: vec![SecretString::from("app-secret")],
+            previous_worker_token_keys: vec![SecretString::from("worker-key")],
+        };
+        let rolling = Authenticator::from_settings(&settings);
+        for (token, role) in [
+            ("admin-secret", Role::Admin),
+            ("admin-secret-new", Role::Admin),
+            ("app-secret", Role::App),
+            ("app-secret-new", Role::App),
+        ] {
+            assert_eq!(rolling.authenticate(Some(&format!("Bearer {token}"))).unwrap().role, role, "{token}");
+        }
+        let caller = rolling.authenticate(Some(&format!("Bearer {old_worker}"))).unwrap();
+        assert_eq!(caller.worker_id.as_deref(), Some("afw-1"));
+        // New worker tokens are signed with the current key: the old process does not take them.
+        let new_worker = rolling.mint_worker_token("afw-2").unwrap();
+        assert!(old.authenticate(Some(&format!("Bearer {new_worker}"))).is_err());
+        assert!(rolling.authenticate(Some(&format!("Bearer {new_worker}"))).is_ok());
+
+        let done = Authenticator::from_settings(&crate::config::AuthSettings {
+            previous_admin_tokens: vec![],
+            previous_app_tokens: vec![],
+            previous_worker_token_keys: vec![],
+            ..settings
+        });
+        assert!(done.authenticate(Some("Bearer admin-secret")).is_err());
+        assert!(done.authenticate(Some("Bearer app-secret")).is_err());
+        assert!(done.authenticate(Some(&format!("Bearer {old_worker}"))).is_err());
+        assert!(done.authenticate(Some(&format!("Bearer {new_worker}"))).is_ok());
     }
 
     #[test]

@@ -83,13 +83,35 @@ pub struct AuthSettings {
     pub admin_token: Option<SecretString>,
     pub app_token: Option<SecretString>,
     pub worker_token_key: Option<SecretString>,
+    /// Admin tokens still accepted during a rollover (never sent by the services themselves).
+    #[serde(default)]
+    pub previous_admin_tokens: Vec<SecretString>,
+    /// App tokens still accepted during a rollover.
+    #[serde(default)]
+    pub previous_app_tokens: Vec<SecretString>,
+    /// Keys whose worker tokens still verify; new worker tokens are signed with
+    /// `worker_token_key` only.
+    #[serde(default)]
+    pub previous_worker_token_keys: Vec<SecretString>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsSettings {
     pub key: Option<SecretString>,
+    /// Keys that still open values sealed under them; new values are sealed with `key`, and the
+    /// re-encryption moves the old ones onto it.
+    #[serde(default)]
+    pub previous_keys: Vec<SecretString>,
 }
+
+/// The settings whose environment variables hold comma-separated lists.
+const LIST_KEYS: [&str; 4] = [
+    "auth.previous_admin_tokens",
+    "auth.previous_app_tokens",
+    "auth.previous_worker_token_keys",
+    "secrets.previous_keys",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +142,9 @@ pub struct LoopSettings {
     /// The push dispatch loop: fires due push jobs at their slot and completes interrupted
     /// broadcasts (push-dispatcher service).
     pub push_dispatch: bool,
+    /// The re-encryption of secrets sealed under a previous `secrets.key` (hydration service).
+    pub secrets_reencryption: bool,
+    pub secrets_reencryption_interval_ms: u64,
 }
 
 impl LoopSettings {
@@ -334,6 +359,11 @@ impl Settings {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key(LIST_KEYS[0])
+                .with_list_parse_key(LIST_KEYS[1])
+                .with_list_parse_key(LIST_KEYS[2])
+                .with_list_parse_key(LIST_KEYS[3])
                 .source(Some(env)),
         );
         let settings: Settings =
@@ -361,14 +391,37 @@ impl Settings {
             return fail("nats.url", "must not be empty when set");
         }
         // Static tokens and keys are bearer credentials: short ones can be guessed.
-        for (key, value, min) in [
-            ("auth.admin_token", &self.auth.admin_token, MIN_TOKEN_CHARS),
-            ("auth.app_token", &self.auth.app_token, MIN_TOKEN_CHARS),
-            ("auth.worker_token_key", &self.auth.worker_token_key, MIN_KEY_CHARS),
+        let a = &self.auth;
+        for (key, values, min) in [
+            ("auth.admin_token", a.admin_token.as_slice(), MIN_TOKEN_CHARS),
+            ("auth.app_token", a.app_token.as_slice(), MIN_TOKEN_CHARS),
+            ("auth.worker_token_key", a.worker_token_key.as_slice(), MIN_KEY_CHARS),
+            ("auth.previous_admin_tokens", a.previous_admin_tokens.as_slice(), MIN_TOKEN_CHARS),
+            ("auth.previous_app_tokens", a.previous_app_tokens.as_slice(), MIN_TOKEN_CHARS),
+            ("auth.previous_worker_token_keys", a.previous_worker_token_keys.as_slice(), MIN_KEY_CHARS),
         ] {
-            let Some(value) = value.as_ref().map(secrecy::ExposeSecret::expose_secret) else { continue };
-            if value.chars().count() < min || value.contains(char::is_whitespace) {
-                return Err(ConfigError(format!("{key}: must be at least {min} characters without spaces")));
+            for value in values.iter().map(secrecy::ExposeSecret::expose_secret) {
+                if value.chars().count() < min || value.contains(char::is_whitespace) {
+                    return Err(ConfigError(format!("{key}: must be at least {min} characters without spaces")));
+                }
+            }
+        }
+        if !a.previous_admin_tokens.is_empty() && a.admin_token.is_none() {
+            return fail("auth.previous_admin_tokens", "needs auth.admin_token (the current token)");
+        }
+        if !a.previous_app_tokens.is_empty() && a.app_token.is_none() {
+            return fail("auth.previous_app_tokens", "needs auth.app_token (the current token)");
+        }
+        if !a.previous_worker_token_keys.is_empty() && a.worker_token_key.is_none() {
+            return fail("auth.previous_worker_token_keys", "needs auth.worker_token_key (the current key)");
+        }
+        if !self.secrets.previous_keys.is_empty() && self.secrets.key.is_none() {
+            return fail("secrets.previous_keys", "needs secrets.key (the current key)");
+        }
+        for key in &self.secrets.previous_keys {
+            if let Err(why) = crate::crypto::SecretCipher::from_base64(key) {
+                // The message names secrets.key; say which setting it came from.
+                return Err(ConfigError(format!("secrets.previous_keys: {}", why.trim_start_matches("secrets.key: "))));
             }
         }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
@@ -481,6 +534,9 @@ impl Settings {
         if !(1..=100).contains(&self.attachments.max_per_message) {
             return fail("attachments.max_per_message", "must be between 1 and 100");
         }
+        if self.loops.secrets_reencryption_interval_ms < 1000 {
+            return fail("loops.secrets_reencryption_interval_ms", "must be at least 1000");
+        }
         if self.loops.lease_recovery_interval_ms < 10 {
             return fail("loops.lease_recovery_interval_ms", "must be at least 10");
         }
@@ -566,6 +622,41 @@ mod tests {
         assert!(err.to_string().contains("lease_ms"), "{err}");
         let err = Settings::from_overrides(&[("clock.mode", "sundial")]).unwrap_err();
         assert!(err.to_string().contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn previous_tokens_and_keys_are_lists_with_the_same_strength_rule() {
+        let key1 = crate::crypto::generate_key_base64().unwrap();
+        let key2 = crate::crypto::generate_key_base64().unwrap();
+        let env = HashMap::from([
+            ("AF_AUTH__ADMIN_TOKEN".to_string(), "admin-token-current-0001".to_string()),
+            (
+                "AF_AUTH__PREVIOUS_ADMIN_TOKENS".to_string(),
+                "admin-token-old-00000001,admin-token-old-00000002".to_string(),
+            ),
+            ("AF_SECRETS__KEY".to_string(), key1),
+            ("AF_SECRETS__PREVIOUS_KEYS".to_string(), key2),
+        ]);
+        let s = Settings::load(None, &env).unwrap();
+        assert_eq!(s.auth.previous_admin_tokens.len(), 2);
+        assert_eq!(s.secrets.previous_keys.len(), 1);
+        assert!(s.auth.previous_app_tokens.is_empty());
+        assert!(!format!("{s:?}").contains("admin-token-old"), "never printed");
+
+        let err = Settings::from_overrides(&[
+            ("auth.app_token", "app-token-current-0001"),
+            ("auth.previous_app_tokens", "short"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("auth.previous_app_tokens"), "{err}");
+        let err = Settings::from_overrides(&[("auth.previous_admin_tokens", "admin-token-old-00000001")]).unwrap_err();
+        assert!(err.to_string().contains("needs auth.admin_token"), "{err}");
+        let err = Settings::from_overrides(&[
+            ("secrets.key", &crate::crypto::generate_key_base64().unwrap()),
+            ("secrets.previous_keys", "bm90LWEta2V5"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("secrets.previous_keys: must decode to 32 bytes"), "{err}");
     }
 
     #[test]

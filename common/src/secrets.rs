@@ -30,11 +30,15 @@ pub struct SecretDocument {
     pub versions: Vec<SecretVersion>,
 }
 
-/// One sealed version. `nonce` and `ciphertext` are base64; `keyId` fingerprints the key.
+/// One sealed version. `nonce` and `ciphertext` are base64; `keyId` fingerprints the key that
+/// sealed it (first 8 hex digits of its SHA-256). A version stored without one reads as an empty
+/// id: it is opened with whichever configured key opens it, and re-encrypted like any version
+/// not under the current key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretVersion {
     pub version: u64,
+    #[serde(default)]
     pub key_id: String,
     pub algorithm: String,
     pub nonce: String,
@@ -71,14 +75,15 @@ pub fn aad(secret_ref: &str, version: u64) -> String {
     format!("{secret_ref}#{version}")
 }
 
-/// Builds the secrets cipher from `secrets.key`. Without a key no secret can be sealed or
-/// opened, so the hydration service refuses to start.
+/// Builds the secrets cipher from `secrets.key` (seals and opens) and `secrets.previous_keys`
+/// (open only). Without a key no secret can be sealed or opened, so the hydration service
+/// refuses to start.
 pub fn cipher_from_settings(settings: &Settings) -> anyhow::Result<SecretCipher> {
     let key = settings.secrets.key.as_ref().context(
         "secrets.key is not configured: the hydration service needs a base64 32-byte key \
          (set AF_SECRETS__KEY or [secrets] key)",
     )?;
-    SecretCipher::from_base64(key).map_err(|e| anyhow::anyhow!(e))
+    SecretCipher::with_previous(key, &settings.secrets.previous_keys).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The stored document of `secret_ref`, or `None` when the ref has never been imported.
@@ -118,5 +123,16 @@ mod tests {
         assert!(format!("{err:#}").contains("secrets.key"), "{err:#}");
         settings.secrets.key = Some(SecretString::from(crate::crypto::generate_key_base64().expect("key")));
         assert!(cipher_from_settings(&settings).is_ok());
+    }
+
+    #[test]
+    fn a_version_stored_without_a_key_id_still_reads() {
+        let doc: SecretDocument = serde_json::from_value(serde_json::json!({
+            "secretRef": "r",
+            "versions": [{"version": 1, "algorithm": "xchacha20poly1305-v1", "nonce": "", "ciphertext": "",
+                          "active": true, "createdAt": 1}]
+        }))
+        .expect("legacy document parses");
+        assert_eq!(doc.versions[0].key_id, "");
     }
 }

@@ -73,11 +73,7 @@ impl ServiceContext {
             ClockMode::System => Clock::system(),
             ClockMode::Manual => start_manual_clock(&buckets, &settings).await?,
         };
-        let auth = Arc::new(Authenticator::new(
-            settings.auth.admin_token.as_ref(),
-            settings.auth.app_token.as_ref(),
-            settings.auth.worker_token_key.as_ref(),
-        ));
+        let auth = Arc::new(Authenticator::from_settings(&settings.auth));
         let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
             .with_clock(clock.clone());
         let nats_url = url.to_string();

@@ -177,6 +177,40 @@ impl TestStack {
         format!("http://{}{}", self.http_addr, path)
     }
 
+    /// Starts a second set of every service over this stack's nats-server, with this stack's
+    /// settings changed by `change` (as a rolling deployment adds processes with a new
+    /// configuration). Returns once they answer health pings of their own.
+    pub async fn replica(&self, change: impl FnOnce(&mut Settings)) -> Replica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http_addr = listener.local_addr().expect("addr");
+        let mut settings = (*self.ctx.settings).clone();
+        settings.http.public_url = format!("http://{http_addr}");
+        change(&mut settings);
+        let ctx = ServiceContext::connect(Arc::new(settings), self.nats.url(), "test-replica").await.expect("connect");
+        let shutdown = CancellationToken::new();
+        let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
+        let replica = Replica { ctx, http_addr, shutdown, tasks };
+        // Ingress answers on its own port once its services run; the operation subscriptions
+        // of the others are made before their health subscriptions.
+        wait_until("the replica's ingress answers", Duration::from_secs(10), || async {
+            reqwest::get(format!("http://{http_addr}/healthz")).await.ok().filter(|r| r.status().is_success())
+        })
+        .await;
+        replica
+    }
+
+    /// Stops this stack's services (its nats-server keeps running, and so does any replica);
+    /// panics if one failed.
+    pub async fn stop_services(&mut self) {
+        self.shutdown.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            let (name, result) = joined.expect("service task panicked");
+            if let Err(e) = result {
+                panic!("service {name} failed: {e:#}");
+            }
+        }
+    }
+
     /// Stops every service and waits for them; panics if one failed.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -186,6 +220,38 @@ impl TestStack {
                 panic!("service {name} failed: {e:#}");
             }
         }
+    }
+}
+
+/// Another set of services over a [`TestStack`]'s nats-server ([`TestStack::replica`]).
+pub struct Replica {
+    pub ctx: ServiceContext,
+    pub http_addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+impl Replica {
+    /// A client over this replica's NATS connection (operations still reach any replica).
+    pub fn client(&self, token: &str) -> Api {
+        Api { ops: self.ctx.ops.clone(), token: token.to_string() }
+    }
+
+    /// Stops the replica's services; panics if one failed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            let (name, result) = joined.expect("service task panicked");
+            if let Err(e) = result {
+                panic!("service {name} failed: {e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -269,6 +269,10 @@ operations! {
         profiles::ImportSecretArgs => profiles::ImportedSecret, "store a new active version of a secret";
     GetSecretsStatus = "getSecretsStatus", Hydration, [Admin], read_only;
         profiles::SecretsStatusArgs => Vec<profiles::SecretStatus>, "which secret refs have an active version";
+    GetSecretsKeyRotationStatus = "getSecretsKeyRotationStatus", Hydration, [Admin], read_only;
+        NoArgs => profiles::SecretsKeyRotationStatus, "stored secret versions counted by the key that sealed them";
+    ReencryptSecrets = "reencryptSecrets", Hydration, [Admin];
+        NoArgs => profiles::ReencryptedSecrets, "seal every secret version not under secrets.key again with it";
     ProviderRuntimeConfig = "providerRuntimeConfig", Hydration, [Admin], read_only;
         NoArgs => Option<crate::model::ProviderConfig>, "the stored provider configuration";
     SetProviderRuntimeConfig = "setProviderRuntimeConfig", Hydration, [Admin];

@@ -142,6 +142,42 @@ pub struct SecretStatus {
     pub version: Option<u64>,
 }
 
+/// `getSecretsKeyRotationStatus`: how far a rotation of `secrets.key` has come. A previous key
+/// can be removed from `secrets.previous_keys` once `pendingVersions` is 0 (and no process still
+/// seals with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretsKeyRotationStatus {
+    /// The id of `secrets.key` (first 8 hex digits of the SHA-256 of the key).
+    pub current_key_id: String,
+    /// The ids of `secrets.previous_keys`.
+    pub previous_key_ids: Vec<String>,
+    /// Stored versions (every kept version of every ref) by the id of the key that sealed them;
+    /// `""` counts versions stored without a key id.
+    pub versions_by_key_id: BTreeMap<String, u64>,
+    /// Secret refs stored.
+    pub secret_refs: u64,
+    /// Versions not sealed with the current key.
+    pub pending_versions: u64,
+    /// Versions sealed with a key that is neither the current nor a previous one: they cannot be
+    /// read or re-encrypted.
+    pub unknown_key_versions: u64,
+}
+
+/// `reencryptSecrets`: what one pass of the re-encryption did, and the status after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReencryptedSecrets {
+    /// Versions sealed again under the current key by this pass.
+    pub reencrypted_versions: u64,
+    /// Secret refs whose document this pass rewrote.
+    pub rewritten_refs: u64,
+    /// Versions this pass could not open (unknown key, or a value that does not open); left as
+    /// they are.
+    pub failed_versions: u64,
+    pub status: SecretsKeyRotationStatus,
+}
+
 /// `setProviderRuntimeConfig` (spec §3.3): replaces the stored provider configuration, without
 /// validating it (the scheduler validates it where it is used).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

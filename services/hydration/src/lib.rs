@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod bundle;
 mod fence;
 pub mod history;
+pub mod key_rotation;
 pub mod metadata;
 pub mod pairing;
 pub mod profiles;
@@ -37,6 +38,7 @@ pub const SERVICE: &str = "hydration";
 pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpRegistry) {
     profiles::register(ctx, ops);
     secrets::register(ctx, cipher.clone(), ops);
+    key_rotation::register(ctx, cipher.clone(), ops);
     runtime_config::register(ctx, ops);
     history::register(ctx, ops);
     bundle::register(ctx, cipher.clone(), ops);
@@ -63,11 +65,16 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
     let mut ops = OpRegistry::new();
     let telegram =
         telegram::Telegram { ctx: ctx.clone(), cipher: cipher.clone(), api: telegram::bot_api(&ctx.settings) };
-    register(&ctx, cipher, &mut ops);
+    register(&ctx, cipher.clone(), &mut ops);
+    let reencryption = key_rotation::run_loop(ctx.clone(), cipher, shutdown.clone());
+    let reencryption = async {
+        reencryption.await;
+        Ok::<_, anyhow::Error>(())
+    };
     let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
     // The Telegram update consumer is part of the message path: it runs with the service.
     let updates = telegram_updates::run(telegram, shutdown.clone());
     let serve = ops.serve(ctx, shutdown);
-    tokio::try_join!(health, serve, updates)?;
+    tokio::try_join!(health, serve, updates, reencryption)?;
     Ok(())
 }

@@ -320,16 +320,22 @@ mod tests {
 
     #[test]
     fn dumped_settings_are_toml_like_and_hide_secrets() {
-        let env = [("AF_AUTH__ADMIN_TOKEN", "hunter2-hunter2-hunter2"), ("AF_CLOCK__START_MS", "7")]
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .into();
+        let env = [
+            ("AF_AUTH__ADMIN_TOKEN", "hunter2-hunter2-hunter2"),
+            ("AF_AUTH__PREVIOUS_ADMIN_TOKENS", "previous-hunter2-aaaa,previous-hunter2-bbbb"),
+            ("AF_CLOCK__START_MS", "7"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
         let settings = Settings::load(None, &env).expect("valid settings");
         let text = debug_to_toml(&format!("{settings:#?}"));
-        assert!(!text.contains("hunter2-hunter2-hunter2"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
         for line in [
             "data_dir = \"data\"",
             "[queue.retry]",
             "admin_token = \"[REDACTED]\"",
+            "previous_admin_tokens = \"[REDACTED]\"",
+            "previous_app_tokens = []",
             "# app_token = (unset)",
             "start_ms = 7",
             "mode = \"system\"",

@@ -17,6 +17,7 @@ mod push;
 mod queue;
 mod queue_concurrency;
 pub(crate) mod reference_worker;
+mod rotation;
 mod scheduler;
 mod skills;
 mod smoke;
