@@ -39,6 +39,9 @@ pub const POOL_DEMAND: &str = "af_scheduler_demand";
 pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
 /// Counter: connections ingress closed at accept because `http.max_connections` were open.
 pub const HTTP_CONNECTIONS_REFUSED: &str = "af_http_connections_refused_total";
+/// Counter: requests refused by a rate limit (429), labelled by `route`: `ops` (per token),
+/// `webhook` (per bot), `pairing` (`/start <code>` attempts per Telegram user or bot).
+pub const RATE_LIMITED: &str = "af_rate_limited_total";
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 
