@@ -1,8 +1,8 @@
 //! Request rate limits (`[rate_limits]`): keyed GCRA token buckets from the `governor` crate,
 //! driven by the service's clock (`common::clock`, so a manual test clock moves them too).
 //!
-//! - Operations are limited per bearer token: the key is the SHA-256 of the Authorization
-//!   header's value (the token itself is never kept or logged). The admin and the app token
+//! - Operations are limited per bearer token: the key is the token's SHA-256 (the token itself
+//!   is never kept or logged). The admin and the app token
 //!   have their own, higher quotas; every other token (each worker's, or an unknown one) has
 //!   `rate_limits.ops_*`. A request is counted before the owning service authenticates it, so an
 //!   unknown token spends only its own bucket.
@@ -100,6 +100,16 @@ pub(crate) struct Limits {
     webhook: Limiter,
 }
 
+/// The token of `Bearer <token>` (the scheme in any case, as the services accept it), else the
+/// whole value: one token is one key however its header is spelled.
+fn bearer_token(authorization: &str) -> &str {
+    let value = authorization.trim();
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => value,
+    }
+}
+
 fn digest(bytes: &[u8]) -> Key {
     Sha256::digest(bytes).into()
 }
@@ -118,9 +128,8 @@ impl Limits {
     fn new(settings: &Settings, clock: &common::clock::Clock) -> Self {
         let r: &RateLimitSettings = &settings.rate_limits;
         let clock = ServiceClock(clock.clone());
-        let token_key = |token: &Option<secrecy::SecretString>| {
-            token.as_ref().map(|t| digest(format!("Bearer {}", t.expose_secret()).as_bytes()))
-        };
+        let token_key =
+            |token: &Option<secrecy::SecretString>| token.as_ref().map(|t| digest(t.expose_secret().as_bytes()));
         Self {
             enabled: r.enabled,
             admin_token: token_key(&settings.auth.admin_token),
@@ -148,7 +157,7 @@ impl Limits {
         if !self.enabled {
             return Ok(());
         }
-        let key = digest(authorization.trim().as_bytes());
+        let key = digest(bearer_token(authorization).as_bytes());
         let limiter = match self.class(&key) {
             Class::Admin => &self.admin,
             Class::App => &self.app,
@@ -245,9 +254,11 @@ mod tests {
         let overrides =
             [("rate_limits.ops_burst", "1"), ("rate_limits.admin_ops_burst", "3"), ("rate_limits.app_ops_burst", "2")];
         let limits = Limits::new(&settings(&overrides), &clock);
-        assert_eq!(limits.class(&digest(b"Bearer admin-token-0123456789")), Class::Admin);
-        assert_eq!(limits.class(&digest(b"Bearer app-token-0123456789")), Class::App);
-        assert_eq!(limits.class(&digest(b"Bearer admin-token-012345678")), Class::Token);
+        let class = |auth: &str| limits.class(&digest(bearer_token(auth).as_bytes()));
+        assert_eq!(class("Bearer admin-token-0123456789"), Class::Admin);
+        assert_eq!(class(" bearer  app-token-0123456789 "), Class::App);
+        assert_eq!(class("Bearer admin-token-012345678"), Class::Token);
+        assert_eq!(class("admin-token-0123456789"), Class::Admin);
         let passed = |auth: &str| (0..5).take_while(|_| limits.check_op(auth).is_ok()).count();
         assert_eq!(passed("Bearer admin-token-0123456789"), 3);
         assert_eq!(passed("Bearer app-token-0123456789"), 2);

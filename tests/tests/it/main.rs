@@ -15,6 +15,7 @@ mod profiles;
 mod push;
 mod queue;
 mod queue_concurrency;
+mod rate_limits;
 pub(crate) mod reference_worker;
 mod scheduler;
 mod skills;
