@@ -29,15 +29,24 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// Keys one limiter holds before idle ones are dropped at once.
 const MAX_KEYS: usize = 100_000;
 
-/// `common::clock` as a governor clock: time since the Unix epoch, at millisecond resolution.
+/// The longest time a [`ServiceClock`] counts: governor keeps times as `u64` nanoseconds (it
+/// panics past 584 years), and a manual clock may be set anywhere.
+const MAX_CLOCK_MS: i64 = 100 * 365 * 24 * 3_600_000;
+
+/// `common::clock` as a governor clock: milliseconds since the limiters were made, clamped to
+/// `0..=MAX_CLOCK_MS` (a manual clock set back, or centuries ahead, cannot break the arithmetic).
 #[derive(Clone)]
-struct ServiceClock(common::clock::Clock);
+struct ServiceClock {
+    clock: common::clock::Clock,
+    origin_ms: i64,
+}
 
 impl governor::clock::Clock for ServiceClock {
     type Instant = Duration;
 
     fn now(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.0.now_ms()).unwrap_or(0))
+        let elapsed = self.clock.now_ms().saturating_sub(self.origin_ms).clamp(0, MAX_CLOCK_MS);
+        Duration::from_millis(u64::try_from(elapsed).unwrap_or(0))
     }
 }
 
@@ -127,7 +136,7 @@ impl Limits {
 
     fn new(settings: &Settings, clock: &common::clock::Clock) -> Self {
         let r: &RateLimitSettings = &settings.rate_limits;
-        let clock = ServiceClock(clock.clone());
+        let clock = ServiceClock { clock: clock.clone(), origin_ms: clock.now_ms() };
         let token_key =
             |token: &Option<secrecy::SecretString>| token.as_ref().map(|t| digest(t.expose_secret().as_bytes()));
         Self {
@@ -221,7 +230,8 @@ mod tests {
     }
 
     fn advance(clock: &common::clock::Clock, ms: i64) {
-        let time = common::clock::ManualTime { now_ms: clock.now_ms() + ms, revision: clock.revision() + 1 };
+        let time =
+            common::clock::ManualTime { now_ms: clock.now_ms().saturating_add(ms), revision: clock.revision() + 1 };
         clock.apply_manual(time).expect("manual clock");
     }
 
@@ -263,6 +273,19 @@ mod tests {
         assert_eq!(passed("Bearer admin-token-0123456789"), 3);
         assert_eq!(passed("Bearer app-token-0123456789"), 2);
         assert_eq!(passed("Bearer worker"), 1);
+    }
+
+    #[test]
+    fn a_clock_set_back_or_centuries_ahead_breaks_nothing() {
+        let clock = common::clock::Clock::manual(1_767_258_000_000);
+        let limits = Limits::new(&settings(&[("rate_limits.ops_burst", "1")]), &clock);
+        assert!(limits.check_op("Bearer one").is_ok());
+        for jump in [-1_767_258_000_000, i64::MAX / 2, i64::MAX / 2, -5, 1000] {
+            advance(&clock, jump);
+            let _ = limits.check_op("Bearer one");
+            let _ = limits.check_webhook("bot");
+            limits.sweep();
+        }
     }
 
     #[test]
