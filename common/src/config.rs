@@ -18,6 +18,10 @@ pub const ENV_PREFIX: &str = "AF";
 pub const MIN_TOKEN_CHARS: usize = 16;
 /// The shortest worker token signing key accepted.
 pub const MIN_KEY_CHARS: usize = 32;
+/// The highest `rate_limits.*_per_minute` accepted (100,000 a second).
+pub const MAX_RATE_PER_MINUTE: u32 = 6_000_000;
+/// The highest `rate_limits.*_burst` accepted.
+pub const MAX_BURST: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +44,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub telegram: TelegramSettings,
     pub audit: AuditSettings,
+    pub rate_limits: RateLimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +247,8 @@ pub struct TelegramSettings {
     pub pairing_max_per_bot_per_hour: u32,
     /// Failed `/start <code>` attempts one Telegram user may make per bot per hour.
     pub pairing_max_failures_per_hour: u32,
+    /// Failed `/start <code>` attempts all Telegram users together may make per bot per hour.
+    pub pairing_max_failures_per_bot_per_hour: u32,
 }
 
 impl TelegramSettings {
@@ -306,6 +313,29 @@ pub struct PushSettings {
     pub concurrency: usize,
     /// How often the dispatch leader looks for interrupted broadcasts (real time).
     pub broadcast_recovery_interval_ms: u64,
+}
+
+/// Request rate limits of ingress (token buckets, GCRA): a refused request is a 429 with
+/// `Retry-After`. Each `*_per_minute` is the sustained rate, each `*_burst` how many requests
+/// may come at once before the rate applies.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Off: ingress limits nothing (pairing's hourly windows in `[telegram]` still apply).
+    pub enabled: bool,
+    /// `POST /v1/ops/<name>` per bearer token other than the admin and app tokens (each
+    /// worker's token, and any unknown token).
+    pub ops_per_minute: u32,
+    pub ops_burst: u32,
+    /// `POST /v1/ops/<name>` with the app token (the consumer app's backend, for all its users).
+    pub app_ops_per_minute: u32,
+    pub app_ops_burst: u32,
+    /// `POST /v1/ops/<name>` with the admin token.
+    pub admin_ops_per_minute: u32,
+    pub admin_ops_burst: u32,
+    /// Telegram webhook updates per bot (after the secret check).
+    pub webhook_per_minute: u32,
+    pub webhook_burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -576,6 +606,21 @@ impl Settings {
         if t.consumer_max_deliver < 1 {
             return fail("telegram.consumer_max_deliver", "must be at least 1");
         }
+        let r = &self.rate_limits;
+        for (key, value, max) in [
+            ("rate_limits.ops_per_minute", r.ops_per_minute, MAX_RATE_PER_MINUTE),
+            ("rate_limits.ops_burst", r.ops_burst, MAX_BURST),
+            ("rate_limits.app_ops_per_minute", r.app_ops_per_minute, MAX_RATE_PER_MINUTE),
+            ("rate_limits.app_ops_burst", r.app_ops_burst, MAX_BURST),
+            ("rate_limits.admin_ops_per_minute", r.admin_ops_per_minute, MAX_RATE_PER_MINUTE),
+            ("rate_limits.admin_ops_burst", r.admin_ops_burst, MAX_BURST),
+            ("rate_limits.webhook_per_minute", r.webhook_per_minute, MAX_RATE_PER_MINUTE),
+            ("rate_limits.webhook_burst", r.webhook_burst, MAX_BURST),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError(format!("{key}: must be between 1 and {max}")));
+            }
+        }
         Ok(())
     }
 
@@ -657,6 +702,18 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("secrets.previous_keys: must decode to 32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_must_be_positive() {
+        let s = Settings::from_overrides(&[("rate_limits.ops_burst", "5")]).unwrap();
+        assert_eq!(s.rate_limits.ops_burst, 5);
+        for key in ["rate_limits.ops_per_minute", "rate_limits.webhook_burst", "rate_limits.admin_ops_burst"] {
+            let err = Settings::from_overrides(&[(key, "0")]).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let err = Settings::from_overrides(&[("rate_limits.app_ops_per_minute", "6000001")]).unwrap_err();
+        assert!(err.to_string().contains("rate_limits.app_ops_per_minute"), "{err}");
     }
 
     #[test]

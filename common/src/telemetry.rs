@@ -41,6 +41,9 @@ pub const FORCED_TEARDOWNS: &str = "af_scheduler_forced_teardowns_total";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "af_http_connections_refused_total";
 /// Counter: audit records that could not be appended to `AF_AUDIT` (the call itself went on).
 pub const AUDIT_APPEND_FAILURES: &str = "af_audit_append_failures_total";
+/// Counter: requests refused by a rate limit (429), labelled by `route`: `ops` (per token),
+/// `webhook` (per bot), `pairing` (`/start <code>` attempts per Telegram user or bot).
+pub const RATE_LIMITED: &str = "af_rate_limited_total";
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 

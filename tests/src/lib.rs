@@ -84,7 +84,10 @@ impl Drop for TestNats {
 pub fn test_settings(data_dir: &Path, overrides: &[(&str, &str)]) -> Settings {
     let data = data_dir.display().to_string();
     // No worker pool unless a test asks for one: spawning needs a provider the test controls.
-    let mut all: Vec<(&str, &str)> = vec![("data_dir", data.as_str()), ("scheduler.default_provider", "none")];
+    // No rate limits unless a test asks for them: under a frozen manual clock no bucket ever
+    // refills, and the benchmarks drive far more than a production client would.
+    let mut all: Vec<(&str, &str)> =
+        vec![("data_dir", data.as_str()), ("scheduler.default_provider", "none"), ("rate_limits.enabled", "false")];
     all.extend_from_slice(overrides);
     let mut settings = Settings::from_overrides(&all).expect("valid test settings");
     settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));

@@ -5,7 +5,8 @@
 //! * codes come from the operating system's CSPRNG, 12 characters of `[0-9A-Z]` (62 bits; the
 //!   original used `Math.random`, S9);
 //! * creation is rate limited per consumer user and per bot, and failed `/start <code>` attempts
-//!   per (bot, Telegram user) (`telegram.pairing_*`, S9), over sliding one-hour windows;
+//!   per (bot, Telegram user) and per bot (`telegram.pairing_*`, S9), over sliding one-hour
+//!   windows kept in KV (so every hydration instance counts the same attempts);
 //! * a code found past its expiry is **stored** `expired` (the original's throw rolled that back,
 //!   T8), and creating a code expires every pending code of the user, not only those of the
 //!   same agent (T8: a user has one binding, so older codes for other agents are stale);
@@ -368,9 +369,16 @@ pub async fn consume(ctx: &ServiceContext, args: ConsumePairingArgs) -> Result<C
     let bot = args.bot_identity.as_ref().map(|b| b.to_string());
     let (tg_user, tg_chat) = (args.telegram_user_id.to_string(), args.telegram_chat_id.to_string());
     let now = ctx.clock.now_ms();
-    let failures = format!("rl.f.{}.{}", bot.as_deref().unwrap_or("none"), escape(&tg_user));
-    let max_failures = ctx.settings.telegram.pairing_max_failures_per_hour;
-    if exhausted(ctx, &failures, max_failures, now).await? {
+    // Failed attempts are counted per Telegram user of a bot and per bot (all its users, so
+    // many accounts cannot share the guessing); either window full refuses before the lookup.
+    let bot_key = escape(bot.as_deref().unwrap_or("none"));
+    let failures = format!("rl.f.{bot_key}.{}", escape(&tg_user));
+    let bot_failures = format!("rl.fb.{bot_key}");
+    let t = &ctx.settings.telegram;
+    if exhausted(ctx, &failures, t.pairing_max_failures_per_hour, now).await?
+        || exhausted(ctx, &bot_failures, t.pairing_max_failures_per_bot_per_hour, now).await?
+    {
+        metrics::counter!(common::telemetry::RATE_LIMITED, "route" => "pairing").increment(1);
         return Err(rate_limited("Too many pairing attempts; try again later"));
     }
     let result = mark_used(ctx, code, bot.as_deref(), &tg_user, &tg_chat, now).await;
@@ -378,6 +386,7 @@ pub async fn consume(ctx: &ServiceContext, args: ConsumePairingArgs) -> Result<C
         Ok(record) => record,
         Err(e) => {
             take(ctx, &failures, u32::MAX, now).await?;
+            take(ctx, &bot_failures, u32::MAX, now).await?;
             return Err(e);
         }
     };

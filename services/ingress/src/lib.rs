@@ -5,18 +5,20 @@
 //! (`/metrics`), the file shim for snapshot archives and media ([`blobs`]) and the Telegram
 //! webhook ([`telegram`]), which stores each update in a deduplicating stream before answering.
 //!
-//! Ingress rejects on its own only what it can judge without state: an unknown operation (404),
-//! a request without credentials (401) and a body over `http.max_body_bytes` (413). Everything
+//! Ingress rejects on its own only what it can judge without the services: an unknown operation
+//! (404), a request without credentials (401), a token over its rate limit (429 with
+//! `Retry-After`, see [`rate_limit`]) and a body over `http.max_body_bytes` (413). Everything
 //! else, malformed JSON included, is judged by the owning service.
 
 mod blobs;
+mod rate_limit;
 mod telegram;
 
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -100,6 +102,7 @@ pub fn router(ctx: ServiceContext) -> Router {
     // Install the Prometheus recorder now, so operations handled before the first scrape count.
     common::telemetry::metrics_handle();
     let max_body = ctx.settings.http.max_body_bytes;
+    let limits = rate_limit::Limits::start(&ctx.settings, &ctx.clock);
     Router::new()
         .route("/v1/ops", get(list_ops))
         .route("/v1/ops/{name}", post(call_op))
@@ -114,7 +117,8 @@ pub fn router(ctx: ServiceContext) -> Router {
         .route("/v1/media", post(blobs::post_media))
         .route("/v1/media/{id}", get(blobs::get_media))
         // The Telegram webhook, with its own body limit and secret check (telegram.rs).
-        .route_service(&ctx.settings.telegram.webhook_path(), telegram::router(ctx.clone()))
+        .route_service(&ctx.settings.telegram.webhook_path(), telegram::router(ctx.clone(), limits.clone()))
+        .layer(Extension(limits))
         .layer(middleware::from_fn(trace_request))
         .with_state(ctx)
 }
@@ -136,7 +140,13 @@ async fn not_found(request: Request) -> Response {
 }
 
 /// `POST /v1/ops/{name}`: forwards the body and the caller's Authorization header over NATS.
-async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, request: Request) -> Response {
+/// Each token's calls are counted against its rate limit first (429 with `Retry-After`).
+async fn call_op(
+    State(ctx): State<ServiceContext>,
+    Extension(limits): Extension<std::sync::Arc<rate_limit::Limits>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
     let Some(spec) = common::ops::find(&name) else {
         return error_response(&OpError::not_found(format!("unknown operation '{name}'; GET /v1/ops lists them")));
     };
@@ -144,6 +154,14 @@ async fn call_op(State(ctx): State<ServiceContext>, Path(name): Path<String>, re
         Ok(value) => value,
         Err(err) => return error_response(&err),
     };
+    if let Err(wait) = limits.check_op(&authorization) {
+        let secs = rate_limit::retry_after_secs(wait);
+        let err = OpError::new(
+            ErrorCode::RateLimited,
+            format!("too many requests for this token; retry after {secs} s (rate_limits)"),
+        );
+        return rate_limit::with_retry_after(error_response(&err), wait);
+    }
     let max = ctx.settings.http.max_body_bytes;
     if declared_length(request.headers()).is_some_and(|len| len > max as u64) {
         return error_response(&too_large(max));

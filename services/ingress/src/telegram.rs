@@ -6,10 +6,13 @@
 //!    stored digest is compared with the presented one in constant time. A missing, malformed or
 //!    unknown secret is a **403** `{"ok":false,"error":"missing or invalid telegram webhook
 //!    secret token"}` and nothing is stored (S4: the original only checked a guessable prefix).
-//! 2. The body must be a JSON object with an integer `update_id`; anything else (invalid JSON or
+//! 2. Each bot's updates are rate limited (`rate_limits.webhook_*`): over the limit is a **429**
+//!    `{"ok":false,"error":"too many updates, retry later"}` with `Retry-After`, nothing is
+//!    stored, and Telegram delivers the update again later.
+//! 3. The body must be a JSON object with an integer `update_id`; anything else (invalid JSON or
 //!    UTF-8, nesting beyond serde_json's limit, wrong types) is a **400**, a body over
 //!    `telegram.max_update_bytes` a **413** — never a 5xx.
-//! 3. The raw body is published to `af.telegram.updates.<botIdentity>` with
+//! 4. The raw body is published to `af.telegram.updates.<botIdentity>` with
 //!    `Nats-Msg-Id: <botIdentity>:<update_id>`; the stream drops a redelivery within
 //!    `telegram.update_dedup_window_ms` (T1). Only after JetStream acknowledged it is the update
 //!    answered **200** `{"ok":true}`; if JetStream cannot be reached it is a 503 and Telegram
@@ -44,15 +47,16 @@ pub(crate) const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 #[derive(Clone)]
 struct Webhook {
     ctx: ServiceContext,
+    limits: Arc<crate::rate_limit::Limits>,
     /// digest (hex) → index entry.
     secrets: Arc<Mutex<HashMap<String, WebhookSecretIndex>>>,
 }
 
 /// The webhook as a service for ingress's router (mounted at the configured path).
-pub(crate) fn router(ctx: ServiceContext) -> Router {
+pub(crate) fn router(ctx: ServiceContext, limits: Arc<crate::rate_limit::Limits>) -> Router {
     let path = ctx.settings.telegram.webhook_path();
     let max = ctx.settings.telegram.max_update_bytes;
-    let webhook = Webhook { ctx, secrets: Arc::default() };
+    let webhook = Webhook { ctx, limits, secrets: Arc::default() };
     webhook.start_mirror();
     Router::new().route(&path, post(receive)).layer(DefaultBodyLimit::max(max)).with_state(webhook)
 }
@@ -131,6 +135,11 @@ async fn receive(State(webhook): State<Webhook>, request: Request) -> Response {
     }
     let presented = presented.to_string();
     let Some(bot) = webhook.bot_for(&presented).await else { return forbidden() };
+    if let Err(wait) = webhook.limits.check_webhook(&bot) {
+        let refused =
+            reply(StatusCode::TOO_MANY_REQUESTS, json!({"ok": false, "error": "too many updates, retry later"}));
+        return crate::rate_limit::with_retry_after(refused, wait);
+    }
     let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

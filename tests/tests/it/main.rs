@@ -16,6 +16,7 @@ mod profiles;
 mod push;
 mod queue;
 mod queue_concurrency;
+mod rate_limits;
 pub(crate) mod reference_worker;
 mod rotation;
 mod scheduler;
