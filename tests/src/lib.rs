@@ -205,23 +205,25 @@ impl TestStack {
     /// Stops this stack's services (its nats-server keeps running, and so does any replica);
     /// panics if one failed.
     pub async fn stop_services(&mut self) {
-        self.shutdown.cancel();
-        while let Some(joined) = self.tasks.join_next().await {
-            let (name, result) = joined.expect("service task panicked");
-            if let Err(e) = result {
-                panic!("service {name} failed: {e:#}");
-            }
-        }
+        stop_services(&self.shutdown, &mut self.tasks).await;
     }
 
     /// Stops every service and waits for them; panics if one failed.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        while let Some(joined) = self.tasks.join_next().await {
-            let (name, result) = joined.expect("service task panicked");
-            if let Err(e) = result {
-                panic!("service {name} failed: {e:#}");
-            }
+        stop_services(&self.shutdown, &mut self.tasks).await;
+    }
+}
+
+/// Cancels `shutdown` and waits for every service task; panics if one failed.
+async fn stop_services(
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+) {
+    shutdown.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        let (name, result) = joined.expect("service task panicked");
+        if let Err(e) = result {
+            panic!("service {name} failed: {e:#}");
         }
     }
 }
@@ -242,13 +244,7 @@ impl Replica {
 
     /// Stops the replica's services; panics if one failed.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        while let Some(joined) = self.tasks.join_next().await {
-            let (name, result) = joined.expect("service task panicked");
-            if let Err(e) = result {
-                panic!("service {name} failed: {e:#}");
-            }
-        }
+        stop_services(&self.shutdown, &mut self.tasks).await;
     }
 }
 
