@@ -10,4 +10,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bin="$(ops/scripts/install-nats.sh)"
 cargo build --release -p launcher -p cli -p worker
 export AF_NATS_SERVER_BIN="$bin"
-exec target/release/agent-factory "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/agent-factory" "$@"
