@@ -147,12 +147,26 @@ async fn main() -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or_default();
-    // The leader indexes the jobs; give it the time to (the slot is still a minute away).
     tests::wait_until("the dispatcher leads", Duration::from_secs(30), || async {
         ctx.buckets.leaders.get::<serde_json::Value>(push_dispatcher::LEASE).await.ok().flatten().map(|_| ())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The leader indexes the jobs through a watch of the bucket (an ordered consumer of its
+    // stream): wait until a consumer of that stream has delivered every job, so the measured
+    // time is the dispatch alone.
+    let jobs_stream = format!("KV_{}", common::topology::PUSH_JOBS);
+    tests::wait_until("the dispatcher has indexed every job", Duration::from_secs(600), || async {
+        let mut stream = ctx.js.get_stream(&jobs_stream).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let mut consumers = stream.consumers();
+        while let Some(Ok(info)) = consumers.next().await {
+            if info.num_pending == 0 && info.delivered.stream_sequence >= last {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
     let rss_before = peak_rss_mb(pid);
     eprintln!("moving the clock to the slot ...");
     let started = Instant::now();
