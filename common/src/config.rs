@@ -54,6 +54,10 @@ pub struct NatsSettings {
     pub replicas: usize,
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    /// The embedded nats-server encrypts its JetStream store (ChaCha20-Poly1305) with a key
+    /// generated into `data_dir/nats.store.key`. Set it before the first start: a store written
+    /// in the clear is not converted.
+    pub encrypt_store: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

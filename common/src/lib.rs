@@ -17,6 +17,7 @@ pub mod extras;
 pub mod ids;
 pub mod leader;
 pub mod model;
+pub mod nats_access;
 pub mod nats_server;
 pub mod ops;
 pub mod process;

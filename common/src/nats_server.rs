@@ -17,6 +17,8 @@ pub struct NatsServer {
     public_url: String,
     log_file: PathBuf,
     run_dir: PathBuf,
+    /// The privileged user's password, from which each service's is derived.
+    admin_password: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -27,13 +29,16 @@ pub struct NatsServerOptions {
     pub run_dir: PathBuf,
     /// Extra configuration file contents (e.g. `jetstream { sync_interval: always }`).
     pub extra_config: Option<String>,
-    /// The user and password every client must present; `None` runs the server open (only
-    /// for tests that need it).
+    /// The privileged user and its password; each service gets a user of its own with a
+    /// password derived from it and the permissions of [`crate::nats_access`]. `None` runs the
+    /// server open (only for tests that need it).
     pub credentials: Option<(String, String)>,
     /// Serve the HTTP monitoring endpoints (`/varz`, `/jsz`, `/connz`) on a loopback port. Only
     /// for the tests and benchmarks that read them: they are not password protected, and on a
     /// machine running local workers anything on loopback could read them.
     pub monitoring: bool,
+    /// Environment of the server process: values its configuration names as `$VARIABLE`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Finds nats-server: `explicit`, then `<project>/.tools/nats/bin/nats-server` (the project's
@@ -83,8 +88,12 @@ impl NatsServer {
         cmd.arg("-sd").arg(&options.store_dir).arg("--ports_file_dir").arg(&options.run_dir).arg("-l").arg(&log_file);
         let mut config = String::new();
         if let Some((user, password)) = &options.credentials {
-            // Only the services hold these; workers reach the control plane through ingress.
-            config.push_str(&format!("authorization {{ user: \"{user}\", password: \"{password}\" }}\n"));
+            // Only the launcher (or harness) and the services hold these; workers reach the
+            // control plane through ingress.
+            let quoted = |p: &str| format!("\"{p}\"");
+            config.push_str(&crate::nats_access::authorization_block(user, &quoted(password), |service| {
+                quoted(&crate::nats_access::derived_password(password, service))
+            }));
         }
         config.push_str(options.extra_config.as_deref().unwrap_or_default());
         if !config.is_empty() {
@@ -92,6 +101,7 @@ impl NatsServer {
             write_private(&conf, &config)?;
             cmd.arg("-c").arg(conf);
         }
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
         // Its own process group: a terminal's Ctrl-C reaches the launcher, which stops the
         // services first and the server last, instead of the server dying under them.
@@ -117,12 +127,31 @@ impl NatsServer {
             Some((user, password)) => public_url.replacen("://", &format!("://{user}:{password}@"), 1),
             None => public_url.clone(),
         };
-        Ok(Self { child: Some(child), url, public_url, log_file, run_dir: options.run_dir.clone() })
+        Ok(Self {
+            child: Some(child),
+            url,
+            public_url,
+            log_file,
+            run_dir: options.run_dir.clone(),
+            admin_password: options.credentials.as_ref().map(|(_, p)| p.clone()),
+        })
     }
 
     /// The URL clients connect with, credentials included: give it only to the services.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL `service` connects with: its own user, with only that service's permissions.
+    /// The privileged URL when the server runs without authentication.
+    pub fn service_url(&self, service: &str) -> String {
+        match &self.admin_password {
+            Some(admin) => {
+                let password = crate::nats_access::derived_password(admin, service);
+                self.public_url.replacen("://", &format!("://{service}:{password}@"), 1)
+            }
+            None => self.url.clone(),
+        }
     }
 
     /// The URL without credentials, for logs and banners.

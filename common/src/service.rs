@@ -62,46 +62,77 @@ impl ServiceContext {
         self.ops.call_through_failover::<O>(token.expose_secret(), args, crate::ops::FAILOVER_PATIENCE).await
     }
 
-    /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology, and
-    /// sets up the clock.
+    /// Connects to NATS (retrying for `nats.connect_timeout_ms`), provisions the topology (or,
+    /// as a service's restricted user, waits until the provisioner has), and sets up the clock.
     pub async fn connect(settings: Arc<Settings>, url: &str, name: &str) -> anyhow::Result<Self> {
-        let nats = connect_nats(url, name, Duration::from_millis(settings.nats.connect_timeout_ms)).await?;
+        let patience = Duration::from_millis(settings.nats.connect_timeout_ms);
+        let nats = connect_nats(url, name, patience).await?;
         let js = jetstream::new(nats.clone());
-        topology::provision(&js, &settings).await?;
-        let buckets = Buckets::open(&js).await?;
+        let buckets = if restricted_user(url).is_some() {
+            open_when_provisioned(&js, patience).await?
+        } else {
+            topology::provision(&js, &settings).await?;
+            Buckets::open(&js).await?
+        };
         let clock = match settings.clock.mode {
             ClockMode::System => Clock::system(),
             ClockMode::Manual => start_manual_clock(&buckets, &settings).await?,
         };
         let auth = Arc::new(Authenticator::from_settings(&settings.auth));
+        Ok(Self::assemble(nats, js, buckets, clock, settings, auth, url))
+    }
+
+    fn assemble(
+        nats: async_nats::Client,
+        js: jetstream::Context,
+        buckets: Buckets,
+        clock: Clock,
+        settings: Arc<Settings>,
+        auth: Arc<Authenticator>,
+        url: &str,
+    ) -> Self {
         let ops = OpClient::new(nats.clone(), Duration::from_millis(settings.nats.request_timeout_ms))
             .with_clock(clock.clone());
         let nats_url = url.to_string();
-        Ok(Self(Arc::new(ServiceContextInner { nats, js, clock, settings, auth, buckets, ops, nats_url })))
+        Self(Arc::new(ServiceContextInner { nats, js, clock, settings, auth, buckets, ops, nats_url }))
     }
-}
 
-impl ServiceContext {
     /// The same context over a NATS connection of its own. One connection is one reader and
     /// one writer task in the client: a busy component (the queue dispatcher) gets its own so
     /// its traffic does not queue behind, or in front of, the rest of the process's.
     pub async fn with_own_connection(&self, name: &str) -> anyhow::Result<Self> {
-        let patience = Duration::from_millis(self.settings.nats.connect_timeout_ms);
-        let nats = connect_nats(&self.nats_url, name, patience).await?;
+        self.with_connection(&self.nats_url, name).await
+    }
+
+    /// The same settings and clock over a new connection to `url`, typically a service's own
+    /// restricted user ([`crate::nats_server::NatsServer::service_url`]).
+    pub async fn with_connection(&self, url: &str, name: &str) -> anyhow::Result<Self> {
+        let nats = connect_nats(url, name, Duration::from_millis(self.settings.nats.connect_timeout_ms)).await?;
         let js = jetstream::new(nats.clone());
         let buckets = Buckets::open(&js).await?;
-        let ops = OpClient::new(nats.clone(), Duration::from_millis(self.settings.nats.request_timeout_ms))
-            .with_clock(self.clock.clone());
-        Ok(Self(Arc::new(ServiceContextInner {
-            nats,
-            js,
-            clock: self.clock.clone(),
-            settings: self.settings.clone(),
-            auth: self.auth.clone(),
-            buckets,
-            ops,
-            nats_url: self.nats_url.clone(),
-        })))
+        Ok(Self::assemble(nats, js, buckets, self.clock.clone(), self.settings.clone(), self.auth.clone(), url))
+    }
+}
+
+/// The service whose restricted NATS user `url` names, if any.
+fn restricted_user(url: &str) -> Option<&'static str> {
+    let (_, credentials) = split_credentials(url);
+    let (user, _) = credentials?;
+    crate::nats_access::SERVICES.iter().copied().find(|s| *s == user)
+}
+
+/// Opens the buckets once the provisioner has created them, for `patience`.
+async fn open_when_provisioned(js: &jetstream::Context, patience: Duration) -> anyhow::Result<Buckets> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match Buckets::open(js).await {
+            Ok(buckets) => return Ok(buckets),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %format!("{e:#}"), "topology not provisioned yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context("the topology is not provisioned (run `agent-factory --provision`)")),
+        }
     }
 }
 
@@ -115,6 +146,10 @@ pub async fn connect_nats(url: &str, name: &str, patience: Duration) -> anyhow::
         let mut options = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(2));
         if let Some((user, password)) = &credentials {
             options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(service) = restricted_user(url) {
+            // A service user may subscribe only to replies under its own prefix.
+            options = options.custom_inbox_prefix(crate::nats_access::inbox_prefix(service));
         }
         match options.connect(address.as_str()).await {
             Ok(client) => return Ok(client),

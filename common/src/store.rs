@@ -177,7 +177,7 @@ impl JsonStore {
             .kv
             .stream
             .create_consumer(push::OrderedConfig {
-                deliver_subject: format!("_INBOX.{}", uuid::Uuid::new_v4().simple()),
+                deliver_subject: self.nats.new_inbox(),
                 filter_subject: format!("{}{filter}", self.kv.prefix),
                 deliver_policy: DeliverPolicy::LastPerSubject,
                 replay_policy: ReplayPolicy::Instant,

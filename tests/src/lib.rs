@@ -35,6 +35,10 @@ pub fn project_root() -> PathBuf {
 pub struct TestNats {
     pub server: NatsServer,
     pub dir: tempfile::TempDir,
+    /// Set by a test that provokes permission violations on purpose; otherwise any violation
+    /// in the server's log fails the test when this drops (a grant of
+    /// `common::nats_access` that does not match what a service really does).
+    pub allow_permission_violations: std::sync::atomic::AtomicBool,
 }
 
 impl TestNats {
@@ -58,21 +62,41 @@ impl TestNats {
             credentials: Some(("af-test".to_string(), password)),
             // The benchmarks read /varz and /jsz.
             monitoring: true,
+            env: Vec::new(),
         };
         let server = NatsServer::start(&options).await.expect("nats-server starts");
         if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {
             eprintln!("keeping test directory {}", dir.path().display());
         }
-        Self { server, dir }
+        Self { server, dir, allow_permission_violations: false.into() }
     }
 
+    /// The privileged URL (provisioning, seeding, inspecting).
     pub fn url(&self) -> &str {
         self.server.url()
+    }
+
+    /// The URL of `service`'s own restricted user.
+    pub fn service_url(&self, service: &str) -> String {
+        self.server.service_url(service)
+    }
+
+    /// The permission violations the server logged so far.
+    pub fn permission_violations(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("run/nats-server.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains(" Violation - ")).map(str::to_string).collect()
     }
 }
 
 impl Drop for TestNats {
     fn drop(&mut self) {
+        let violations = self.permission_violations();
+        if !violations.is_empty()
+            && !self.allow_permission_violations.load(std::sync::atomic::Ordering::Relaxed)
+            && !std::thread::panicking()
+        {
+            panic!("nats-server logged permission violations:\n{}", violations.join("\n"));
+        }
         if std::env::var_os("AF_TEST_KEEP_TMP").is_some() {
             let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
         }
@@ -132,7 +156,8 @@ impl TestStack {
         }
         let ctx = ServiceContext::connect(settings, nats.url(), "test-stack").await.expect("connect");
         let shutdown = CancellationToken::new();
-        let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
+        let contexts = launcher::ServiceContexts::connect(&ctx, |s| nats.service_url(s)).await.expect("connect");
+        let tasks = launcher::spawn_services(&contexts, listener, &shutdown);
         let stack = Self { ctx, http_addr, shutdown, tasks, nats };
         stack.wait_ready().await;
         stack
@@ -191,7 +216,8 @@ impl TestStack {
         change(&mut settings);
         let ctx = ServiceContext::connect(Arc::new(settings), self.nats.url(), "test-replica").await.expect("connect");
         let shutdown = CancellationToken::new();
-        let tasks = launcher::spawn_services(&ctx, listener, &shutdown);
+        let contexts = launcher::ServiceContexts::connect(&ctx, |s| self.nats.service_url(s)).await.expect("connect");
+        let tasks = launcher::spawn_services(&contexts, listener, &shutdown);
         let replica = Replica { ctx, http_addr, shutdown, tasks };
         // Ingress answers on its own port once its services run; the operation subscriptions
         // of the others are made before their health subscriptions.

@@ -37,6 +37,11 @@ struct Args {
     /// Loopback address the fake Telegram Bot API listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081", requires = "fake_telegram")]
     fake_telegram_bind: std::net::SocketAddr,
+    /// Create or update every stream and bucket on `nats.url`, then exit: the one-shot
+    /// provisioner of a deployment whose services connect as restricted users (the compose
+    /// stack), since those users may not create streams.
+    #[arg(long, conflicts_with = "fake_telegram")]
+    provision: bool,
 }
 
 #[tokio::main]
@@ -55,6 +60,9 @@ async fn main() -> ExitCode {
         Ok(guard) => guard,
         Err(e) => return config_error(e),
     };
+    if args.provision {
+        return provision(Arc::new(settings)).await;
+    }
     let fake = match args.fake_telegram {
         true => match start_fake_telegram(args.fake_telegram_bind, &mut settings).await {
             Ok(fake) => Some(fake),
@@ -85,6 +93,22 @@ async fn start_fake_telegram(
     settings.telegram.allow_insecure_webhook = true;
     tracing::info!(url = fake.base_url(), "fake Telegram Bot API started");
     Ok(fake)
+}
+
+async fn provision(settings: Arc<Settings>) -> ExitCode {
+    let Some(url) = settings.nats.url.clone() else {
+        return config_error("invalid configuration: nats.url: required with --provision (AF_NATS__URL)");
+    };
+    match ServiceContext::connect(settings, &url, "agent-factory-provision").await {
+        Ok(_) => {
+            tracing::info!("streams and buckets provisioned");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("provisioning failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
@@ -140,13 +164,24 @@ async fn start_nats(settings: &Settings) -> anyhow::Result<NatsServer> {
     // The services' password, generated on first start; workers never get it (they reach the
     // control plane through ingress).
     let password = local_secret_file(&settings.data_dir, "nats.password", || Ok(common::crypto::random_base36(40)))?;
+    // Encryption at rest, when asked for: the key is generated once, beside the data, and the
+    // store cannot be read without it.
+    let extra_config = match settings.nats.encrypt_store {
+        true => {
+            let key =
+                local_secret_file(&settings.data_dir, "nats.store.key", || Ok(common::crypto::random_base36(48)))?;
+            Some(format!("jetstream {{ cipher: chachapoly, key: \"{}\" }}\n", key.expose_secret()))
+        }
+        false => None,
+    };
     let options = NatsServerOptions {
         binary,
         store_dir: settings.nats_store_dir(),
         run_dir: settings.data_dir.join("run"),
-        extra_config: None,
+        extra_config,
         credentials: Some(("agent-factory".to_string(), password.expose_secret().to_string())),
         monitoring: false,
+        env: Vec::new(),
     };
     let server = NatsServer::start(&options).await.context("starting nats-server")?;
     tracing::info!(url = server.public_url(), pid = server.pid(), "nats-server started");
@@ -171,7 +206,12 @@ async fn serve(
         .await
         .with_context(|| format!("binding http.bind {}", settings.http.bind))?;
     let addr = listener.local_addr()?;
-    let mut tasks = launcher::spawn_services(&ctx, listener, &shutdown);
+    let contexts = match embedded.as_deref() {
+        // Each service connects as its own user, with only its own permissions.
+        Some(server) => launcher::ServiceContexts::connect(&ctx, |service| server.service_url(service)).await?,
+        None => launcher::ServiceContexts::shared(&ctx),
+    };
+    let mut tasks = launcher::spawn_services(&contexts, listener, &shutdown);
     banner(addr, &common::service::split_credentials(url).0, embedded.is_some(), token_file, fake_telegram);
 
     let nats_exit = async {
