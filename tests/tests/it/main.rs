@@ -7,6 +7,7 @@ mod cli;
 mod contracts;
 mod fly_provider;
 mod hostile_input;
+mod hostile_suite;
 mod hydration;
 mod ingress;
 mod launcher;
