@@ -258,9 +258,8 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
         call(&http, &api, ADMIN_TOKEN, "upsertAgentProfile", profile.clone()).await.ok()
     })
     .await;
-    let worker_token = call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-otter"}))
-        .await
-        .expect("worker token");
+    let worker_token =
+        call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-otter"})).await.expect("worker token");
     let worker_token = worker_token.as_str().or(worker_token["token"].as_str()).expect("a token").to_string();
 
     let enqueued = call(
@@ -276,10 +275,13 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     let message_id = enqueued.as_str().expect("message id").to_string();
 
     let worker_data = tempfile::tempdir().expect("tmp");
-    let env = worker_env(&api, "w-otter", &worker_token, worker_data.path(), &[(
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        otlp.clone(),
-    )]);
+    let env = worker_env(
+        &api,
+        "w-otter",
+        &worker_token,
+        worker_data.path(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone())],
+    );
     procs.spawn("af-worker", &bins["af-worker"], &env);
     wait_until("the worker completed the message", WAIT, || async {
         let stats = call(&http, &api, ADMIN_TOKEN, "getQueueStats", json!({})).await.ok()?;
@@ -322,8 +324,12 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     assert_eq!((roots[0].service.as_str(), roots[0].name.as_str()), ("ingress", "POST /v1/ops/{name}"));
     for span in &trace {
         if !std::ptr::eq(span, roots[0]) {
-            assert!(by_id.contains_key(span.parent.as_str()), "{} ({}) has a parent outside the trace", span.name,
-                span.service);
+            assert!(
+                by_id.contains_key(span.parent.as_str()),
+                "{} ({}) has a parent outside the trace",
+                span.name,
+                span.service
+            );
         }
     }
     let parent_of = |name: &str| {
@@ -336,7 +342,8 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     assert_eq!(parent_of("worker.job"), ("queue-manager", "queue.dispatch"));
     assert_eq!(parent_of("worker.hydrate"), ("af-worker", "worker.job"));
     assert_eq!(parent_of("getHydrationBundleForClaimedJob"), ("ingress", "POST /v1/ops/{name}"));
-    let hydration_http = by_id[trace.iter().find(|s| s.name == "getHydrationBundleForClaimedJob").expect("op").parent.as_str()];
+    let hydration_http =
+        by_id[trace.iter().find(|s| s.name == "getHydrationBundleForClaimedJob").expect("op").parent.as_str()];
     assert_eq!(by_id[hydration_http.parent.as_str()].name, "worker.hydrate");
     assert_eq!(parent_of("worker.complete"), ("af-worker", "worker.job"));
 
@@ -344,10 +351,16 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     procs.stop_all().await;
     let secrets = [TEXT, ADMIN_TOKEN, tests::APP_TOKEN, WORKER_TOKEN_KEY, worker_token.as_str(), secrets_key.as_str()];
     for span in receiver.spans() {
-        for (key, value) in std::iter::once((&"name".to_string(), &span.name)).chain(span.attributes.iter().map(|(k, v)| (k, v))) {
+        for (key, value) in
+            std::iter::once((&"name".to_string(), &span.name)).chain(span.attributes.iter().map(|(k, v)| (k, v)))
+        {
             for secret in secrets {
-                assert!(!value.contains(secret), "span {} ({}) attribute {key} holds a secret or the text", span.name,
-                    span.service);
+                assert!(
+                    !value.contains(secret),
+                    "span {} ({}) attribute {key} holds a secret or the text",
+                    span.name,
+                    span.service
+                );
             }
         }
     }
@@ -396,7 +409,10 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
                     KEYWORDS.iter().any(|k| head.ends_with(k))
                 } || before == Some(',') && names.is_empty();
                 if word.starts_with("af_")
-                    || (!is_function && !KEYWORDS.contains(&word.as_str()) && !in_label_list && matches!(next, Some('{') | Some('[')))
+                    || (!is_function
+                        && !KEYWORDS.contains(&word.as_str())
+                        && !in_label_list
+                        && matches!(next, Some('{') | Some('[')))
                 {
                     names.insert(word);
                 }
@@ -523,35 +539,42 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
         (response.status() == 200).then_some(())
     })
     .await;
-    let token = call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-metrics"})).await.expect("token");
+    let token =
+        call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-metrics"})).await.expect("token");
     let token = token.as_str().or(token["token"].as_str()).expect("a token").to_string();
     let worker_data = tempfile::tempdir().expect("tmp");
     let worker_port = free_port();
     procs.spawn(
         "af-worker",
         &bins["af-worker"],
-        &worker_env(&api, "w-metrics", &token, worker_data.path(), &[(
-            "AF_WORKER_METRICS_BIND",
-            format!("127.0.0.1:{worker_port}"),
-        )]),
+        &worker_env(
+            &api,
+            "w-metrics",
+            &token,
+            worker_data.path(),
+            &[("AF_WORKER_METRICS_BIND", format!("127.0.0.1:{worker_port}"))],
+        ),
     );
     metrics_urls.insert("af-worker".to_string(), format!("http://127.0.0.1:{worker_port}/metrics"));
 
     // What each process must export on its own.
     let owns: BTreeMap<&str, &[&str]> = BTreeMap::from([
         ("ingress", &["af_http_requests_total", "af_telegram_updates_total", "af_snapshot_bytes_bucket"][..]),
-        ("queue-manager", &[
-            "af_queue_depth",
-            "af_queue_oldest_ready_age_seconds",
-            "af_queue_dead_letter",
-            "af_dispatch_latency_seconds_bucket",
-            "af_claims_total",
-            "af_completions_total",
-            "af_failures_total",
-            "af_dead_letters_total",
-            "af_workers",
-            "af_op_duration_seconds_bucket",
-        ][..]),
+        (
+            "queue-manager",
+            &[
+                "af_queue_depth",
+                "af_queue_oldest_ready_age_seconds",
+                "af_queue_dead_letter",
+                "af_dispatch_latency_seconds_bucket",
+                "af_claims_total",
+                "af_completions_total",
+                "af_failures_total",
+                "af_dead_letters_total",
+                "af_workers",
+                "af_op_duration_seconds_bucket",
+            ][..],
+        ),
         ("hydration", &["af_telegram_updates_processed_total", "af_op_duration_seconds_bucket"][..]),
         ("scheduler", &["af_worker_spawns_total", "af_worker_teardowns_total", "af_provider_api_errors_total"][..]),
         ("push-dispatcher", &["af_op_duration_seconds_bucket"][..]),
@@ -602,7 +625,11 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
     assert!(missing.is_empty(), "queried but exported by no process: {missing:#?}");
     let missing: Vec<_> = queried
         .iter()
-        .filter(|(name, _)| !name.starts_with("af_worker_jobs") && !name.starts_with("af_worker_job_") && !name.starts_with("af_worker_snapshot"))
+        .filter(|(name, _)| {
+            !name.starts_with("af_worker_jobs")
+                && !name.starts_with("af_worker_job_")
+                && !name.starts_with("af_worker_snapshot")
+        })
         .filter(|(name, _)| !stack_names.contains(*name))
         .collect();
     assert!(missing.is_empty(), "queried but absent from the one-process stack: {missing:#?}");
@@ -614,6 +641,9 @@ fn promql_metric_names_are_extracted() {
         r#"histogram_quantile(0.99, sum by (le, op) (rate(af_op_duration_seconds_bucket{status!="200"}[5m]))) > on(op) group_left up{job="x"}"#,
     );
     assert_eq!(names, BTreeSet::from(["af_op_duration_seconds_bucket".to_string(), "up".to_string()]));
-    assert_eq!(promql_metrics("max(af_queue_oldest_ready_age_seconds) > 300"), BTreeSet::from(["af_queue_oldest_ready_age_seconds".to_string()]));
+    assert_eq!(
+        promql_metrics("max(af_queue_oldest_ready_age_seconds) > 300"),
+        BTreeSet::from(["af_queue_oldest_ready_age_seconds".to_string()])
+    );
     assert_eq!(promql_metrics("sum(rate(nope_total[5m]))"), BTreeSet::from(["nope_total".to_string()]));
 }
