@@ -4,6 +4,7 @@
 mod audit;
 mod bindings;
 mod cli;
+mod compose;
 mod contracts;
 mod fly_provider;
 mod hostile_input;
@@ -11,7 +12,7 @@ mod hydration;
 mod ingress;
 mod launcher;
 mod local_pool;
-mod observability;
+pub(crate) mod observability;
 mod original_shapes;
 mod profiles;
 mod push;

@@ -472,17 +472,30 @@ pub(crate) fn read_yaml(path: &Path) -> Value {
             Yaml::String(s) => Value::String(s.clone()),
             Yaml::Boolean(b) => Value::Bool(*b),
             Yaml::Array(items) => Value::Array(items.iter().map(convert).collect()),
-            Yaml::Hash(map) => Value::Object(
-                map.iter()
-                    .map(|(k, v)| {
-                        let key = match k {
-                            Yaml::String(s) => s.clone(),
-                            other => convert(other).to_string(),
-                        };
-                        (key, convert(v))
-                    })
-                    .collect(),
-            ),
+            Yaml::Hash(map) => {
+                // `<<: *anchor` merge keys (the compose file's shared service settings): the
+                // merged mapping's keys, under the mapping's own.
+                let mut object = serde_json::Map::new();
+                for (k, v) in map {
+                    if matches!(k, Yaml::String(s) if s == "<<")
+                        && let Value::Object(merged) = convert(v)
+                    {
+                        for (key, value) in merged {
+                            object.entry(key).or_insert(value);
+                        }
+                    }
+                }
+                for (k, v) in map {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        other => convert(other).to_string(),
+                    };
+                    if key != "<<" {
+                        object.insert(key, convert(v));
+                    }
+                }
+                Value::Object(object)
+            }
             Yaml::Alias(_) | Yaml::Null | Yaml::BadValue => Value::Null,
         }
     }
