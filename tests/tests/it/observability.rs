@@ -254,7 +254,9 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     }
     let http = reqwest::Client::new();
     let profile = json!({"agentKey": "otter", "version": "1.0.0", "secretsRef": [], "enabled": true});
+    // Each service answers once it has started (the queue once it has a leader).
     wait_until("the services answer through ingress", WAIT, || async {
+        call(&http, &api, ADMIN_TOKEN, "getQueueStats", json!({})).await.ok()?;
         call(&http, &api, ADMIN_TOKEN, "upsertAgentProfile", profile.clone()).await.ok()
     })
     .await;
@@ -540,8 +542,10 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
         (response.status() == 200).then_some(())
     })
     .await;
-    let token =
-        call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-metrics"})).await.expect("token");
+    let token = wait_until("the queue has a leader", WAIT, || async {
+        call(&http, &api, ADMIN_TOKEN, "issueWorkerToken", json!({"workerId": "w-metrics"})).await.ok()
+    })
+    .await;
     let token = token.as_str().or(token["token"].as_str()).expect("a token").to_string();
     let worker_data = tempfile::tempdir().expect("tmp");
     let worker_port = free_port();
