@@ -124,12 +124,15 @@ fn compose_services_get_tokens_traces_and_metrics_and_prometheus_scrapes_each() 
     assert_eq!(worker["build"]["target"], "worker", "the reference worker image");
     assert_eq!(compose["services"]["fake-telegram"]["profiles"][0], "demo");
 
-    // NATS keeps JetStream on a volume.
+    // NATS keeps its data on a named volume (JetStream on: by flag or in a mounted config file).
     let nats = &compose["services"]["nats"];
-    assert!(nats["command"].as_array().expect("command").iter().any(|a| a == "-js"), "JetStream on");
-    assert!(
-        nats["volumes"].as_array().expect("volumes").iter().any(|v| v.as_str().is_some_and(|v| v.ends_with(":/data")))
-    );
+    let args: Vec<&str> = nats["command"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(args.iter().any(|a| ["-js", "--jetstream", "-c", "--config"].contains(a)), "JetStream on: {args:?}");
+    let named = nats["volumes"].as_array().expect("volumes").iter().filter_map(Value::as_str).any(|v| {
+        let source = v.split(':').next().unwrap_or_default();
+        compose["volumes"].get(source).is_some()
+    });
+    assert!(named, "NATS data on a named volume");
 
     // Prometheus loads the alert rules it is given; Grafana gets both data sources.
     let rules: Vec<String> = prometheus["rule_files"]
