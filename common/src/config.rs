@@ -362,6 +362,9 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub otlp_endpoint: Option<String>,
+    /// Address a service binary run on its own serves `GET /metrics` on (ingress serves it on
+    /// `http.bind` as well). Unset = no separate metrics listener.
+    pub metrics_bind: Option<String>,
 }
 
 /// Configuration variables are `AF_DATA_DIR` and `AF_<SECTION>__<KEY>`. Other `AF_` variables

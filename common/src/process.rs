@@ -45,6 +45,13 @@ where
         std::process::exit(EXIT_CONFIG);
     };
     let shutdown = crate::service::shutdown_on_signals();
+    if let Some(bind) = &settings.telemetry.metrics_bind {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("telemetry.metrics_bind: cannot listen on {bind}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+        tokio::spawn(crate::telemetry::serve_metrics(listener, shutdown.clone()));
+    }
     let ctx = ServiceContext::connect(Arc::new(settings), &url, name).await?;
     tracing::info!(service = name, nats = %url, "service started");
     run(ctx, shutdown).await

@@ -44,6 +44,49 @@ pub const AUDIT_APPEND_FAILURES: &str = "af_audit_append_failures_total";
 /// Counter: requests refused by a rate limit (429), labelled by `route`: `ops` (per token),
 /// `webhook` (per bot), `pairing` (`/start <code>` attempts per Telegram user or bot).
 pub const RATE_LIMITED: &str = "af_rate_limited_total";
+/// Gauge: jobs in the dead letter.
+pub const QUEUE_DEAD_LETTER: &str = "af_queue_dead_letter";
+/// Gauge: jobs leased to a worker right now.
+pub const QUEUE_PROCESSING: &str = "af_queue_processing";
+/// Gauge: seconds the oldest claimable message has been waiting (since it became due); 0 when
+/// none waits. A conversation stuck without a worker shows here first.
+pub const QUEUE_OLDEST_AGE: &str = "af_queue_oldest_ready_age_seconds";
+/// Histogram: seconds from a message becoming due (enqueued, or its retry time) to its lease.
+pub const DISPATCH_LATENCY: &str = "af_dispatch_latency_seconds";
+/// Counter: jobs completed by their worker.
+pub const COMPLETIONS: &str = "af_completions_total";
+/// Counter: jobs failed by their worker, labelled `outcome` = `retry` | `dead_letter`.
+pub const FAILURES: &str = "af_failures_total";
+/// Gauge: worker rows by `state`: `busy` and `idle` (active, with and without a leased job),
+/// `draining`, `stopping`, `stopped`.
+pub const WORKERS: &str = "af_workers";
+/// Counter: worker spawns asked of a provider, labelled `provider` and `result` = `ok` | `error`.
+pub const WORKER_SPAWNS: &str = "af_worker_spawns_total";
+/// Counter: worker teardowns asked of a provider, labelled `provider` and `result`.
+pub const WORKER_TEARDOWNS: &str = "af_worker_teardowns_total";
+/// Counter: failed calls to a worker provider's API (Fly Machines, local processes), labelled
+/// `provider` and `call`.
+pub const PROVIDER_ERRORS: &str = "af_provider_api_errors_total";
+/// Gauge: provider resources (machines, volumes) found without a worker by the last sweep.
+pub const ORPHAN_RESOURCES: &str = "af_orphan_resources";
+/// Histogram: bytes of the snapshot archives uploaded through ingress.
+pub const SNAPSHOT_BYTES: &str = "af_snapshot_bytes";
+/// Histogram: seconds an archive upload through ingress took (streamed to the object store).
+pub const SNAPSHOT_DURATION: &str = "af_snapshot_upload_duration_seconds";
+/// Counter: HTTP requests served by ingress, labelled `route` (the matched pattern) and `status`.
+pub const HTTP_REQUESTS: &str = "af_http_requests_total";
+/// Counter: Telegram updates the webhook accepted, labelled `duplicate`.
+pub const TELEGRAM_UPDATES: &str = "af_telegram_updates_total";
+/// Counter: jobs the reference worker finished, labelled `outcome` = `completed` | `failed`.
+pub const WORKER_JOBS: &str = "af_worker_jobs_total";
+/// Histogram: seconds the reference worker spent on a job, claim to completion.
+pub const WORKER_JOB_DURATION: &str = "af_worker_job_duration_seconds";
+/// Histogram: seconds the reference worker's snapshot upload took, and bytes uploaded.
+pub const WORKER_SNAPSHOT_DURATION: &str = "af_worker_snapshot_duration_seconds";
+pub const WORKER_SNAPSHOT_BYTES: &str = "af_worker_snapshot_bytes";
+
+/// The states [`WORKERS`] is labelled with.
+pub const WORKER_STATES: [&str; 5] = ["busy", "idle", "draining", "stopping", "stopped"];
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 
@@ -116,6 +159,18 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
                 metrics_exporter_prometheus::Matcher::Full(OP_DURATION.to_string()),
                 &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_string()),
+                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_bytes".to_string()),
+                    &[1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10],
+                )
+            })
             .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -130,8 +185,163 @@ pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandl
         metrics::describe_counter!(DEAD_LETTERS, "jobs moved to the dead letter");
         metrics::describe_counter!(ENQUEUED, "messages enqueued");
         metrics::describe_counter!(AUDIT_APPEND_FAILURES, "audit records that could not be appended");
+        metrics::describe_gauge!(QUEUE_DEAD_LETTER, "jobs in the dead letter");
+        metrics::describe_gauge!(QUEUE_PROCESSING, "jobs leased to a worker");
+        metrics::describe_gauge!(QUEUE_OLDEST_AGE, metrics::Unit::Seconds, "age of the oldest claimable message");
+        metrics::describe_histogram!(DISPATCH_LATENCY, metrics::Unit::Seconds, "from due to leased");
+        metrics::describe_counter!(COMPLETIONS, "jobs completed");
+        metrics::describe_counter!(FAILURES, "jobs failed by their worker");
+        metrics::describe_gauge!(WORKERS, "worker rows by state");
+        metrics::describe_counter!(WORKER_SPAWNS, "worker spawns asked of a provider");
+        metrics::describe_counter!(WORKER_TEARDOWNS, "worker teardowns asked of a provider");
+        metrics::describe_counter!(PROVIDER_ERRORS, "failed calls to a worker provider's API");
+        metrics::describe_gauge!(ORPHAN_RESOURCES, "provider resources without a worker at the last sweep");
+        metrics::describe_histogram!(SNAPSHOT_BYTES, metrics::Unit::Bytes, "snapshot archive sizes");
+        metrics::describe_histogram!(SNAPSHOT_DURATION, metrics::Unit::Seconds, "snapshot archive upload time");
+        metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests served by ingress");
         handle
     })
+}
+
+/// Registers the series `service` owns, at zero, so a scrape finds every series the dashboard
+/// and the alert rules query from the start (a counter that never moved would otherwise be
+/// absent, and `rate()` over it empty rather than 0).
+pub fn register_series(service: &str) {
+    metrics_handle();
+    match service {
+        "queue-manager" => {
+            for name in [QUEUE_DEPTH, READY_CONVERSATIONS, QUEUE_DEAD_LETTER, QUEUE_PROCESSING, QUEUE_OLDEST_AGE] {
+                metrics::gauge!(name).increment(0.0);
+            }
+            for name in [CLAIMS, LEASE_EXPIRIES, DEAD_LETTERS, ENQUEUED, COMPLETIONS] {
+                metrics::counter!(name).increment(0);
+            }
+            for outcome in ["retry", "dead_letter"] {
+                metrics::counter!(FAILURES, "outcome" => outcome).increment(0);
+            }
+            for state in WORKER_STATES {
+                metrics::gauge!(WORKERS, "state" => state).increment(0.0);
+            }
+            // A registered histogram renders with empty buckets.
+            let _ = metrics::histogram!(DISPATCH_LATENCY);
+        }
+        "scheduler" => {
+            metrics::counter!(RECONCILES).increment(0);
+            metrics::counter!(FORCED_TEARDOWNS).increment(0);
+            metrics::gauge!(POOL_DEMAND).increment(0.0);
+            for result in ["ok", "error"] {
+                metrics::counter!(WORKER_SPAWNS, "result" => result).increment(0);
+                metrics::counter!(WORKER_TEARDOWNS, "result" => result).increment(0);
+            }
+            metrics::counter!(PROVIDER_ERRORS, "call" => "spawn").increment(0);
+        }
+        "cleanup" => {
+            metrics::gauge!(ORPHAN_RESOURCES).increment(0.0);
+            metrics::counter!(PROVIDER_ERRORS, "call" => "sweep").increment(0);
+        }
+        "ingress" => {
+            metrics::counter!(HTTP_CONNECTIONS_REFUSED).increment(0);
+            metrics::counter!(RATE_LIMITED, "route" => "ops").increment(0);
+            metrics::counter!(TELEGRAM_UPDATES, "duplicate" => "false").increment(0);
+            let _ = metrics::histogram!(SNAPSHOT_BYTES);
+            let _ = metrics::histogram!(SNAPSHOT_DURATION);
+        }
+        "hydration" => {
+            metrics::counter!("af_telegram_updates_processed_total", "outcome" => "processed").increment(0);
+        }
+        "af-worker" => {
+            for outcome in ["completed", "failed"] {
+                metrics::counter!(WORKER_JOBS, "outcome" => outcome).increment(0);
+            }
+            let _ = metrics::histogram!(WORKER_JOB_DURATION);
+            let _ = metrics::histogram!(WORKER_SNAPSHOT_DURATION);
+            let _ = metrics::histogram!(WORKER_SNAPSHOT_BYTES);
+        }
+        _ => {}
+    }
+    metrics::counter!(AUDIT_APPEND_FAILURES).increment(0);
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `listener` until `shutdown`: how a service
+/// running on its own, or a worker, is scraped. Anything else is 404.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut stream, _) = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        tokio::spawn(async move {
+            // One request per connection: read the head (bounded in size and time), answer, close.
+            let mut head = Vec::with_capacity(512);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            let mut parts = line.split(|b| *b == b' ');
+            let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+            let (status, content_type, body) = match (method, path) {
+                (b"GET", b"/metrics") => {
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_handle().render())
+                }
+                (b"GET", b"/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
+                (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found: try /metrics\n".to_string()),
+                _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "only GET\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// The W3C `traceparent` of the current span, when it belongs to a sampled trace (only when
+/// spans are exported: without an OTLP pipeline there is no trace to continue).
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// The `traceparent` of `span` (as [`current_traceparent`], for a span not entered).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    span.in_scope(current_traceparent)
+}
+
+/// Makes `span` a child of the W3C `traceparent` given (a job's stored trace context).
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), traceparent.to_string());
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(parent);
+}
+
+/// The `traceparent` carried in NATS headers, if any.
+pub fn traceparent_header(headers: Option<&HeaderMap>) -> Option<String> {
+    headers?.get("traceparent").map(|v| v.as_str().to_string()).filter(|v| v.len() <= 128)
 }
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);

@@ -3,8 +3,10 @@
 #   1. installs nats-server 2.15.x into .tools/ (the integration tests start real servers),
 #   2. installs openapi-spec-validator into .tools/ (GET /openapi.json is validated with it),
 #      and makes sure cargo-nextest is available,
-#   3. checks formatting, runs clippy with warnings as errors,
-#   4. runs the whole test suite with nextest's `ci` profile (.config/nextest.toml).
+#   3. validates docker-compose.yml offline (ops/scripts/validate-compose.sh: Debian's
+#      docker-compose 1.29 `config -q`, installed with apt-get when missing),
+#   4. checks formatting, runs clippy with warnings as errors,
+#   5. runs the whole test suite with nextest's `ci` profile (.config/nextest.toml).
 # Exits non-zero as soon as a step fails.
 set -euo pipefail
 
@@ -22,6 +24,9 @@ echo "nats-server: $AF_NATS_SERVER_BIN" >&2
 step "installing the OpenAPI validator (ops/scripts/install-openapi-validator.sh)"
 AF_OPENAPI_VALIDATOR_BIN="$(./ops/scripts/install-openapi-validator.sh)"
 export AF_OPENAPI_VALIDATOR_BIN
+
+step "validating docker-compose.yml (ops/scripts/validate-compose.sh)"
+./ops/scripts/validate-compose.sh
 
 step "checking cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then

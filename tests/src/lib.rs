@@ -384,7 +384,20 @@ pub fn message(conversation: &str, agent: &str, text: &str) -> Value {
 /// services or workers as processes). Call it before starting a stack: the build blocks.
 pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = std::process::Command::new(cargo)
+    let mut command = std::process::Command::new(cargo);
+    // The variables cargo sets for this test binary are not the build's: ring's build script
+    // watches CARGO_MANIFEST_DIR, and with it set every TLS-using crate (common included) would
+    // be rebuilt here, and again by the next `cargo build` outside a test.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
+            command.env_remove(key);
+        }
+    }
+    let status = command
         .args(["build", "--quiet", "-p", package, "--bin", name])
         .current_dir(project_root())
         .status()

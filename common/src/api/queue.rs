@@ -146,6 +146,11 @@ pub struct Claim {
     pub payload: Box<RawValue>,
     /// Failed attempts so far, lease expiries included.
     pub attempts: u32,
+    /// The W3C trace context of the message's dispatch, when the control plane exports traces:
+    /// a worker continues the message's trace from it (sends it as the `traceparent` header of
+    /// its calls, parents its own spans on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `heartbeatJob` and `completeJob` (spec §3.4.3–3.4.4).

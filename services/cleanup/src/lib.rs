@@ -25,6 +25,7 @@ const SWEEP_BATCH: usize = 500;
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    common::telemetry::register_series(SERVICE);
     let mut ops = OpRegistry::new();
     ops.handle::<api::RunFlyCleanup, _, _, _, _>(&ctx, |ctx, _: Caller, args| async move {
         provider_cleanup::run_fly_cleanup(&ctx, args).await

@@ -239,8 +239,14 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
         .flat_map(|r| [r.volume_id.clone(), Some(dedicated_volume_name(&resolved.config.volume_name, &r.worker_id))])
         .flatten()
         .collect();
-    let machines = provider.list_machines(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
-    let volumes = provider.list_volumes(&app).await.map_err(|e| OpError::unavailable(e.to_string()))?;
+    let provider_error = |call: &'static str| {
+        metrics::counter!(common::telemetry::PROVIDER_ERRORS, "provider" => provider.kind(), "call" => call)
+            .increment(1);
+    };
+    let machines = provider.list_machines(&app).await.inspect_err(|_| provider_error("list_machines"));
+    let machines = machines.map_err(|e| OpError::unavailable(e.to_string()))?;
+    let volumes = provider.list_volumes(&app).await.inspect_err(|_| provider_error("list_volumes"));
+    let volumes = volumes.map_err(|e| OpError::unavailable(e.to_string()))?;
     let mut report = ReapReport::default();
     let orphan_machines: Vec<_> = machines
         .into_iter()
@@ -254,6 +260,9 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
         .collect();
     let unowned: HashSet<String> =
         orphan_machines.iter().map(|m| sighting_key("machine", &app, &m.machine_id)).chain(unowned_volumes).collect();
+    // Found without a worker (in their grace period or about to go): what the orphan alert
+    // watches; it stays up while they cannot be removed.
+    metrics::gauge!(common::telemetry::ORPHAN_RESOURCES).set(unowned.len() as f64);
     forget_accounted(ctx, &app, &unowned).await?;
     for m in &orphan_machines {
         if !past_grace(ctx, "machine", &app, &m.machine_id, now, grace).await? {
@@ -268,7 +277,10 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
                 forget(ctx, "machine", &app, &m.machine_id).await;
                 report.machines_removed.push(m.machine_id.clone());
             }
-            Err(e) => report.errors.push(format!("machine {}: {e}", m.machine_id)),
+            Err(e) => {
+                provider_error("destroy");
+                report.errors.push(format!("machine {}: {e}", m.machine_id))
+            }
         }
     }
     for v in volumes {
@@ -288,7 +300,10 @@ pub async fn reap_orphans(ctx: &ServiceContext, args: ReapArgs) -> Result<ReapRe
                 forget(ctx, "volume", &app, &v.id).await;
                 report.volumes_removed.push(v.id);
             }
-            Err(e) => report.errors.push(format!("volume {}: {e}", v.id)),
+            Err(e) => {
+                provider_error("delete_volume");
+                report.errors.push(format!("volume {}: {e}", v.id))
+            }
         }
     }
     Ok(report)

@@ -61,6 +61,7 @@ pub fn register(ctx: &ServiceContext, cipher: Arc<SecretCipher>, ops: &mut OpReg
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    common::telemetry::register_series(SERVICE);
     let cipher = Arc::new(cipher_from_settings(&ctx.settings)?);
     let mut ops = OpRegistry::new();
     let telegram =

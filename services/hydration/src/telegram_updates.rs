@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tracing::Instrument;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -96,7 +97,12 @@ pub async fn run(telegram: Telegram, shutdown: CancellationToken) -> anyhow::Res
         };
         let bot = message.subject.rsplit('.').next().unwrap_or_default().to_string();
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        let outcome = process(&telegram, &bot, &message.payload).await;
+        // Continues the webhook request's trace (ingress wrote it into the update's headers);
+        // the message this update enqueues carries it on.
+        let span =
+            tracing::info_span!("telegram.update", otel.name = "telegram.update", bot_identity = %bot, delivered);
+        common::telemetry::set_parent_from_headers(&span, message.headers.as_ref());
+        let outcome = process(&telegram, &bot, &message.payload).instrument(span).await;
         let ack = match &outcome {
             Outcome::Done(what) => {
                 tracing::debug!(bot_identity = %bot, what, "telegram update handled");

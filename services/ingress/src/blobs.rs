@@ -68,11 +68,18 @@ pub(crate) async fn put_snapshot(
     id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    let respond = |info: (String, u64, String)| json!({"snapshotId": info.0, "sizeBytes": info.1, "sha256": info.2});
+    let started = std::time::Instant::now();
+    let respond = |info: (String, u64, String)| {
+        metrics::histogram!(common::telemetry::SNAPSHOT_BYTES).record(info.1 as f64);
+        json!({"snapshotId": info.0, "sizeBytes": info.1, "sha256": info.2})
+    };
     let result = match transfer_of(BlobKind::Snapshot, BlobMode::Write, id) {
         Ok(args) => upload(&ctx, request, args, respond).await,
         Err(e) => Err(e),
     };
+    if result.as_ref().is_ok_and(|r| r.status().is_success()) {
+        metrics::histogram!(common::telemetry::SNAPSHOT_DURATION).record(started.elapsed().as_secs_f64());
+    }
     result.unwrap_or_else(|e| error_response(&e))
 }
 

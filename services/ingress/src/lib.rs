@@ -56,6 +56,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    common::telemetry::register_series(SERVICE);
     let http = ctx.settings.http.clone();
     let app = router(ctx);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(http.max_connections));
@@ -348,6 +349,8 @@ async fn trace_request(request: Request, next: Next) -> Response {
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
+    // The matched pattern, never the path itself: ids in paths would make unbounded series.
+    metrics::counter!(common::telemetry::HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
     span.in_scope(|| {
         tracing::debug!(status, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "request handled");
     });

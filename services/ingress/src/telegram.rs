@@ -160,9 +160,11 @@ async fn receive(State(webhook): State<Webhook>, request: Request) -> Response {
     };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("{bot}:{}", head.update_id).as_str());
+    // The update's processing (hydration) and the message it enqueues continue this trace.
+    common::telemetry::inject_current_context(&mut headers);
     match common::store::publish_acked(&webhook.ctx.nats, telegram_updates_subject(&bot), headers, body).await {
         Ok(ack) => {
-            metrics::counter!("af_telegram_updates_total", "duplicate" => if ack.duplicate { "true" } else { "false" })
+            metrics::counter!(common::telemetry::TELEGRAM_UPDATES, "duplicate" => if ack.duplicate { "true" } else { "false" })
                 .increment(1);
             reply(StatusCode::OK, json!({"ok": true}))
         }

@@ -20,6 +20,7 @@ pub const LEASE: &str = "push-dispatch";
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    common::telemetry::register_series(SERVICE);
     let mut ops = OpRegistry::new();
     templates::register(&ctx, &mut ops);
     jobs::register(&ctx, &mut ops);

@@ -28,6 +28,7 @@ pub const SERVICE: &str = "queue-manager";
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    common::telemetry::register_series(SERVICE);
     // The queue carries most of the stack's traffic; it does not share its connection.
     let ctx = ctx.with_own_connection(SERVICE).await?;
     let enqueuer = enqueue::Enqueuer::start(ctx.clone()).await?;

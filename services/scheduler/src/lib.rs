@@ -47,6 +47,7 @@ pub struct Scheduler {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    common::telemetry::register_series(SERVICE);
     let holder = format!("{SERVICE}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let leader_ctx = ctx.clone();
     let elected =

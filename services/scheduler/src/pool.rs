@@ -163,7 +163,16 @@ impl Scheduler {
         // I: teardown.
         let mut stopping = 0;
         for row in rows.iter().filter(|r| scoped(r) && r.status == WorkerStatus::Stopping) {
-            match self.tear_down(resolved, row, &machines).await {
+            let torn_down = self.tear_down(resolved, row, &machines).await;
+            let kind = resolved.provider.kind();
+            let outcome = if torn_down.is_ok() { "ok" } else { "error" };
+            metrics::counter!(common::telemetry::WORKER_TEARDOWNS, "provider" => kind, "result" => outcome)
+                .increment(1);
+            if torn_down.is_err() {
+                metrics::counter!(common::telemetry::PROVIDER_ERRORS, "provider" => kind, "call" => "teardown")
+                    .increment(1);
+            }
+            match torn_down {
                 Ok(()) => {
                     let clear = |a: &mut UpsertWorkerArgs| (a.clear_machine_ref, a.clear_volume_id) = (true, true);
                     self.set_status(row, WorkerStatus::Stopped, now, clear).await?;
@@ -236,7 +245,11 @@ impl Scheduler {
         let mut spawned = 0;
         for (index, target) in targets.into_iter().enumerate() {
             let worker_id = format!("afw-{now}-{index}");
-            match self.spawn_one(resolved, scaling, &worker_id, target, &bridge_env, workspace_id, now).await {
+            let outcome = self.spawn_one(resolved, scaling, &worker_id, target, &bridge_env, workspace_id, now).await;
+            let kind = resolved.provider.kind();
+            let label = if outcome.is_ok() { "ok" } else { "error" };
+            metrics::counter!(common::telemetry::WORKER_SPAWNS, "provider" => kind, "result" => label).increment(1);
+            match outcome {
                 Ok(()) => spawned += 1,
                 Err(e) => {
                     tracing::error!(worker = %worker_id, error = %e, "spawn failed");
@@ -304,7 +317,12 @@ impl Scheduler {
             volume_path: cfg.volume_path.clone(),
             env,
         };
-        match provider.spawn(&cfg.app_name, &spec).await {
+        let spawned = provider.spawn(&cfg.app_name, &spec).await;
+        if spawned.is_err() {
+            metrics::counter!(common::telemetry::PROVIDER_ERRORS, "provider" => provider.kind(), "call" => "spawn")
+                .increment(1);
+        }
+        match spawned {
             Ok(machine) => {
                 let region = machine.region.unwrap_or_else(|| cfg.region.clone());
                 self.ctx
@@ -420,6 +438,9 @@ impl Scheduler {
             ("OPENCLAW_CONVERSATION_ID", target.conversation_id.clone()),
             // Replies go through the Bot API the control plane uses (the fake one in the demo).
             ("TELEGRAM_API_BASE_URL", settings.telegram.api_base_url.clone()),
+            // The worker exports its spans where the control plane does (each job continues
+            // its message's trace); empty (dropped below) when traces are off.
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", settings.telemetry.otlp_endpoint.clone().unwrap_or_default()),
         ];
         env.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
         env.retain(|_, v| !v.trim().is_empty());
@@ -462,6 +483,10 @@ async fn list_machines(provider: &dyn Provider, app: &str) -> Result<HashMap<Str
     let machines = provider
         .list_machines(app)
         .await
+        .inspect_err(|_| {
+            metrics::counter!(common::telemetry::PROVIDER_ERRORS, "provider" => provider.kind(), "call" => "list_machines")
+                .increment(1);
+        })
         .map_err(|e| OpError::unavailable(format!("listing the machines of '{app}': {e}")))?;
     Ok(machines.into_iter().map(|m| (m.machine_id.clone(), m)).collect())
 }

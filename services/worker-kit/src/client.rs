@@ -137,12 +137,17 @@ impl WorkerClient {
                 let op = O::SPEC.name;
                 let body = serde_json::to_vec(args).map_err(|e| OpError::invalid(e.to_string()))?;
                 let wait = common::api::request_wait(&O::SPEC, &body);
-                let response = self
+                let mut request = self
                     .http
                     .post(format!("{base_url}/v1/ops/{op}"))
                     .timeout(*request_timeout + wait)
                     .bearer_auth(&self.token)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header(reqwest::header::CONTENT_TYPE, "application/json");
+                // The call joins the trace of the job being processed, if spans are exported.
+                if let Some(traceparent) = common::telemetry::current_traceparent() {
+                    request = request.header("traceparent", traceparent);
+                }
+                let response = request
                     .body(body)
                     .send()
                     .await

@@ -169,6 +169,11 @@ pub struct WorkerConfig {
     pub attachment_max_bytes: u64,
     /// `AF_WORKER_LOG`: a tracing filter.
     pub log_filter: String,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: base URL of an OTLP/HTTP collector; the worker's spans go
+    /// to `<endpoint>/v1/traces`, continuing each job's trace. Unset = no span export.
+    pub otlp_endpoint: Option<String>,
+    /// `AF_WORKER_METRICS_BIND`: address the worker serves `GET /metrics` on. Unset = none.
+    pub metrics_bind: Option<String>,
 }
 
 impl fmt::Debug for WorkerConfig {
@@ -190,6 +195,8 @@ impl fmt::Debug for WorkerConfig {
             .field("engine", &self.engine)
             .field("telegram_api_base_url", &self.telegram_api_base_url)
             .field("telegram_format", &self.telegram_format)
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("metrics_bind", &self.metrics_bind)
             .finish_non_exhaustive()
     }
 }
@@ -351,6 +358,17 @@ impl WorkerConfig {
             ),
             attachment_max_bytes: env.u64_or("AF_ATTACHMENT_MAX_BYTES", DEFAULT_ATTACHMENT_MAX_BYTES)?,
             log_filter: env.get("AF_WORKER_LOG").unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string()),
+            otlp_endpoint: env.url("OTEL_EXPORTER_OTLP_ENDPOINT")?,
+            metrics_bind: match env.get("AF_WORKER_METRICS_BIND") {
+                None => None,
+                Some(bind) => Some(
+                    bind.parse::<std::net::SocketAddr>()
+                        .map_err(|e| {
+                            ConfigError(format!("AF_WORKER_METRICS_BIND must be host:port, got '{bind}': {e}"))
+                        })?
+                        .to_string(),
+                ),
+            },
         })
     }
 }

@@ -13,8 +13,12 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let telemetry =
-        TelemetrySettings { log_format: LogFormat::Pretty, log_filter: config.log_filter.clone(), otlp_endpoint: None };
+    let telemetry = TelemetrySettings {
+        log_format: LogFormat::Pretty,
+        log_filter: config.log_filter.clone(),
+        otlp_endpoint: config.otlp_endpoint.clone(),
+        metrics_bind: None,
+    };
     let guard = match common::telemetry::init("af-worker", &telemetry) {
         Ok(guard) => guard,
         Err(e) => {
@@ -23,6 +27,18 @@ async fn main() {
         }
     };
     let shutdown = common::service::shutdown_on_signals();
+    common::telemetry::register_series("af-worker");
+    if let Some(bind) = &config.metrics_bind {
+        match tokio::net::TcpListener::bind(bind).await {
+            Ok(listener) => {
+                tokio::spawn(common::telemetry::serve_metrics(listener, shutdown.clone()));
+            }
+            Err(e) => {
+                eprintln!("af-worker: AF_WORKER_METRICS_BIND: cannot listen on {bind}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     let code = match worker::run(config, shutdown).await {
         Ok(outcome) => {
             tracing::info!(reason = outcome.reason.as_str(), completed = outcome.jobs_completed,

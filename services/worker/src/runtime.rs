@@ -498,9 +498,16 @@ impl Worker {
     // ---- one job (spec §4.4 steps 5–8, §4.5) ----
 
     async fn handle(&mut self, job: ClaimedJob) {
-        let span = tracing::info_span!("job", message_id = %job.message_id, conversation_id = %job.conversation_id,
-            attempts = job.attempts);
+        // Continues the message's trace (the claim carries its dispatch's context) when spans
+        // are exported. Ids and counts only: never the text, the payload or a token.
+        let span = tracing::info_span!("job", otel.name = "worker.job", message_id = %job.message_id,
+            conversation_id = %job.conversation_id, agent_key = %job.agent_key, attempts = job.attempts);
+        if let Some(traceparent) = &job.traceparent {
+            common::telemetry::set_parent_from_traceparent(&span, traceparent);
+        }
+        let started = Instant::now();
         self.handle_in_span(job).instrument(span).await;
+        metrics::histogram!(common::telemetry::WORKER_JOB_DURATION).record(started.elapsed().as_secs_f64());
     }
 
     async fn handle_in_span(&mut self, job: ClaimedJob) {
@@ -588,6 +595,7 @@ impl Worker {
         let bundle = self
             .client
             .call::<api::GetHydrationBundleForClaimedJob>(&args)
+            .instrument(tracing::info_span!("hydrate", otel.name = "worker.hydrate"))
             .await
             .map_err(|e| format!("getHydrationBundleForClaimedJob: {e}"))?
             .ok_or_else(|| {
@@ -641,7 +649,12 @@ impl Worker {
                     attachments: files,
                     workspace_dir: self.config.workspace_dir.clone(),
                 };
-                let reply = self.engine.reply(&engine_job).await.map_err(|e| e.to_string())?;
+                let reply = self
+                    .engine
+                    .reply(&engine_job)
+                    .instrument(tracing::info_span!("engine", otel.name = "worker.engine", engine = self.engine.name()))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if reply.trim().is_empty() {
                     return Err(format!("the {} engine returned an empty reply", self.engine.name()));
                 }
@@ -673,20 +686,27 @@ impl Worker {
             };
             self.client
                 .call::<api::AppendConversationMessages>(&args)
+                .instrument(tracing::info_span!("history", otel.name = "worker.history"))
                 .await
                 .map_err(|e| format!("appendConversationMessages: {e}"))?;
             journal.history_appended = true;
             save(&journal);
         }
         if let Some((token, chat_id)) = telegram_target {
-            for step in reply.steps().iter().skip(journal.telegram_sent) {
-                if lease_lost.load(Ordering::SeqCst) {
-                    return Err("the lease moved on while replying; remaining messages not sent".to_string());
+            let span = tracing::info_span!("reply", otel.name = "worker.reply", provider = "telegram");
+            async {
+                for step in reply.steps().iter().skip(journal.telegram_sent) {
+                    if lease_lost.load(Ordering::SeqCst) {
+                        return Err("the lease moved on while replying; remaining messages not sent".to_string());
+                    }
+                    self.telegram.send(&token, &chat_id, step).await.map_err(|e| e.to_string())?;
+                    journal.telegram_sent += 1;
+                    save(&journal);
                 }
-                self.telegram.send(&token, &chat_id, step).await.map_err(|e| e.to_string())?;
-                journal.telegram_sent += 1;
-                save(&journal);
+                Ok(())
             }
+            .instrument(span)
+            .await?;
         }
         Ok(())
     }
@@ -766,8 +786,10 @@ impl Worker {
     }
 
     async fn complete(&mut self, job: &ClaimedJob) {
-        match self.client.call::<api::CompleteJob>(&self.lease_args(job)).await {
+        let span = tracing::info_span!("complete", otel.name = "worker.complete");
+        match self.client.call::<api::CompleteJob>(&self.lease_args(job)).instrument(span).await {
             Ok(true) => {
+                metrics::counter!(common::telemetry::WORKER_JOBS, "outcome" => "completed").increment(1);
                 self.jobs_completed += 1;
                 Journal::remove(&self.config.state_dir, &job.message_id);
                 tracing::info!("job completed");
@@ -781,6 +803,7 @@ impl Worker {
     async fn fail(&mut self, job: &ClaimedJob, message: &str) {
         tracing::warn!(error = %message, "job failed");
         self.jobs_failed += 1;
+        metrics::counter!(common::telemetry::WORKER_JOBS, "outcome" => "failed").increment(1);
         let args = FailArgs {
             worker_id: self.worker(),
             message_id: job.message_id.clone(),
@@ -789,7 +812,12 @@ impl Worker {
             now_ms: Ignored,
             provider_config: Ignored,
         };
-        match self.client.call::<api::FailJob>(&args).await {
+        match self
+            .client
+            .call::<api::FailJob>(&args)
+            .instrument(tracing::info_span!("fail", otel.name = "worker.fail"))
+            .await
+        {
             Ok(result) => {
                 if result.dead_lettered {
                     Journal::remove(&self.config.state_dir, &job.message_id);
@@ -817,8 +845,12 @@ impl Worker {
             tracing::info!("no conversation known; no snapshot");
             return None;
         };
+        let started = Instant::now();
         match self.client.upload_snapshot(&self.config.data_dir, &scope, reason.as_str()).await {
             Ok(uploaded) => {
+                metrics::histogram!(common::telemetry::WORKER_SNAPSHOT_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(common::telemetry::WORKER_SNAPSHOT_BYTES).record(uploaded.size_bytes as f64);
                 tracing::info!(snapshot_id = %uploaded.snapshot_id, size_bytes = uploaded.size_bytes,
                     reason = reason.as_str(), "snapshot uploaded");
                 Some(uploaded)

@@ -4,6 +4,7 @@
 mod audit;
 mod bindings;
 mod cli;
+mod compose;
 mod contracts;
 mod fly_provider;
 mod hostile_input;
@@ -13,6 +14,7 @@ mod ingress;
 mod launcher;
 mod local_pool;
 mod nats_access;
+pub(crate) mod observability;
 mod original_shapes;
 mod profiles;
 mod push;

@@ -128,6 +128,7 @@ impl State {
     /// Applies a completion to the index without writing it; the conversation's next write
     /// carries it (every write stores the whole state), or `flush_conv` writes it alone.
     fn hold_completion(&mut self, token: &str, state: QueueState, worker_id: &str, now: Millis) {
+        metrics::counter!(common::telemetry::COMPLETIONS).increment(1);
         self.unflushed.entry(token.to_string()).or_insert(state.done_seq);
         self.apply_state(token, state);
         let conversation_id = self.convs.get(token).map(|c| c.conversation_id.clone()).unwrap_or_default();
@@ -388,6 +389,7 @@ impl State {
             }
             After::Flush { reply } => send_answer(reply),
             After::CompleteAndLease { worker_id, reply } => {
+                metrics::counter!(common::telemetry::COMPLETIONS).increment(1);
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let next = self.claimed(&token, &worker_id, new_lease, head_job, now);
                 let answer = match next.map(to_answer).transpose() {
@@ -397,6 +399,7 @@ impl State {
                 let _ = reply.send(answer);
             }
             After::CompleteThenClaim { worker_id, reply, claim } => {
+                metrics::counter!(common::telemetry::COMPLETIONS).increment(1);
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 // The claim answers on its own channel; forward it inside the combined answer.
                 let (tx, rx) = oneshot::channel::<Result<Answer, OpError>>();
@@ -420,10 +423,13 @@ impl State {
                 let _ = reply.send(to_answer(true));
             }
             After::Complete { worker_id, reply } => {
+                metrics::counter!(common::telemetry::COMPLETIONS).increment(1);
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let _ = reply.send(to_answer(true));
             }
             After::Fail { worker_id, reply, outcome } => {
+                let label = if outcome.dead_lettered { "dead_letter" } else { "retry" };
+                metrics::counter!(common::telemetry::FAILURES, "outcome" => label).increment(1);
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 if outcome.dead_lettered {
                     self.count_dead_letter(&finished);
@@ -463,6 +469,26 @@ impl State {
         self.owner_of.insert(token.to_string(), worker_id.to_string());
         self.worker_claimed(worker_id, &conversation_id, &agent_key, &lease.lease_id, now);
         metrics::counter!(common::telemetry::CLAIMS).increment(1);
+        if attempts == 0 {
+            // From due (enqueued, or its scheduled time) to leased; retries wait their backoff.
+            let due = job.job.scheduled_for.max(job.job.enqueued_at);
+            let latency = now.saturating_sub(due).max(0) as f64 / 1000.0;
+            metrics::histogram!(common::telemetry::DISPATCH_LATENCY).record(latency);
+        }
+        // The dispatch continues the trace the message was enqueued under; the worker gets
+        // this span's context and continues from it.
+        let traceparent = job.traceparent.as_deref().and_then(|parent| {
+            let span = tracing::info_span!(
+                "queue.dispatch",
+                otel.name = "queue.dispatch",
+                af.message_id = %job.job.message_id,
+                af.worker_id = %worker_id,
+                af.attempts = attempts,
+                af.queue_wait_ms = now.saturating_sub(job.job.enqueued_at).max(0),
+            );
+            common::telemetry::set_parent_from_traceparent(&span, parent);
+            common::telemetry::traceparent_of(&span)
+        });
         Some(Claim {
             message_id: MessageId::trusted(job.job.message_id.clone()),
             conversation_id: ConversationId::trusted(conversation_id),
@@ -471,6 +497,7 @@ impl State {
             lease_expires_at: lease.expires_at,
             payload: job.job.payload.clone(),
             attempts,
+            traceparent,
         })
     }
 

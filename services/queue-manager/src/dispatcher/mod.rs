@@ -53,6 +53,8 @@ const WATERMARK_KEY: &str = "=watermark";
 const LEASE_EXPIRED_ERROR: &str = "Lease expired while processing";
 const MAX_ERROR_BYTES: usize = 4096;
 const MAX_LIST: usize = 1000;
+/// How often the leader refreshes the queue and worker gauges (one pass over the index).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// An operation's result as JSON text: answers are serialised once, by the dispatcher, and the
 /// operation layer copies them out (a job's payload is never parsed on its way to a worker).
@@ -287,6 +289,9 @@ impl Dispatcher {
 struct Pending {
     seq: u64,
     job: Arc<Job>,
+    /// The W3C `traceparent` the message was enqueued under (its inbox message's header), so
+    /// the dispatch and the worker continue the message's trace. `None` when traces are off.
+    traceparent: Option<Arc<str>>,
 }
 
 struct Conv {
@@ -527,6 +532,8 @@ impl State {
         let clock = self.ctx.clock.clone();
         let mut flush = tokio::time::interval(Duration::from_millis(self.q().lazy_flush_ms));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut io = FuturesUnordered::new();
         // One timer for every long poll, re-armed at the earliest deadline (real time: a poll's
         // wait is a transport matter). It starts unarmed; its branch is off until then.
@@ -568,6 +575,7 @@ impl State {
                 _ = clock.sleep_until(next_timer.unwrap_or(Millis::MAX)), if next_timer.is_some() => self.fire_timers(),
                 _ = clock.changed() => self.fire_timers(),
                 _ = flush.tick() => self.flush_lazy(),
+                _ = gauges.tick(), if self.serving => self.publish_gauges(),
             }
         }
         // Parked long polls end empty so workers retry against the next leader; one whose
@@ -669,13 +677,14 @@ impl State {
         let Ok(info) = msg.info() else { return };
         let seq = info.stream_sequence;
         let token = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
+        let traceparent = common::telemetry::traceparent_header(msg.headers.as_ref()).map(Arc::from);
         match serde_json::from_slice::<Job>(&msg.payload) {
-            Ok(job) => self.on_inbox(seq, token, Arc::new(job)),
+            Ok(job) => self.on_inbox(seq, token, Arc::new(job), traceparent),
             Err(e) => tracing::error!(seq, error = %e, "undecodable inbox message skipped"),
         }
     }
 
-    fn on_inbox(&mut self, seq: u64, token: String, job: Arc<Job>) {
+    fn on_inbox(&mut self, seq: u64, token: String, job: Arc<Job>, traceparent: Option<Arc<str>>) {
         self.last_seq = self.last_seq.max(seq);
         if !self.barriers.is_empty() {
             let last = self.last_seq;
@@ -700,7 +709,7 @@ impl State {
         });
         if seq > conv.state.done_seq && conv.pending.back().is_none_or(|p| p.seq < seq) {
             self.by_message.insert(job.message_id.clone(), (token.clone(), seq));
-            conv.pending.push_back(Pending { seq, job });
+            conv.pending.push_back(Pending { seq, job, traceparent });
         }
         let caught_up = self.serving;
         if caught_up {

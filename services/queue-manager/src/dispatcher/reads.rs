@@ -32,6 +32,34 @@ impl State {
         stats
     }
 
+    /// Sets the queue and worker gauges from the index (every `GAUGE_INTERVAL`, by the leader).
+    pub(super) fn publish_gauges(&self) {
+        use common::telemetry as t;
+        let now = self.now();
+        let stats = self.stats();
+        metrics::gauge!(t::QUEUE_PROCESSING).set(stats.processing as f64);
+        metrics::gauge!(t::QUEUE_DEAD_LETTER).set(stats.dead_letter as f64);
+        // The oldest message that could be handed out now and is not: a conversation stuck
+        // without a worker shows here.
+        let oldest = self.convs.values().filter_map(Conv::eligible_at).filter(|t| *t <= now).min();
+        let age = oldest.map(|t| now.saturating_sub(t).max(0) as f64 / 1000.0).unwrap_or(0.0);
+        metrics::gauge!(t::QUEUE_OLDEST_AGE).set(age);
+        let mut by_state = [0u64; 5];
+        for w in self.workers.values() {
+            let i = match w.row.status {
+                WorkerStatus::Active if w.row.load > 0 => 0,
+                WorkerStatus::Active => 1,
+                WorkerStatus::Draining => 2,
+                WorkerStatus::Stopping => 3,
+                WorkerStatus::Stopped => 4,
+            };
+            by_state[i] += 1;
+        }
+        for (state, count) in t::WORKER_STATES.iter().zip(by_state) {
+            metrics::gauge!(t::WORKERS, "state" => *state).set(count as f64);
+        }
+    }
+
     pub(super) fn view(&self, conv: &Conv, index: usize, p: &Pending, with_payload: bool) -> JobView {
         let head = if index == 0 { conv.head() } else { None };
         let status = if head.is_some_and(|h| h.lease.is_some()) { JobStatus::Processing } else { JobStatus::Queued };

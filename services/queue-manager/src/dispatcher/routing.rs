@@ -226,6 +226,8 @@ impl State {
                         lease_expires_at: lease.expires_at,
                         payload: job.job.payload.clone(),
                         attempts: conv.head().map(|h| h.attempts).unwrap_or(0),
+                        // Handed out again: the worker continues the message's trace itself.
+                        traceparent: job.traceparent.as_deref().map(str::to_string),
                     };
                     let _ = reply.send(to_answer(claim));
                     return;
