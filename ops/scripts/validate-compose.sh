@@ -20,7 +20,11 @@ placeholders=(
   AF_WORKER_TOKEN_KEY=placeholder-worker-token-key-0000000000
   AF_SECRETS_KEY=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=
   AF_NATS_PASSWORD=00000000000000000000000000000000
+  AF_NATS_STORE_KEY=00000000000000000000000000000000
 )
+for service in INGRESS QUEUE_MANAGER HYDRATION SCHEDULER PUSH_DISPATCHER CLEANUP; do
+  placeholders+=("AF_NATS_PASSWORD_$service=00000000000000000000000000000000")
+done
 for profile in "" demo worker; do
   args=(-f docker-compose.yml --env-file "$empty_env")
   [ -n "$profile" ] && args+=(--profile "$profile")

@@ -19,7 +19,8 @@ fn services(compose: &Value) -> Vec<(String, Value)> {
 fn control_plane(compose: &Value) -> Vec<(String, Value)> {
     services(compose)
         .into_iter()
-        .filter(|(name, s)| s["image"] == "agent-factory:local" && name != "fake-telegram")
+        // The fake and the one-shot provisioner are not services of the control plane.
+        .filter(|(name, s)| s["image"] == "agent-factory:local" && name != "fake-telegram" && name != "provision")
         .collect()
 }
 
@@ -109,6 +110,8 @@ fn compose_services_get_tokens_traces_and_metrics_and_prometheus_scrapes_each() 
         ] {
             assert!(env.get(key).is_some(), "{name} does not set {key}");
         }
+        let nats_url = env["AF_NATS__URL"].as_str().unwrap_or_default();
+        assert!(nats_url.starts_with(&format!("nats://{name}:")), "{name} connects as its own NATS user: {nats_url}");
         assert_eq!(env["AF_TELEMETRY__OTLP_ENDPOINT"], "http://otel-collector:4318", "{name} exports its spans");
         let bind = env["AF_TELEMETRY__METRICS_BIND"].as_str().unwrap_or_else(|| panic!("{name}: a metrics port"));
         let port = bind.rsplit(':').next().expect("port");

@@ -161,10 +161,24 @@ impl Processes {
     }
 }
 
-/// The environment of a service binary run alone, as docker-compose.yml sets it.
-fn service_env(nats: &TestNats, data: &Path, secrets_key: &str, extra: &[(&str, String)]) -> Vec<(String, String)> {
+/// Creates the streams and buckets as the privileged user, as the compose stack's one-shot
+/// `agent-factory --provision` does: the services connect as their own users, which may not.
+async fn provision(nats: &TestNats) {
+    let settings = std::sync::Arc::new(tests::test_settings(&nats.dir.path().join("provision"), &[]));
+    common::service::ServiceContext::connect(settings, nats.url(), "provision").await.expect("provision");
+}
+
+/// The environment of `service`'s binary run alone, as docker-compose.yml sets it: its own NATS
+/// user.
+fn service_env(
+    nats: &TestNats,
+    service: &str,
+    data: &Path,
+    secrets_key: &str,
+    extra: &[(&str, String)],
+) -> Vec<(String, String)> {
     let mut env = vec![
-        ("AF_NATS__URL".to_string(), nats.url().to_string()),
+        ("AF_NATS__URL".to_string(), nats.service_url(service)),
         ("AF_DATA_DIR".to_string(), data.display().to_string()),
         ("AF_AUTH__ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
         ("AF_AUTH__APP_TOKEN".to_string(), tests::APP_TOKEN.to_string()),
@@ -246,10 +260,11 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     let secrets_key = common::crypto::generate_key_base64().expect("key");
     let port = free_port();
     let api = format!("http://127.0.0.1:{port}");
+    provision(&nats).await;
     let mut procs = Processes::new();
     for service in ["queue-manager", "hydration", "ingress"] {
         let extra = [("AF_TELEMETRY__OTLP_ENDPOINT", otlp.clone()), ("AF_HTTP__BIND", format!("127.0.0.1:{port}"))];
-        let env = service_env(&nats, &data.path().join(service), &secrets_key, &extra);
+        let env = service_env(&nats, service, &data.path().join(service), &secrets_key, &extra);
         procs.spawn(service, &bins[service], &env);
     }
     let http = reqwest::Client::new();
@@ -312,7 +327,12 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
             "worker.complete",
             "completeJob",
         ];
-        wanted.iter().all(|w| names.contains(w)).then_some(trace)
+        // Spans arrive in batches per process: wait until every parent has arrived too.
+        let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+        let parents_arrived = trace
+            .iter()
+            .all(|s| s.parent.is_empty() || s.parent == "0000000000000000" || ids.contains(s.parent.as_str()));
+        (wanted.iter().all(|w| names.contains(w)) && parents_arrived).then_some(trace)
     })
     .await;
     let by_id: HashMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
@@ -525,6 +545,7 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
     let secrets_key = common::crypto::generate_key_base64().expect("key");
     let api_port = free_port();
     let api = format!("http://127.0.0.1:{api_port}");
+    provision(&nats).await;
     let mut procs = Processes::new();
     let mut metrics_urls = BTreeMap::new();
     for service in services {
@@ -533,7 +554,11 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
             ("AF_TELEMETRY__METRICS_BIND", format!("127.0.0.1:{port}")),
             ("AF_HTTP__BIND", format!("127.0.0.1:{api_port}")),
         ];
-        procs.spawn(service, &bins[service], &service_env(&nats, &data.path().join(service), &secrets_key, &extra));
+        procs.spawn(
+            service,
+            &bins[service],
+            &service_env(&nats, service, &data.path().join(service), &secrets_key, &extra),
+        );
         metrics_urls.insert(service.to_string(), format!("http://127.0.0.1:{port}/metrics"));
     }
     let http = reqwest::Client::new();
