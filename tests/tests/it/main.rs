@@ -11,6 +11,7 @@ mod hydration;
 mod ingress;
 mod launcher;
 mod local_pool;
+mod openclaw;
 mod original_shapes;
 mod profiles;
 mod push;
