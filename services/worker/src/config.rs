@@ -123,7 +123,9 @@ pub struct OpenClawConfig {
     pub node_bin: PathBuf,
     /// `AF_OPENCLAW_ENTRY`: the package's `openclaw.mjs`.
     pub entry: PathBuf,
-    /// `OPENCLAW_GATEWAY_PORT`: the loopback port; 0 picks a free one.
+    /// `AF_OPENCLAW_GATEWAY_PORT`: the loopback port; 0 (the default) picks a free one. The
+    /// spec's `OPENCLAW_GATEWAY_PORT` (18789 from the scheduler) is ignored: local workers share
+    /// one machine.
     pub port: u16,
     /// `OPENCLAW_GATEWAY_READY_TIMEOUT_MS`: how long the gateway may take to answer `hello-ok`.
     pub ready_timeout: Duration,
@@ -437,10 +439,12 @@ fn engine_config(env: &Env<'_>) -> Result<EngineConfig, ConfigError> {
         Some("openclaw") => Ok(EngineConfig::OpenClaw(OpenClawConfig {
             node_bin: PathBuf::from(env.get("AF_OPENCLAW_NODE").unwrap_or_else(|| DEFAULT_OPENCLAW_NODE.to_string())),
             entry: PathBuf::from(env.get("AF_OPENCLAW_ENTRY").unwrap_or_else(|| DEFAULT_OPENCLAW_ENTRY.to_string())),
-            port: match env.get("OPENCLAW_GATEWAY_PORT") {
+            port: match env.get("AF_OPENCLAW_GATEWAY_PORT") {
                 None => 0,
                 Some(v) => v.parse().map_err(|_| {
-                    ConfigError(format!("OPENCLAW_GATEWAY_PORT must be a port number (0 picks a free one), got '{v}'"))
+                    ConfigError(format!(
+                        "AF_OPENCLAW_GATEWAY_PORT must be a port number (0 picks a free one), got '{v}'"
+                    ))
                 })?,
             },
             ready_timeout: env.ms_or("OPENCLAW_GATEWAY_READY_TIMEOUT_MS", DEFAULT_OPENCLAW_READY_TIMEOUT_MS)?,
@@ -562,7 +566,10 @@ mod tests {
         );
         assert!(err(&[("SKILLS_BOOTSTRAP_MODE", "git")]).starts_with("SKILLS_BOOTSTRAP_MODE"));
         assert!(err(&[("AF_ENGINE", "gpt")]).starts_with("AF_ENGINE must be echo, command, openai or openclaw"));
-        assert!(err(&[("AF_ENGINE", "openclaw"), ("OPENCLAW_GATEWAY_PORT", "x")]).starts_with("OPENCLAW_GATEWAY_PORT"));
+        assert!(
+            err(&[("AF_ENGINE", "openclaw"), ("AF_OPENCLAW_GATEWAY_PORT", "x")])
+                .starts_with("AF_OPENCLAW_GATEWAY_PORT")
+        );
         assert!(err(&[("AF_ENGINE", "command")]).starts_with("AF_ENGINE_COMMAND is required"));
         assert!(
             err(&[("AF_ENGINE", "command"), ("AF_ENGINE_COMMAND", "[1]")]).starts_with("AF_ENGINE_COMMAND looks like")
