@@ -2,7 +2,8 @@
 # The project's test command (CI runs it through .ci/run):
 #   1. installs nats-server 2.15.x into .tools/ (the integration tests start real servers),
 #   2. installs openapi-spec-validator into .tools/ (GET /openapi.json is validated with it),
-#      and makes sure cargo-nextest is available,
+#      Node.js and the openclaw npm package into .tools/ (the openclaw engine's end-to-end
+#      tests run the real agent), and makes sure cargo-nextest is available,
 #   3. validates docker-compose.yml offline (ops/scripts/validate-compose.sh: Debian's
 #      docker-compose 1.29 `config -q`, installed with apt-get when missing),
 #   4. checks formatting, runs clippy with warnings as errors,
@@ -24,6 +25,13 @@ echo "nats-server: $AF_NATS_SERVER_BIN" >&2
 step "installing the OpenAPI validator (ops/scripts/install-openapi-validator.sh)"
 AF_OPENAPI_VALIDATOR_BIN="$(./ops/scripts/install-openapi-validator.sh)"
 export AF_OPENAPI_VALIDATOR_BIN
+
+step "installing Node.js and OpenClaw (ops/scripts/install-openclaw.sh)"
+openclaw_vars="$(./ops/scripts/install-openclaw.sh)"
+AF_NODE_BIN="$(printf '%s\n' "$openclaw_vars" | sed -n 's/^AF_NODE_BIN=//p')"
+AF_OPENCLAW_ENTRY="$(printf '%s\n' "$openclaw_vars" | sed -n 's/^AF_OPENCLAW_ENTRY=//p')"
+export AF_NODE_BIN AF_OPENCLAW_ENTRY
+echo "node: $AF_NODE_BIN; openclaw: $AF_OPENCLAW_ENTRY" >&2
 
 step "validating docker-compose.yml (ops/scripts/validate-compose.sh)"
 ./ops/scripts/validate-compose.sh

@@ -127,6 +127,39 @@ pub struct Bundle {
     pub telegram_bot_token: Option<String>,
     /// Null unless the agent's bridge is enabled.
     pub bridge_runtime_config: Option<BridgeRuntimeConfig>,
+    /// The agent's model provider (an OpenAI-compatible endpoint) from its scoped secrets
+    /// `model.baseUrl`, `model.name`, `model.apiKey`, `model.api` (each `<ref>.<agentKey>` first,
+    /// then `<ref>`); null when none of them is set. The `openclaw` engine writes it into the
+    /// OpenClaw configuration. Not in the original's bundle: absent when null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_runtime_config: Option<ModelRuntimeConfig>,
+}
+
+/// An agent's model provider as its secrets describe it; every field is a string or null.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRuntimeConfig {
+    /// Base URL of an OpenAI-compatible API, e.g. `https://api.openai.com/v1` (`model.baseUrl`).
+    pub base_url: Option<String>,
+    /// The model id the provider knows, e.g. `gpt-4o-mini` (`model.name`).
+    pub model: Option<String>,
+    /// The provider's API key (`model.apiKey`).
+    pub api_key: Option<String>,
+    /// The provider's API flavour for OpenClaw: `openai-completions` (the default,
+    /// `POST <base>/chat/completions`) or `openai-responses` (`model.api`).
+    pub api: Option<String>,
+}
+
+impl std::fmt::Debug for ModelRuntimeConfig {
+    /// The API key is left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRuntimeConfig")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api", &self.api)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::OpError;
 use common::api;
 pub use common::api::history::BridgeRuntimeConfig;
-use common::api::history::{Bundle, BundleArgs, ConversationState, SpawnEnv};
+use common::api::history::{Bundle, BundleArgs, ConversationState, ModelRuntimeConfig, SpawnEnv};
 use common::auth::{Caller, Role};
 use common::crypto::SecretCipher;
 use common::model::{AgentProfile, QueueState, WorkerRow};
@@ -99,6 +99,7 @@ async fn bundle(
         },
         telegram_bot_token: bot_token.map(|(_, v)| v.expose_secret().to_string()),
         bridge_runtime_config: bridge_runtime_config(ctx, cipher, &profile).await?,
+        model_runtime_config: model_runtime_config(ctx, cipher, &profile.agent_key).await?,
     }))
 }
 
@@ -167,6 +168,25 @@ pub async fn bridge_runtime_config(
         service_key: service_key.map(|(_, v)| v),
         bot_identity: profile.bot_identity.clone(),
     }))
+}
+
+/// The agent's model provider from its scoped secrets (`model.baseUrl`, `model.name`,
+/// `model.apiKey`, `model.api`); `None` when none is set.
+pub async fn model_runtime_config(
+    ctx: &ServiceContext,
+    cipher: &SecretCipher,
+    agent_key: &str,
+) -> Result<Option<ModelRuntimeConfig>, OpError> {
+    let get = |prefix: &'static str| async move {
+        Ok::<_, OpError>(secret_value(ctx, cipher, &scoped_candidates(agent_key, prefix, None)).await?.map(|(_, v)| v))
+    };
+    let config = ModelRuntimeConfig {
+        base_url: get("model.baseUrl").await?,
+        model: get("model.name").await?,
+        api_key: get("model.apiKey").await?,
+        api: get("model.api").await?,
+    };
+    Ok((config != ModelRuntimeConfig::default()).then_some(config))
 }
 
 /// A profile field when present (even empty: spec §3.5.3), else the first active scoped secret.

@@ -25,6 +25,12 @@ pub const DEFAULT_TELEGRAM_API_BASE_URL: &str = telegram_bot::DEFAULT_BASE_URL;
 pub const DEFAULT_TELEGRAM_MAX_RETRY_AFTER_MS: u64 = 30_000;
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 pub const DEFAULT_LOG_FILTER: &str = "info";
+/// The `openclaw` engine's Node.js binary unless `AF_OPENCLAW_NODE` names another.
+pub const DEFAULT_OPENCLAW_NODE: &str = "node";
+/// Where the worker image installs the `openclaw` package (`ops/scripts/install-openclaw.sh`
+/// with `AF_TOOLS_DIR=/opt`).
+pub const DEFAULT_OPENCLAW_ENTRY: &str = "/opt/openclaw/node_modules/openclaw/openclaw.mjs";
+pub const DEFAULT_OPENCLAW_READY_TIMEOUT_MS: u64 = 60_000;
 
 /// The system prompt of the OpenAI-compatible engine unless `AF_SYSTEM_PROMPT` says otherwise.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are an assistant serving one user in one conversation. \
@@ -105,6 +111,44 @@ pub enum EngineConfig {
         history_items: usize,
         timeout: Duration,
     },
+    /// A real OpenClaw agent: the worker runs the OpenClaw gateway (Node.js) on loopback and
+    /// sends each job to it as one agent turn ([`crate::openclaw`]).
+    OpenClaw(OpenClawConfig),
+}
+
+/// The `openclaw` engine's settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpenClawConfig {
+    /// `AF_OPENCLAW_NODE`: the Node.js (24 or newer) binary.
+    pub node_bin: PathBuf,
+    /// `AF_OPENCLAW_ENTRY`: the package's `openclaw.mjs`.
+    pub entry: PathBuf,
+    /// `AF_OPENCLAW_GATEWAY_PORT`: the loopback port; 0 (the default) picks a free one. The
+    /// spec's `OPENCLAW_GATEWAY_PORT` (18789 from the scheduler) is ignored: local workers share
+    /// one machine.
+    pub port: u16,
+    /// `OPENCLAW_GATEWAY_READY_TIMEOUT_MS`: how long the gateway may take to answer `hello-ok`.
+    pub ready_timeout: Duration,
+    /// `AF_ENGINE_TIMEOUT_MS` (alias `OPENCLAW_TIMEOUT_MS`): one agent turn.
+    pub turn_timeout: Duration,
+    /// `OPENCLAW_THINKING`: the turn's thinking level (`off`, `low`, `medium`, `high`).
+    pub thinking: Option<String>,
+    /// The model provider used when the bundle carries none (`OPENAI_BASE_URL`,
+    /// `OPENAI_MODEL`, `OPENAI_API_KEY`, `OPENCLAW_MODEL_API`).
+    pub fallback_model: common::api::history::ModelRuntimeConfig,
+}
+
+impl fmt::Debug for OpenClawConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenClawConfig")
+            .field("node_bin", &self.node_bin)
+            .field("entry", &self.entry)
+            .field("port", &self.port)
+            .field("ready_timeout", &self.ready_timeout)
+            .field("turn_timeout", &self.turn_timeout)
+            .field("fallback_model", &self.fallback_model)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for EngineConfig {
@@ -125,6 +169,7 @@ impl fmt::Debug for EngineConfig {
                 .field("history_items", history_items)
                 .field("timeout", timeout)
                 .finish_non_exhaustive(),
+            Self::OpenClaw(config) => config.fmt(f),
         }
     }
 }
@@ -409,7 +454,28 @@ fn engine_config(env: &Env<'_>) -> Result<EngineConfig, ConfigError> {
                 .unwrap_or(DEFAULT_HISTORY_ITEMS),
             timeout,
         }),
-        Some(other) => Err(ConfigError(format!("AF_ENGINE must be echo, command or openai, got '{other}'"))),
+        Some("openclaw") => Ok(EngineConfig::OpenClaw(OpenClawConfig {
+            node_bin: PathBuf::from(env.get("AF_OPENCLAW_NODE").unwrap_or_else(|| DEFAULT_OPENCLAW_NODE.to_string())),
+            entry: PathBuf::from(env.get("AF_OPENCLAW_ENTRY").unwrap_or_else(|| DEFAULT_OPENCLAW_ENTRY.to_string())),
+            port: match env.get("AF_OPENCLAW_GATEWAY_PORT") {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| {
+                    ConfigError(format!(
+                        "AF_OPENCLAW_GATEWAY_PORT must be a port number (0 picks a free one), got '{v}'"
+                    ))
+                })?,
+            },
+            ready_timeout: env.ms_or("OPENCLAW_GATEWAY_READY_TIMEOUT_MS", DEFAULT_OPENCLAW_READY_TIMEOUT_MS)?,
+            turn_timeout: timeout,
+            thinking: env.get("OPENCLAW_THINKING"),
+            fallback_model: common::api::history::ModelRuntimeConfig {
+                base_url: env.url("OPENAI_BASE_URL")?,
+                model: env.get("OPENAI_MODEL").or_else(|| env.get("OPENCLAW_AGENT_MODEL")),
+                api_key: env.get("OPENAI_API_KEY"),
+                api: env.get("OPENCLAW_MODEL_API"),
+            },
+        })),
+        Some(other) => Err(ConfigError(format!("AF_ENGINE must be echo, command, openai or openclaw, got '{other}'"))),
     }
 }
 
@@ -517,7 +583,11 @@ mod tests {
                 .starts_with("SKILLS_BOOTSTRAP_REQUIRED must be true or false")
         );
         assert!(err(&[("SKILLS_BOOTSTRAP_MODE", "git")]).starts_with("SKILLS_BOOTSTRAP_MODE"));
-        assert!(err(&[("AF_ENGINE", "gpt")]).starts_with("AF_ENGINE must be echo, command or openai"));
+        assert!(err(&[("AF_ENGINE", "gpt")]).starts_with("AF_ENGINE must be echo, command, openai or openclaw"));
+        assert!(
+            err(&[("AF_ENGINE", "openclaw"), ("AF_OPENCLAW_GATEWAY_PORT", "x")])
+                .starts_with("AF_OPENCLAW_GATEWAY_PORT")
+        );
         assert!(err(&[("AF_ENGINE", "command")]).starts_with("AF_ENGINE_COMMAND is required"));
         assert!(
             err(&[("AF_ENGINE", "command"), ("AF_ENGINE_COMMAND", "[1]")]).starts_with("AF_ENGINE_COMMAND looks like")
@@ -579,6 +649,18 @@ mod tests {
         .unwrap();
         assert!(matches!(&c.engine, EngineConfig::OpenAi { base_url, model, .. }
             if base_url == "http://127.0.0.1:11434/v1" && model == "m"));
+        assert!(!format!("{:?}", c.engine).contains("sk-secret"));
+        let c = WorkerConfig::from_env(&env(&[
+            ("AF_ENGINE", "openclaw"),
+            ("OPENAI_API_KEY", "sk-secret"),
+            ("OPENAI_MODEL", "gpt-x"),
+            ("AF_ENGINE_TIMEOUT_MS", "5000"),
+        ]))
+        .unwrap();
+        let EngineConfig::OpenClaw(oc) = &c.engine else { panic!("{:?}", c.engine) };
+        assert_eq!(oc.entry, PathBuf::from(DEFAULT_OPENCLAW_ENTRY));
+        assert_eq!((oc.port, oc.turn_timeout), (0, Duration::from_secs(5)));
+        assert_eq!(oc.fallback_model.model.as_deref(), Some("gpt-x"));
         assert!(!format!("{:?}", c.engine).contains("sk-secret"));
     }
 }

@@ -4,7 +4,9 @@
 //! - [`EchoEngine`] (`AF_ENGINE=echo`, the default): `echo: <text>`, for the local stack and tests;
 //! - [`CommandEngine`] (`command`): runs a program per job with the job as JSON on stdin and
 //!   takes its stdout as the reply; a non-zero exit fails the job;
-//! - [`OpenAiEngine`] (`openai`): an OpenAI-compatible `POST <base>/chat/completions`.
+//! - [`OpenAiEngine`] (`openai`): an OpenAI-compatible `POST <base>/chat/completions`;
+//! - [`OpenClawEngine`] (`openclaw`): a real OpenClaw agent behind the gateway the worker
+//!   supervises ([`crate::openclaw`]).
 //!
 //! Whatever the engine, a line of its reply that is `MEDIA: <path>` names a file of the
 //! workspace: the worker takes the line out of the text and sends the file to a Telegram chat
@@ -20,7 +22,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, WorkerConfig};
+use crate::openclaw::{OpenClawEngine, OpenClawPaths};
 
 /// The longest piece of a failing program's stderr or an API error body kept in an error.
 const ERROR_EXCERPT_CHARS: usize = 600;
@@ -48,6 +51,9 @@ pub struct EngineJob {
     pub attachments: Vec<String>,
     /// The workspace directory (the command engine's working directory).
     pub workspace_dir: PathBuf,
+    /// The agent's model provider from the bundle (holds its API key: never serialised).
+    #[serde(skip)]
+    pub model: Option<common::api::history::ModelRuntimeConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,11 +66,39 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// The reply text; empty replies are refused by the caller.
     fn reply<'a>(&'a self, job: &'a EngineJob) -> BoxFuture<'a, Result<String, EngineError>>;
+    /// Called once when the worker stops, before its final snapshot: release what the engine
+    /// runs (the `openclaw` engine stops its gateway). Nothing by default.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
-/// The engine `config` describes.
+/// The engine the worker's configuration describes.
+pub fn build(config: &WorkerConfig) -> Arc<dyn Engine> {
+    match &config.engine {
+        EngineConfig::OpenClaw(openclaw) => Arc::new(OpenClawEngine::new(
+            openclaw.clone(),
+            OpenClawPaths {
+                data_dir: config.data_dir.clone(),
+                state_dir: config.state_dir.clone(),
+                workspace_dir: config.workspace_dir.clone(),
+            },
+        )),
+        other => from_config(other),
+    }
+}
+
+/// The engine `config` describes (the `openclaw` engine needs the data paths: [`build`]).
 pub fn from_config(config: &EngineConfig) -> Arc<dyn Engine> {
     match config {
+        EngineConfig::OpenClaw(openclaw) => Arc::new(OpenClawEngine::new(
+            openclaw.clone(),
+            OpenClawPaths {
+                data_dir: PathBuf::from(crate::config::DEFAULT_DATA_DIR),
+                state_dir: PathBuf::from(crate::config::DEFAULT_DATA_DIR).join(".clawdbot"),
+                workspace_dir: PathBuf::from(crate::config::DEFAULT_DATA_DIR).join("workspace"),
+            },
+        )),
         EngineConfig::Echo => Arc::new(EchoEngine),
         EngineConfig::Command { program, args, timeout } => {
             Arc::new(CommandEngine { program: program.clone(), args: args.clone(), timeout: *timeout })
@@ -285,6 +319,7 @@ mod tests {
             payload: json!({"provider": "telegram", "providerUserId": "u1", "messageText": text}),
             attachments: vec![],
             workspace_dir: std::env::temp_dir(),
+            model: None,
         }
     }
 

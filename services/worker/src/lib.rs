@@ -3,7 +3,8 @@
 //! ingress HTTP.
 //!
 //! - [`config`]: the environment contract ([`config::WorkerConfig::from_env`]);
-//! - [`engine`]: the pluggable reply engines (echo, command, OpenAI-compatible);
+//! - [`engine`]: the pluggable reply engines (echo, command, OpenAI-compatible, OpenClaw);
+//! - [`openclaw`]: the `openclaw` engine, which supervises an OpenClaw gateway;
 //! - [`telegram`]: replies in the chat through the `telegram-bot` library (split messages,
 //!   formatting fallback, files);
 //! - [`workspace`]: memory files, the restore rule and the per-job journal;
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod openclaw;
 pub mod runtime;
 pub mod telegram;
 pub mod workspace;

@@ -150,7 +150,7 @@ pub async fn connect(config: &WorkerConfig) -> Result<WorkerClient, WorkerError>
 /// Connects, builds the configured engine and runs the worker until it stops.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<RunOutcome, WorkerError> {
     let client = connect(&config).await?;
-    let engine = engine::from_config(&config.engine);
+    let engine = engine::build(&config);
     Worker::new(config, client, engine).run(shutdown).await
 }
 
@@ -217,6 +217,8 @@ impl Worker {
         self.boot().await?;
         let (reason, control_reason) = self.main_loop(&shutdown).await?;
         tracing::info!(reason = reason.as_str(), control = ?control_reason, "worker stopping");
+        // The engine lets go of the workspace (the OpenClaw gateway stops) before it is archived.
+        self.engine.shutdown().await;
         let snapshot = self.final_snapshot(reason).await;
         Ok(RunOutcome {
             reason,
@@ -648,6 +650,7 @@ impl Worker {
                     payload: payload.clone(),
                     attachments: files,
                     workspace_dir: self.config.workspace_dir.clone(),
+                    model: bundle.model_runtime_config.clone(),
                 };
                 let reply = self
                     .engine

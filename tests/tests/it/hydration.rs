@@ -287,3 +287,28 @@ async fn attachments_are_stored_visible_at_claim_time_and_expire_with_their_file
     assert_eq!(b["payload"]["attachments"][0]["status"], "expired");
     assert!(b["payload"]["attachments"][0].get("downloadUrl").is_none());
 }
+
+#[tokio::test]
+async fn hydration_bundle_carries_the_agents_model_settings_from_its_scoped_secrets() {
+    let stack = stack().await;
+    // No model secret: the field is absent (the original's shape).
+    let job = enqueue_and_claim(&stack, "c1", "agent-a", "w1").await;
+    let b = bundle(&stack, "w1", &job).await.expect("bundle");
+    assert!(b.get("modelRuntimeConfig").is_none(), "{b}");
+    stack
+        .worker("w1")
+        .ok("completeJob", json!({"workerId": "w1", "messageId": job["messageId"], "leaseId": job["leaseId"]}))
+        .await;
+
+    // The agent's own ref wins over the global one; unset fields are null.
+    import(&stack, "model.baseUrl", "https://global.example/v1").await;
+    import(&stack, "model.baseUrl.agent-a", "https://agent-a.example/v1").await;
+    import(&stack, "model.name", "gpt-test").await;
+    import(&stack, "model.apiKey.agent-a", "sk-agent-a").await;
+    let job = enqueue_and_claim(&stack, "c1", "agent-a", "w1").await;
+    let b = bundle(&stack, "w1", &job).await.expect("bundle");
+    assert_eq!(
+        b["modelRuntimeConfig"],
+        json!({"baseUrl": "https://agent-a.example/v1", "model": "gpt-test", "apiKey": "sk-agent-a", "api": null})
+    );
+}

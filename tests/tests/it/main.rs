@@ -15,6 +15,7 @@ mod launcher;
 mod local_pool;
 mod nats_access;
 pub(crate) mod observability;
+mod openclaw;
 mod original_shapes;
 mod profiles;
 mod push;
