@@ -4,6 +4,7 @@
 mod audit;
 mod bindings;
 mod cli;
+mod console;
 mod contracts;
 mod fly_provider;
 mod hostile_input;

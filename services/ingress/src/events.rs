@@ -1,0 +1,128 @@
+//! `GET /console/events`: server-sent events telling the console what changed, fed by NATS.
+//!
+//! One feed per ingress process, started by the first subscriber: JetStream watches of the
+//! queue state, worker, dead-letter and pairing buckets, and a headers-only ordered consumer of
+//! the inbox stream (a new message, without its text). Each change becomes a small event
+//! naming a topic (`queue`, `workers`, `pairing`) and, where there is one, the key; the page
+//! then reloads that panel through the operations API. No payload, no secret leaves the feed.
+//! Nothing polls: with no change, the stream carries only keep-alive comments.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, push};
+use axum::extract::{Extension, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use common::service::ServiceContext;
+use futures::{Stream, StreamExt};
+use tokio::sync::{OnceCell, broadcast};
+
+use crate::error_response;
+
+/// Events buffered per subscriber; a subscriber further behind gets a `resync` event instead.
+const BUFFER: usize = 256;
+/// How long the feed waits before rebuilding its watches after NATS failed them.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The process's feed, started on first use.
+#[derive(Default)]
+pub(crate) struct Hub {
+    tx: OnceCell<broadcast::Sender<String>>,
+}
+
+impl Hub {
+    async fn subscribe(&self, ctx: &ServiceContext) -> broadcast::Receiver<String> {
+        let tx = self
+            .tx
+            .get_or_init(|| async {
+                let (tx, _) = broadcast::channel(BUFFER);
+                tokio::spawn(feed(ctx.clone(), tx.clone()));
+                tx
+            })
+            .await;
+        tx.subscribe()
+    }
+}
+
+fn event(topic: &str, key: Option<&str>) -> String {
+    serde_json::json!({ "topic": topic, "key": key }).to_string()
+}
+
+/// Forwards every change to the subscribers, rebuilding the watches when NATS fails them.
+async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>) {
+    loop {
+        if let Err(e) = watch(&ctx, &tx).await {
+            tracing::warn!(error = %e, "console event feed failed; restarting it");
+        }
+        tokio::time::sleep(RETRY).await;
+        // Whatever happened meanwhile is unknown: the pages reload everything.
+        let _ = tx.send(event("resync", None));
+    }
+}
+
+async fn watch(ctx: &ServiceContext, tx: &broadcast::Sender<String>) -> anyhow::Result<()> {
+    let b = &ctx.buckets;
+    let kv = |topic: &'static str, watch: async_nats::jetstream::kv::Watch| {
+        watch.map(move |entry| entry.map(|e| event(topic, Some(&e.key))).map_err(anyhow::Error::from)).boxed()
+    };
+    let inbox = ctx
+        .js
+        .get_stream(common::topology::INBOX_STREAM)
+        .await?
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: ctx.nats.new_inbox(),
+            deliver_policy: DeliverPolicy::New,
+            headers_only: true,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?
+        .map(|m| {
+            m.map(|m| event("queue", m.subject.as_str().strip_prefix("af.inbox."))).map_err(anyhow::Error::from)
+        })
+        .boxed();
+    let mut all = futures::stream::select_all([
+        kv("queue", b.queue_state.raw().watch_all().await?),
+        kv("queue", b.dead_letters.raw().watch_all().await?),
+        kv("workers", b.workers.raw().watch_all().await?),
+        kv("pairing", b.pairing.raw().watch_all().await?),
+        inbox,
+    ]);
+    while let Some(next) = all.next().await {
+        // No subscriber right now is fine: the send fails and the change is dropped.
+        let _ = tx.send(next?);
+    }
+    anyhow::bail!("a watch ended")
+}
+
+/// `GET /console/events`: the event stream of a console session.
+pub(crate) async fn stream(
+    State(ctx): State<ServiceContext>,
+    Extension(hub): Extension<Arc<Hub>>,
+    headers: HeaderMap,
+) -> Response {
+    let session = match crate::session::current(&ctx, &headers).await {
+        Ok(session) => session,
+        Err(err) => return error_response(&err),
+    };
+    let rx = hub.subscribe(&ctx).await;
+    // The stream ends with the session; the page then finds itself logged out.
+    let remaining = Duration::from_millis(session.expires_at.saturating_sub(crate::session::now_ms()).max(0) as u64);
+    let events = events(rx).take_until(tokio::time::sleep(remaining));
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn events(rx: broadcast::Receiver<String>) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let data = match rx.recv().await {
+            Ok(data) => data,
+            Err(broadcast::error::RecvError::Lagged(_)) => event("resync", None),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(Event::default().data(data)), rx))
+    })
+}
