@@ -205,7 +205,7 @@ async function loadWorkers() {
   const workers = await op("listWorkersForScheduler");
   const now = Date.now();
   const shown = workers.filter((w) => w.status !== "stopped").concat(workers.filter((w) => w.status === "stopped").slice(0, 20));
-  fill($("#workers-table tbody"), shown.map((w) => el("tr", {},
+  fill($("#workers-table tbody"), shown.map((w) => el("tr", { "data-worker": w.workerId },
     el("td", { class: "mono" }, w.workerId),
     el("td", {}, el("span", { class: "pill " + (w.status === "active" ? "" : w.status === "stopped" ? "off" : "warn") }, w.status)),
     el("td", {}, w.assignment ? w.assignment.conversationId : "—"),

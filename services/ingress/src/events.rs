@@ -81,9 +81,7 @@ async fn watch(ctx: &ServiceContext, tx: &broadcast::Sender<String>) -> anyhow::
         .await?
         .messages()
         .await?
-        .map(|m| {
-            m.map(|m| event("queue", m.subject.as_str().strip_prefix("af.inbox."))).map_err(anyhow::Error::from)
-        })
+        .map(|m| m.map(|m| event("queue", m.subject.as_str().strip_prefix("af.inbox."))).map_err(anyhow::Error::from))
         .boxed();
     let mut all = futures::stream::select_all([
         kv("queue", b.queue_state.raw().watch_all().await?),
@@ -111,7 +109,7 @@ pub(crate) async fn stream(
     };
     let rx = hub.subscribe(&ctx).await;
     // The stream ends with the session; the page then finds itself logged out.
-    let remaining = Duration::from_millis(session.expires_at.saturating_sub(crate::session::now_ms()).max(0) as u64);
+    let remaining = Duration::from_millis(session.expires_at.saturating_sub(ctx.clock.now_ms()).max(0) as u64);
     let events = events(rx).take_until(tokio::time::sleep(remaining));
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }

@@ -5,7 +5,8 @@
 //! (whoever reads the bucket cannot take a session over), so every ingress replica sees it and
 //! it survives restarts. It is created once (create-only write) and deleted by logout; nothing
 //! ever rewrites it, so there is no read-modify-write to race. It ends at its `expiresAt`, and
-//! the bucket's max age (`http.console_session_ttl_ms`) removes it by then as well.
+//! the bucket's max age (`http.console_session_ttl_ms`) removes it by then as well. Expiry is
+//! judged on the stack's clock (`common::clock`), so a manual test clock moves it too.
 //!
 //! Every request that changes something with a session must carry the session's CSRF token in
 //! [`CSRF_HEADER`] (a cross-site form cannot set a header, and cannot read the token) and must
@@ -15,8 +16,6 @@
 //!
 //! A console call of an operation is forwarded with ingress's own admin credential
 //! (`auth.admin_token`), so the owning service authenticates and audits it as an admin call.
-
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -56,10 +55,6 @@ pub(crate) struct Session {
     key: String,
     csrf: String,
     pub(crate) expires_at: i64,
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn key_of(session_id: &str) -> String {
@@ -118,7 +113,7 @@ pub(crate) async fn current(ctx: &ServiceContext, headers: &HeaderMap) -> Result
         .map_err(|e| OpError::unavailable(format!("reading the console session: {e}")))?
         .ok_or_else(no_session)?
         .value;
-    if record.expires_at <= now_ms() {
+    if record.expires_at <= ctx.clock.now_ms() {
         return Err(OpError::unauthenticated("the console session expired: log in again"));
     }
     Ok(Session { key, csrf: record.csrf, expires_at: record.expires_at })
@@ -191,7 +186,8 @@ pub(crate) async fn login(
     }
     if let Err(wait) = limits.check_op("console-login") {
         let secs = crate::rate_limit::retry_after_secs(wait);
-        let err = OpError::new(common::ErrorCode::RateLimited, format!("too many login attempts; retry after {secs} s"));
+        let err =
+            OpError::new(common::ErrorCode::RateLimited, format!("too many login attempts; retry after {secs} s"));
         return crate::rate_limit::with_retry_after(error_response(&err), wait);
     }
     let args: LoginArgs = match serde_json::from_slice(&body) {
@@ -209,7 +205,7 @@ pub(crate) async fn login(
     }
     let ttl_ms = ctx.settings.http.console_session_ttl_ms;
     let id = common::crypto::random_base36(TOKEN_CHARS);
-    let now = now_ms();
+    let now = ctx.clock.now_ms();
     let record = SessionRecord {
         csrf: common::crypto::random_base36(TOKEN_CHARS),
         created_at: now,

@@ -54,7 +54,7 @@ pub async fn explain(ctx: &ServiceContext, args: ExplainArgs) -> Result<Conversa
     let unfinished = |j: &&JobView| matches!(j.status, JobStatus::Queued | JobStatus::Processing);
     let unanswered = jobs.iter().filter(unfinished).count() as u32;
     // Newest first: the oldest unanswered one is the last of them.
-    let head = jobs.iter().filter(unfinished).last().cloned();
+    let head = jobs.iter().rev().find(|j| unfinished(j)).cloned();
     let dead = jobs.first().filter(|j| j.status == JobStatus::DeadLetter).cloned();
     let lease = state.head.as_ref().and_then(|h| h.lease.clone());
     let assigned = |w: &&WorkerView| {

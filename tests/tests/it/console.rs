@@ -87,7 +87,8 @@ async fn console_sessions_need_the_cookie_the_csrf_token_and_the_same_site() {
     let csrf = s.csrf.as_str();
 
     // Cookie, CSRF token and a same-origin request: the operation runs.
-    let (status, body) = call(&stack, &[("cookie", cookie), ("x-af-csrf", csrf), ("sec-fetch-site", "same-origin")]).await;
+    let (status, body) =
+        call(&stack, &[("cookie", cookie), ("x-af-csrf", csrf), ("sec-fetch-site", "same-origin")]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["queuedReady"].is_u64(), "{body}");
     // Without the cookie: unauthenticated, whatever else the request carries.
@@ -99,7 +100,8 @@ async fn console_sessions_need_the_cookie_the_csrf_token_and_the_same_site() {
     let (status, _) = call(&stack, &[("cookie", cookie), ("x-af-csrf", "x".repeat(43).as_str())]).await;
     assert_eq!(status, 403);
     // From another site, even with the token: forbidden (Sec-Fetch-Site, or Origin against Host).
-    let (status, body) = call(&stack, &[("cookie", cookie), ("x-af-csrf", csrf), ("sec-fetch-site", "cross-site")]).await;
+    let (status, body) =
+        call(&stack, &[("cookie", cookie), ("x-af-csrf", csrf), ("sec-fetch-site", "cross-site")]).await;
     assert_eq!(status, 403, "{body}");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("cross-site"), "{body}");
     let (status, _) = call(&stack, &[("cookie", cookie), ("x-af-csrf", csrf), ("origin", "http://evil.example")]).await;
@@ -155,6 +157,25 @@ async fn console_sessions_need_the_cookie_the_csrf_token_and_the_same_site() {
     stack.stop().await;
 }
 
+#[tokio::test]
+async fn console_sessions_expire() {
+    let stack = TestStack::start_with(&[tests::MANUAL, &[("http.console_session_ttl_ms", "600000")]].concat()).await;
+    let response = login(&stack, ADMIN_TOKEN).await;
+    assert!(response.headers()["set-cookie"].to_str().expect("ascii").contains("Max-Age=600"));
+    let cookie = response.headers()["set-cookie"].to_str().expect("ascii").split(';').next().expect("pair").to_string();
+    let body: Value = response.json().await.expect("json");
+    let csrf = body["csrf"].as_str().expect("csrf");
+    let headers = [("cookie", cookie.as_str()), ("x-af-csrf", csrf)];
+    assert_eq!(call(&stack, &headers).await.0, 200);
+    stack.admin().ok("advanceTestClock", json!({ "ms": 599_000 })).await;
+    assert_eq!(call(&stack, &headers).await.0, 200);
+    stack.admin().ok("advanceTestClock", json!({ "ms": 1_000 })).await;
+    let (status, body) = call(&stack, &headers).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("expired"), "{body}");
+    stack.stop().await;
+}
+
 // ---- explainConversation ---------------------------------------------------------------
 
 #[tokio::test]
@@ -188,7 +209,8 @@ async fn explain_conversation_says_why_a_message_waits() {
     assert_eq!(x["message"]["status"], "processing", "{x}");
 
     // It fails: the attempt, its error and the retry are shown.
-    let failed = json!({"workerId": "w-1", "messageId": id, "leaseId": claim["leaseId"], "errorMessage": "model timed out"});
+    let failed =
+        json!({"workerId": "w-1", "messageId": id, "leaseId": claim["leaseId"], "errorMessage": "model timed out"});
     worker.ok("failJob", failed).await;
     let x = explain("telegram:1").await;
     assert_eq!(x["verdict"], "retry_backoff", "{x}");
@@ -209,7 +231,10 @@ async fn explain_conversation_says_why_a_message_waits() {
     assert_eq!(x["message"]["_id"], id2, "{x}");
 
     // Only admins may ask; bad input is a 400.
-    assert_eq!(stack.app().err("explainConversation", json!({"conversationId": "telegram:1"})).await.http_status(), 403);
+    assert_eq!(
+        stack.app().err("explainConversation", json!({"conversationId": "telegram:1"})).await.http_status(),
+        403
+    );
     assert_eq!(admin.err("explainConversation", json!({})).await.http_status(), 400);
     stack.stop().await;
 }
@@ -298,7 +323,13 @@ async fn fill(browser: &Client, form: &str, fields: &[(&str, &str)]) {
         input.clear().await.expect("clear");
         input.send_keys(value).await.expect("type");
     }
-    browser.find(Locator::Css(&format!("{form} button[type=submit]"))).await.expect("submit").click().await.expect("click");
+    browser
+        .find(Locator::Css(&format!("{form} button[type=submit]")))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("click");
 }
 
 /// Saves a screenshot to docs/console/<name>.png when AF_UPDATE_SCREENSHOTS=1.
@@ -349,7 +380,8 @@ async fn console_in_headless_chromium() {
     let session = cookies.iter().find(|c| c.name() == "af_console").expect("session cookie");
     assert_eq!(session.http_only(), Some(true));
     assert_eq!(format!("{:?}", session.same_site()), "Some(Strict)");
-    let script_sees_cookie = browser.execute("return document.cookie.includes('af_console')", vec![]).await.expect("js");
+    let script_sees_cookie =
+        browser.execute("return document.cookie.includes('af_console')", vec![]).await.expect("js");
     assert_eq!(script_sees_cookie, json!(false), "the session cookie must be HttpOnly");
 
     // Create an agent and import its secret.
@@ -388,7 +420,24 @@ async fn console_in_headless_chromium() {
     assert!(reason.contains("reconcile loop is off"), "{reason}");
     browser.execute("document.getElementById('inspect').scrollIntoView()", vec![]).await.expect("scroll");
     screenshot(&browser, "inspector").await;
+
+    // A worker row appears for the conversation: the workers table and the open inspector
+    // follow live (the worker has not claimed yet).
+    let in_five_minutes = stack.ctx.clock.now_ms() + 300_000;
+    let row = json!({
+        "workerId": "afw-demo-1", "provider": "fly", "status": "active", "load": 0,
+        "machineId": "e286d01f", "appName": "af-workers", "region": "fra",
+        "scheduledShutdownAt": in_five_minutes,
+        "assignment": {"conversationId": "telegram:42", "agentKey": "support", "leaseId": "spawn"},
+    });
+    stack.admin().ok("upsertWorkerState", row).await;
+    wait_for(&browser, r#"#workers-table tr[data-worker="afw-demo-1"]"#).await;
+    let verdict = wait_for(&browser, r#"#verdict[data-verdict="waiting_for_claim"]"#).await;
+    let reason = verdict.text().await.expect("reason");
+    assert!(reason.contains("afw-demo-1") && reason.contains("has not claimed it yet"), "{reason}");
     browser.execute("document.getElementById('workers').scrollIntoView()", vec![]).await.expect("scroll");
+    screenshot(&browser, "workers").await;
+    browser.execute("document.getElementById('agents').scrollIntoView()", vec![]).await.expect("scroll");
     screenshot(&browser, "panels").await;
 
     // A request without the session cookie is refused (fetch with credentials omitted).
