@@ -65,8 +65,12 @@ async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>) {
 
 async fn watch(ctx: &ServiceContext, tx: &broadcast::Sender<String>) -> anyhow::Result<()> {
     let b = &ctx.buckets;
+    // Pairing keys hold the codes: their events name no key.
     let kv = |topic: &'static str, watch: async_nats::jetstream::kv::Watch| {
-        watch.map(move |entry| entry.map(|e| event(topic, Some(&e.key))).map_err(anyhow::Error::from)).boxed()
+        let keyed = topic != "pairing";
+        watch
+            .map(move |entry| entry.map(|e| event(topic, keyed.then_some(e.key.as_str()))).map_err(anyhow::Error::from))
+            .boxed()
     };
     let inbox = ctx
         .js
