@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use common::service::ServiceContext;
 use futures::{Stream, StreamExt};
 use tokio::sync::{OnceCell, broadcast};
+use tokio_util::sync::CancellationToken;
 
 use crate::error_response;
 
@@ -27,19 +28,31 @@ const BUFFER: usize = 256;
 /// How long the feed waits before rebuilding its watches after NATS failed them.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// The process's feed, started on first use.
-#[derive(Default)]
+/// The process's feed, started on first use; it and every stream end with `shutdown`.
 pub(crate) struct Hub {
     tx: OnceCell<broadcast::Sender<String>>,
+    shutdown: CancellationToken,
 }
 
 impl Hub {
+    pub(crate) fn new(shutdown: CancellationToken) -> Self {
+        Self { tx: OnceCell::new(), shutdown }
+    }
+
     async fn subscribe(&self, ctx: &ServiceContext) -> broadcast::Receiver<String> {
         let tx = self
             .tx
             .get_or_init(|| async {
                 let (tx, _) = broadcast::channel(BUFFER);
-                tokio::spawn(feed(ctx.clone(), tx.clone()));
+                let (ready_tx, ready) = tokio::sync::oneshot::channel();
+                let shutdown = self.shutdown.clone();
+                let feed = feed(ctx.clone(), tx.clone(), ready_tx);
+                tokio::spawn(async move {
+                    tokio::select! { _ = shutdown.cancelled() => {}, _ = feed => {} }
+                });
+                // The first subscriber sees every change made after it subscribed: wait until
+                // the watches are in place (or failed, and the feed retries).
+                let _ = ready.await;
                 tx
             })
             .await;
@@ -47,23 +60,32 @@ impl Hub {
     }
 }
 
+/// An event naming `topic` and the changed conversation, worker or message (`key`, a subject
+/// token or KV key, unescaped).
 fn event(topic: &str, key: Option<&str>) -> String {
+    let key = key.map(|k| common::token::unescape(k).unwrap_or_else(|| k.to_string()));
     serde_json::json!({ "topic": topic, "key": key }).to_string()
 }
 
 /// Forwards every change to the subscribers, rebuilding the watches when NATS fails them.
-async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>) {
+async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>, ready: tokio::sync::oneshot::Sender<()>) {
+    let mut ready = Some(ready);
     loop {
-        if let Err(e) = watch(&ctx, &tx).await {
+        if let Err(e) = watch(&ctx, &tx, &mut ready).await {
             tracing::warn!(error = %e, "console event feed failed; restarting it");
         }
         tokio::time::sleep(RETRY).await;
+        ready.take();
         // Whatever happened meanwhile is unknown: the pages reload everything.
         let _ = tx.send(event("resync", None));
     }
 }
 
-async fn watch(ctx: &ServiceContext, tx: &broadcast::Sender<String>) -> anyhow::Result<()> {
+async fn watch(
+    ctx: &ServiceContext,
+    tx: &broadcast::Sender<String>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
     let b = &ctx.buckets;
     // Pairing keys hold the codes: their events name no key.
     let kv = |topic: &'static str, watch: async_nats::jetstream::kv::Watch| {
@@ -94,6 +116,9 @@ async fn watch(ctx: &ServiceContext, tx: &broadcast::Sender<String>) -> anyhow::
         kv("pairing", b.pairing.raw().watch_all().await?),
         inbox,
     ]);
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
     while let Some(next) = all.next().await {
         // No subscriber right now is fine: the send fails and the change is dropped.
         let _ = tx.send(next?);
@@ -114,7 +139,10 @@ pub(crate) async fn stream(
     let rx = hub.subscribe(&ctx).await;
     // The stream ends with the session; the page then finds itself logged out.
     let remaining = Duration::from_millis(session.expires_at.saturating_sub(ctx.clock.now_ms()).max(0) as u64);
-    let events = events(rx).take_until(tokio::time::sleep(remaining));
+    let end = hub.shutdown.clone().cancelled_owned();
+    let events = events(rx).take_until(async move {
+        tokio::select! { _ = tokio::time::sleep(remaining) => {}, _ = end => {} }
+    });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 

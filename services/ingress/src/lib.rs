@@ -60,7 +60,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let http = ctx.settings.http.clone();
-    let app = router(ctx);
+    let app = router_until(ctx, shutdown.clone());
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(http.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -102,6 +102,12 @@ pub async fn run(
 
 /// The complete HTTP application.
 pub fn router(ctx: ServiceContext) -> Router {
+    router_until(ctx, CancellationToken::new())
+}
+
+/// The application whose long-lived responses (the console's event streams) end when
+/// `shutdown` is cancelled, so a graceful shutdown does not wait for them.
+fn router_until(ctx: ServiceContext, shutdown: CancellationToken) -> Router {
     // Install the Prometheus recorder now, so operations handled before the first scrape count.
     common::telemetry::metrics_handle();
     let max_body = ctx.settings.http.max_body_bytes;
@@ -123,7 +129,7 @@ pub fn router(ctx: ServiceContext) -> Router {
         // The Telegram webhook, with its own body limit and secret check (telegram.rs).
         .route_service(&ctx.settings.telegram.webhook_path(), telegram::router(ctx.clone(), limits.clone()))
         .layer(Extension(limits))
-        .layer(Extension(std::sync::Arc::new(events::Hub::default())))
+        .layer(Extension(std::sync::Arc::new(events::Hub::new(shutdown))))
         .layer(middleware::from_fn(trace_request))
         .with_state(ctx)
 }

@@ -141,6 +141,29 @@ async fn console_sessions_need_the_cookie_the_csrf_token_and_the_same_site() {
     })
     .await;
 
+    // The event stream needs the session; an enqueue shows up on it as a queue event naming
+    // the conversation, without the message.
+    let events = stack.http_url("/console/events");
+    assert_eq!(reqwest::get(&events).await.expect("events").status(), 401);
+    let mut stream = reqwest::Client::new().get(&events).header("cookie", cookie).send().await.expect("events");
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"].to_str().expect("type").starts_with("text/event-stream"));
+    let mut seen = String::new();
+    let mut enqueued = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.contains(r#"data: {"key":"telegram:7","topic":"queue"}"#) {
+        if !enqueued {
+            // The stream answers once the feed watches: a change from now on is on it.
+            stack.admin().ok("enqueueMessage", message("telegram:7", "audited", "secret words")).await;
+            enqueued = true;
+        }
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
+        let chunk = chunk.unwrap_or_else(|_| panic!("no queue event for telegram:7; the stream said: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("stream").expect("open")));
+    }
+    assert!(!seen.contains("secret words"), "{seen}");
+    drop(stream);
+
     // Logout needs the CSRF token, then the session is gone on every replica.
     assert_eq!(logout(&stack, cookie, None).await, 403);
     assert_eq!(logout(&stack, cookie, Some(csrf)).await, 204);
