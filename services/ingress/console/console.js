@@ -222,7 +222,7 @@ function reinspect() { if (inspected) inspect(inspected, false); }
 
 function traceLink(traceId) {
   const base = localStorage.getItem("af.traceBase") || "http://localhost:16686/trace/";
-  return el("a", { href: base + traceId, target: "_blank", rel: "noopener" }, traceId);
+  return el("a", { id: "trace-link", href: base + traceId, target: "_blank", rel: "noopener" }, traceId);
 }
 
 async function inspect(conversationId, scroll = true) {

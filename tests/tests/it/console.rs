@@ -201,6 +201,39 @@ async fn console_sessions_expire() {
 
 // ---- explainConversation ---------------------------------------------------------------
 
+/// Tracing as `telemetry::init` sets it up with OTLP export on, for this test's thread (the
+/// current-thread runtime runs the stack here too): ingress then starts a trace per request,
+/// and the enqueue writes its context into the inbox message.
+fn tracing_on() -> tracing::subscriber::DefaultGuard {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    tracing::subscriber::set_default(subscriber)
+}
+
+#[tokio::test]
+async fn explain_conversation_names_the_trace_the_message_was_enqueued_in() {
+    let _tracing = tracing_on();
+    let stack = TestStack::start().await;
+    tests::seed_profile(&stack.ctx, "support").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .post(stack.http_url("/v1/ops/enqueueMessage"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .body(message("telegram:5", "support", "hi").to_string())
+        .send()
+        .await
+        .expect("enqueue");
+    assert_eq!(response.status(), 200);
+    let x = stack.admin().ok("explainConversation", json!({"conversationId": "telegram:5"})).await;
+    assert_eq!(x["traceId"], trace_id, "{x}");
+    stack.stop().await;
+}
+
 #[tokio::test]
 async fn explain_conversation_says_why_a_message_waits() {
     let stack = TestStack::start_with(&[("queue.retry.base_delay_ms", "60000")]).await;
@@ -383,6 +416,7 @@ async fn evil_site(target: String) -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn console_in_headless_chromium() {
+    let _tracing = tracing_on();
     // No worker pool: the message waits, and the inspector must say why.
     let stack = TestStack::start_with(&[("loops.reconcile", "false")]).await;
     let driver = Driver::start().await;
@@ -441,6 +475,10 @@ async fn console_in_headless_chromium() {
     assert!(reason.contains(&message_id), "{reason}");
     assert!(reason.contains("no worker serves this conversation"), "{reason}");
     assert!(reason.contains("reconcile loop is off"), "{reason}");
+    // ...and links the trace the page's enqueue started.
+    let link = wait_for(&browser, "#trace-link").await;
+    let href = link.attr("href").await.expect("href").expect("a link");
+    assert!(href.starts_with("http://localhost:16686/trace/") && href.len() == 29 + 32, "{href}");
     browser.execute("document.getElementById('inspect').scrollIntoView()", vec![]).await.expect("scroll");
     screenshot(&browser, "inspector").await;
 
