@@ -311,8 +311,8 @@ async function loadPairing() {
   if (!p) { out.replaceChildren(el("p", { class: "hint" }, "no pairing code")); return; }
   const cls = p.status === "used" ? "" : p.status === "pending" ? "info" : "bad";
   out.replaceChildren(el("dl", { class: "facts" },
-    el("dt", {}, "code"), el("dd", { class: "code" }, p.code),
-    el("dt", {}, "status"), el("dd", {}, el("span", { class: "pill " + cls, id: "pairing-status" }, p.status)),
+    el("dt", {}, "code"), el("dd", { class: "code", id: "pairing-code" }, p.code),
+    el("dt", {}, "status"), el("dd", {}, el("span", { class: "pill " + cls, id: "pairing-status", "data-status": p.status }, p.status)),
     el("dt", {}, "deep link"), el("dd", {}, pairingFor.deepLink ? el("a", { href: pairingFor.deepLink }, pairingFor.deepLink) : "— (no bot identity yet: import the agent's telegram.botToken." + p.agentKey + ")"),
     el("dt", {}, "expires"), el("dd", {}, when(p.expiresAt)),
     el("dt", {}, "telegram"), el("dd", {}, p.telegramUserId ? "user " + p.telegramUserId + ", chat " + (p.telegramChatId || "—") : "—"),

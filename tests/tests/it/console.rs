@@ -367,8 +367,12 @@ async fn wait_for(browser: &Client, css: &str) -> fantoccini::elements::Element 
     match browser.wait().at_most(WAIT).for_element(Locator::Css(css)).await {
         Ok(element) => element,
         Err(e) => {
+            let flash = match browser.find(Locator::Css("#flash")).await {
+                Ok(flash) => flash.prop("textContent").await.ok().flatten().unwrap_or_default(),
+                Err(_) => String::new(),
+            };
             let page = browser.source().await.unwrap_or_default();
-            panic!("waiting for `{css}`: {e}\npage: {}", &page[..page.len().min(4000)]);
+            panic!("waiting for `{css}`: {e}\nflash: {flash}\npage: {}", &page[..page.len().min(2000)]);
         }
     }
 }
@@ -498,6 +502,18 @@ async fn console_in_headless_chromium() {
     assert!(reason.contains("afw-demo-1") && reason.contains("has not claimed it yet"), "{reason}");
     browser.execute("document.getElementById('workers').scrollIntoView()", vec![]).await.expect("scroll");
     screenshot(&browser, "workers").await;
+
+    // The pairing wizard: a code, then its status turns "used" live when the user sends it.
+    // (A code needs the agent's bot, which importing a verified token would record.)
+    let with_bot = json!({"agentKey": "support", "version": "1.0.0", "enabled": true,
+        "secretsRef": ["telegram.botToken.support"], "botIdentity": "1001"});
+    stack.admin().ok("upsertAgentProfile", with_bot).await;
+    fill(&browser, "#pairing-form", &[("consumerUserId", "alice"), ("agentKey", "support")]).await;
+    let code = wait_for(&browser, "#pairing-code").await.text().await.expect("code");
+    wait_for(&browser, r#"#pairing-status[data-status="pending"]"#).await;
+    let consume = json!({"code": code, "botIdentity": "1001", "telegramUserId": "42", "telegramChatId": "42"});
+    stack.admin().ok("consumePairingCode", consume).await;
+    wait_for(&browser, r#"#pairing-status[data-status="used"]"#).await;
     browser.execute("document.getElementById('agents').scrollIntoView()", vec![]).await.expect("scroll");
     screenshot(&browser, "panels").await;
 
