@@ -313,7 +313,7 @@ async function loadPairing() {
   out.replaceChildren(el("dl", { class: "facts" },
     el("dt", {}, "code"), el("dd", { class: "code", id: "pairing-code" }, p.code),
     el("dt", {}, "status"), el("dd", {}, el("span", { class: "pill " + cls, id: "pairing-status", "data-status": p.status }, p.status)),
-    el("dt", {}, "deep link"), el("dd", {}, pairingFor.deepLink ? el("a", { href: pairingFor.deepLink }, pairingFor.deepLink) : "— (no bot identity yet: import the agent's telegram.botToken." + p.agentKey + ")"),
+    el("dt", {}, "deep link"), el("dd", {}, pairingFor.deepLink ? el("a", { href: pairingFor.deepLink }, pairingFor.deepLink) : "— (known once the agent's bot token is imported and verified: importTelegramTokenForAgent)"),
     el("dt", {}, "expires"), el("dd", {}, when(p.expiresAt)),
     el("dt", {}, "telegram"), el("dd", {}, p.telegramUserId ? "user " + p.telegramUserId + ", chat " + (p.telegramChatId || "—") : "—"),
   ));
