@@ -73,6 +73,9 @@ pub struct HttpSettings {
     pub header_timeout_ms: u64,
     /// Connections served at once; more are closed as they are accepted.
     pub max_connections: usize,
+    /// How long a web console session lasts after login; also the max age of the sessions
+    /// bucket, so an abandoned session disappears on its own.
+    pub console_session_ttl_ms: u64,
 }
 
 impl HttpSettings {
@@ -421,6 +424,9 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         let q = &self.queue;
+        if !(60_000..=7 * 86_400_000).contains(&self.http.console_session_ttl_ms) {
+            return fail("http.console_session_ttl_ms", "must be between 60000 (a minute) and 604800000 (a week)");
+        }
         if !(1..=5).contains(&self.nats.replicas) {
             return fail("nats.replicas", "must be between 1 and 5");
         }

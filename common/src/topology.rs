@@ -35,6 +35,9 @@ pub const QUEUE_STATE: &str = "af_queue_state";
 pub const WORKERS: &str = "af_workers";
 /// Dead-lettered jobs, key = messageId.
 pub const DEAD_LETTERS: &str = "af_dead_letters";
+/// Web console sessions, key = SHA-256 of the session cookie (hex); entries expire by the
+/// bucket's max age (`http.console_session_ttl_ms`), logout deletes them.
+pub const CONSOLE_SESSIONS: &str = "af_console_sessions";
 /// Leader leases; entries expire by the bucket's max age unless renewed.
 pub const LEADERS: &str = "af_leaders";
 /// Stack-wide switches such as the manual test clock.
@@ -131,6 +134,10 @@ fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
         bucket(BROADCASTS, "broadcast records", 1, settings),
         bucket(TELEGRAM_BOTS, "telegram bots and webhook secret index", 1, settings),
         bucket(PAIRING, "pairing codes and their rate limits", 1, settings),
+        kv::Config {
+            max_age: Duration::from_millis(settings.http.console_session_ttl_ms),
+            ..bucket(CONSOLE_SESSIONS, "web console sessions", 1, settings)
+        },
     ]
 }
 
@@ -267,6 +274,7 @@ pub struct Buckets {
     pub broadcasts: JsonStore,
     pub telegram_bots: JsonStore,
     pub pairing: JsonStore,
+    pub console_sessions: JsonStore,
     pub snapshot_archives: object_store::ObjectStore,
     pub media: object_store::ObjectStore,
 }
@@ -306,6 +314,7 @@ impl Buckets {
             broadcasts: open(BROADCASTS).await?,
             telegram_bots: open(TELEGRAM_BOTS).await?,
             pairing: open(PAIRING).await?,
+            console_sessions: open(CONSOLE_SESSIONS).await?,
             snapshot_archives: open_objects(js, SNAPSHOT_ARCHIVES).await?,
             media: open_objects(js, MEDIA).await?,
         })

@@ -2,6 +2,7 @@
 # The project's test command (CI runs it through .ci/run):
 #   1. installs nats-server 2.15.x into .tools/ (the integration tests start real servers),
 #   2. installs openapi-spec-validator into .tools/ (GET /openapi.json is validated with it),
+#      Debian's chromium and chromium-driver (the web console's browser test drives them),
 #      Node.js and the openclaw npm package into .tools/ (the openclaw engine's end-to-end
 #      tests run the real agent), and makes sure cargo-nextest is available,
 #   3. validates docker-compose.yml offline (ops/scripts/validate-compose.sh: Debian's
@@ -25,6 +26,13 @@ echo "nats-server: $AF_NATS_SERVER_BIN" >&2
 step "installing the OpenAPI validator (ops/scripts/install-openapi-validator.sh)"
 AF_OPENAPI_VALIDATOR_BIN="$(./ops/scripts/install-openapi-validator.sh)"
 export AF_OPENAPI_VALIDATOR_BIN
+
+step "installing Chromium and chromedriver (ops/scripts/install-chromium.sh)"
+chromium_paths="$(./ops/scripts/install-chromium.sh)"
+AF_CHROMIUM_BIN="$(printf '%s\n' "$chromium_paths" | sed -n 1p)"
+AF_CHROMEDRIVER_BIN="$(printf '%s\n' "$chromium_paths" | sed -n 2p)"
+export AF_CHROMIUM_BIN AF_CHROMEDRIVER_BIN
+echo "chromium: $AF_CHROMIUM_BIN, chromedriver: $AF_CHROMEDRIVER_BIN" >&2
 
 step "installing Node.js and OpenClaw (ops/scripts/install-openclaw.sh)"
 openclaw_vars="$(./ops/scripts/install-openclaw.sh)"

@@ -230,6 +230,9 @@ operations! {
         "put a dead-lettered job back at the end of its conversation";
     PurgeDeadLetter = "purgeDeadLetter", QueueManager, [Admin];
         queue::MessageIdArgs => bool, "delete a dead-lettered job";
+    ExplainConversation = "explainConversation", QueueManager, [Admin], read_only;
+        queue::ExplainArgs => queue::ConversationExplanation,
+        "why a conversation's message is not answered yet: its state, lease, worker, snapshot, trace";
     // Workers.
     GetWorkerControlState = "getWorkerControlState", QueueManager, [Admin, Worker], read_only;
         queue::WorkerIdArgs => queue::ControlState, "whether a worker should stop";

@@ -468,6 +468,62 @@ impl From<WorkerView> for WorkerRow {
     }
 }
 
+/// `explainConversation`: what a conversation is waiting for, in one answer (the web console's
+/// inspector: "why was this message not answered?").
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExplainArgs {
+    pub conversation_id: ConversationId,
+}
+
+/// Where a conversation's oldest unanswered message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Nothing is waiting: every message was answered (or there is none).
+    Idle,
+    /// Due, and no live worker serves the conversation: the worker pool must spawn one.
+    WaitingForWorker,
+    /// Due, and a live worker is assigned: it has not claimed the message yet.
+    WaitingForClaim,
+    /// Not due before `scheduledFor` (enqueued for later).
+    Scheduled,
+    /// An attempt failed; retried at `scheduledFor`.
+    RetryBackoff,
+    /// A worker holds the lease and is processing it.
+    Processing,
+    /// The holder's lease ran out; lease recovery puts the message back.
+    LeaseExpired,
+    /// The newest message was dead-lettered after its last attempt.
+    DeadLettered,
+}
+
+/// The answer of `explainConversation`. Jobs come without their payloads (message texts).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationExplanation {
+    pub conversation_id: String,
+    pub verdict: Verdict,
+    /// The verdict in one sentence, for an operator.
+    pub reason: String,
+    /// The oldest unanswered message (or the dead-lettered one the verdict is about).
+    pub message: Option<JobView>,
+    /// Its lease, while a worker holds it.
+    pub lease: Option<crate::model::Lease>,
+    /// The lease holder, or else the live worker assigned to the conversation.
+    pub worker: Option<WorkerView>,
+    /// The conversation's newest workspace snapshot.
+    pub last_snapshot: Option<super::snapshots::SnapshotView>,
+    /// The W3C trace id the message was enqueued under (its spans, from enqueue on).
+    pub trace_id: Option<String>,
+    /// Unanswered messages of the conversation.
+    pub unanswered: u32,
+    /// The conversation's newest jobs, newest first.
+    pub jobs: Vec<JobView>,
+    /// The time the answer was computed at.
+    pub now: Millis,
+}
+
 /// `getWorkerStats` (spec §3.4.7).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

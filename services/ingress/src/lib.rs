@@ -11,7 +11,10 @@
 //! else, malformed JSON included, is judged by the owning service.
 
 mod blobs;
+mod console;
+mod events;
 mod rate_limit;
+mod session;
 mod telegram;
 
 use std::time::{Duration, Instant};
@@ -58,7 +61,7 @@ pub async fn run(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     common::telemetry::register_series(SERVICE);
     let http = ctx.settings.http.clone();
-    let app = router(ctx);
+    let app = router_until(ctx, shutdown.clone());
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(http.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -100,6 +103,12 @@ pub async fn run(
 
 /// The complete HTTP application.
 pub fn router(ctx: ServiceContext) -> Router {
+    router_until(ctx, CancellationToken::new())
+}
+
+/// The application whose long-lived responses (the console's event streams) end when
+/// `shutdown` is cancelled, so a graceful shutdown does not wait for them.
+fn router_until(ctx: ServiceContext, shutdown: CancellationToken) -> Router {
     // Install the Prometheus recorder now, so operations handled before the first scrape count.
     common::telemetry::metrics_handle();
     let max_body = ctx.settings.http.max_body_bytes;
@@ -111,6 +120,7 @@ pub fn router(ctx: ServiceContext) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(console::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         // File transfers stream their bodies under their own limits (see blobs.rs).
@@ -120,6 +130,7 @@ pub fn router(ctx: ServiceContext) -> Router {
         // The Telegram webhook, with its own body limit and secret check (telegram.rs).
         .route_service(&ctx.settings.telegram.webhook_path(), telegram::router(ctx.clone(), limits.clone()))
         .layer(Extension(limits))
+        .layer(Extension(std::sync::Arc::new(events::Hub::new(shutdown))))
         .layer(middleware::from_fn(trace_request))
         .with_state(ctx)
 }
@@ -151,7 +162,7 @@ async fn call_op(
     let Some(spec) = common::ops::find(&name) else {
         return error_response(&OpError::not_found(format!("unknown operation '{name}'; GET /v1/ops lists them")));
     };
-    let authorization = match authorization(request.headers()) {
+    let authorization = match console_or_bearer(&ctx, request.headers()).await {
         Ok(value) => value,
         Err(err) => return error_response(&err),
     };
@@ -184,6 +195,18 @@ async fn call_op(
     let (status, reply) = ctx.ops.call_raw(spec.name, Some(&authorization), body, wait).await;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, reply)
+}
+
+/// The credential a call is forwarded with: the caller's Authorization header, or, for a
+/// request with a console session cookie and no Authorization header, ingress's admin
+/// credential once the session, its CSRF token and the request's origin are verified
+/// ([`session::for_change`]). Every console call of an operation counts as a change.
+async fn console_or_bearer(ctx: &ServiceContext, headers: &HeaderMap) -> Result<String, OpError> {
+    if headers.contains_key(header::AUTHORIZATION) || !session::has_cookie(headers) {
+        return authorization(headers);
+    }
+    session::for_change(ctx, headers).await?;
+    session::forwarded_authorization(ctx)
 }
 
 /// The Authorization header, which must be present, non-empty and printable.

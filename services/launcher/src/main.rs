@@ -295,6 +295,7 @@ fn banner(addr: std::net::SocketAddr, nats_url: &str, embedded: bool, token: Opt
     });
     eprintln!(
         "\nagent-factory is running\n  \
+         console      {base}/console   (log in with the admin token)\n  \
          API          {base}/v1/ops/<operation>   (catalogue: {base}/v1/ops)\n  \
          health       {base}/healthz   ready: {base}/readyz   metrics: {base}/metrics\n  \
          NATS         {nats_url} ({nats})\n  \

@@ -8,6 +8,7 @@
 
 pub mod dispatcher;
 pub mod enqueue;
+pub mod explain;
 pub mod extras;
 pub mod model;
 pub mod retry;
@@ -37,6 +38,9 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
         enqueuer.enqueue(args).await
     });
     register_system_ops(&ctx, &mut ops);
+    ops.handle::<api::ExplainConversation, _, _, _, _>(&ctx, |c, _: Caller, args| async move {
+        explain::explain(&c, args).await
+    });
     // The pid in the holder name lets operators (and the failover test) see which process leads.
     let holder = format!("{}-{}-{}", SERVICE, std::process::id(), uuid::Uuid::new_v4());
     let leader_ctx = ctx.clone();

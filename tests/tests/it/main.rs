@@ -5,6 +5,7 @@ mod audit;
 mod bindings;
 mod cli;
 mod compose;
+mod console;
 mod contracts;
 mod fly_provider;
 mod hostile_input;
