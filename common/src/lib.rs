@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod console_events;
 pub mod crypto;
 pub mod error;
 pub mod extras;

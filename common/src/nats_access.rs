@@ -48,11 +48,11 @@ const GRANTS: &[Grant] = &[
     Grant {
         service: "ingress",
         streams: &[(t::TELEGRAM_UPDATES_STREAM, t::TELEGRAM_UPDATES_SUBJECT_PREFIX, Write)],
-        buckets: &[(t::TELEGRAM_BOTS, Read)],
+        buckets: &[(t::TELEGRAM_BOTS, Read), (t::CONSOLE_SESSIONS, Write)],
         objects: &[(t::SNAPSHOT_ARCHIVES, Write), (t::MEDIA, Write)],
         // `/readyz` pings every service.
         publish: &["af.health.>"],
-        subscribe: &[],
+        subscribe: &[crate::console_events::SUBJECT],
     },
     Grant {
         service: "queue-manager",
@@ -70,7 +70,7 @@ const GRANTS: &[Grant] = &[
             (t::ATTACHMENTS, Read),
         ],
         objects: &[],
-        publish: &[t::DEMAND_SUBJECT],
+        publish: &[t::DEMAND_SUBJECT, crate::console_events::SUBJECT],
         subscribe: &[],
     },
     Grant {
@@ -99,7 +99,7 @@ const GRANTS: &[Grant] = &[
             (t::PAIRING, Write),
         ],
         objects: &[(t::SNAPSHOT_ARCHIVES, Write), (t::MEDIA, Write)],
-        publish: &[],
+        publish: &[crate::console_events::SUBJECT],
         subscribe: &[],
     },
     Grant {

@@ -75,7 +75,15 @@ pub async fn run(ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Re
     let health = common::service::serve_health(ctx.clone(), SERVICE, shutdown.clone());
     // The Telegram update consumer is part of the message path: it runs with the service.
     let updates = telegram_updates::run(telegram, shutdown.clone());
+    // The console shows pairing codes used or expired live; the notices carry no code.
+    let pairing_notices = common::console_events::publish_changes(ctx.clone(), shutdown.clone(), |ctx| async move {
+        Ok(vec![common::console_events::kv_notices("pairing", false, ctx.buckets.pairing.raw().watch_all().await?)])
+    });
+    let pairing_notices = async {
+        pairing_notices.await;
+        Ok::<_, anyhow::Error>(())
+    };
     let serve = ops.serve(ctx, shutdown);
-    tokio::try_join!(health, serve, updates, reencryption)?;
+    tokio::try_join!(health, serve, updates, reencryption, pairing_notices)?;
     Ok(())
 }

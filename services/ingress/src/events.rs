@@ -1,21 +1,21 @@
 //! `GET /console/events`: server-sent events telling the console what changed, fed by NATS.
 //!
-//! One feed per ingress process, started by the first subscriber: JetStream watches of the
-//! queue state, worker, dead-letter and pairing buckets, and a headers-only ordered consumer of
-//! the inbox stream (a new message, without its text). Each change becomes a small event
-//! naming a topic (`queue`, `workers`, `pairing`) and, where there is one, the key; the page
-//! then reloads that panel through the operations API. No payload, no secret leaves the feed.
+//! One feed per ingress process, started by the first subscriber: a subscription to the change
+//! notices the owning services publish (`common::console_events`: the queue manager for the
+//! queue, dead letters, workers and new messages, hydration for pairing codes). Each notice
+//! names a topic (`queue`, `workers`, `pairing`) and, where there is one, the key; the page then
+//! reloads that panel through the operations API. No payload, no secret reaches ingress.
 //! Nothing polls: with no change, the stream carries only keep-alive comments.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, push};
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use common::console_events::{SUBJECT, notice};
 use common::service::ServiceContext;
 use futures::{Stream, StreamExt};
 use tokio::sync::{OnceCell, broadcast};
@@ -25,7 +25,7 @@ use crate::error_response;
 
 /// Events buffered per subscriber; a subscriber further behind gets a `resync` event instead.
 const BUFFER: usize = 256;
-/// How long the feed waits before rebuilding its watches after NATS failed them.
+/// How long the feed waits before subscribing again after NATS ended its subscription.
 const RETRY: Duration = Duration::from_secs(1);
 
 /// The process's feed, started on first use; it and every stream end with `shutdown`.
@@ -51,7 +51,7 @@ impl Hub {
                     tokio::select! { _ = shutdown.cancelled() => {}, _ = feed => {} }
                 });
                 // The first subscriber sees every change made after it subscribed: wait until
-                // the watches are in place (or failed, and the feed retries).
+                // the subscription is in place (or failed, and the feed retries).
                 let _ = ready.await;
                 tx
             })
@@ -60,70 +60,29 @@ impl Hub {
     }
 }
 
-/// An event naming `topic` and the changed conversation, worker or message (`key`, a subject
-/// token or KV key, unescaped).
-fn event(topic: &str, key: Option<&str>) -> String {
-    let key = key.map(|k| common::token::unescape(k).unwrap_or_else(|| k.to_string()));
-    serde_json::json!({ "topic": topic, "key": key }).to_string()
-}
-
-/// Forwards every change to the subscribers, rebuilding the watches when NATS fails them.
+/// Forwards every notice to the subscribers, subscribing again when NATS ends the subscription.
 async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     loop {
-        if let Err(e) = watch(&ctx, &tx, &mut ready).await {
-            tracing::warn!(error = %e, "console event feed failed; restarting it");
+        match ctx.nats.subscribe(SUBJECT).await {
+            Ok(mut notices) => {
+                let _ = ctx.nats.flush().await;
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                while let Some(message) = notices.next().await {
+                    // No subscriber right now is fine: the send fails and the notice is dropped.
+                    let _ = tx.send(String::from_utf8_lossy(&message.payload).into_owned());
+                }
+                tracing::warn!("console notice subscription ended; subscribing again");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to console notices; retrying"),
         }
-        tokio::time::sleep(RETRY).await;
         ready.take();
+        tokio::time::sleep(RETRY).await;
         // Whatever happened meanwhile is unknown: the pages reload everything.
-        let _ = tx.send(event("resync", None));
+        let _ = tx.send(notice("resync", None));
     }
-}
-
-async fn watch(
-    ctx: &ServiceContext,
-    tx: &broadcast::Sender<String>,
-    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
-) -> anyhow::Result<()> {
-    let b = &ctx.buckets;
-    // Pairing keys hold the codes: their events name no key.
-    let kv = |topic: &'static str, watch: async_nats::jetstream::kv::Watch| {
-        let keyed = topic != "pairing";
-        watch
-            .map(move |entry| entry.map(|e| event(topic, keyed.then_some(e.key.as_str()))).map_err(anyhow::Error::from))
-            .boxed()
-    };
-    let inbox = ctx
-        .js
-        .get_stream(common::topology::INBOX_STREAM)
-        .await?
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: ctx.nats.new_inbox(),
-            deliver_policy: DeliverPolicy::New,
-            headers_only: true,
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?
-        .map(|m| m.map(|m| event("queue", m.subject.as_str().strip_prefix("af.inbox."))).map_err(anyhow::Error::from))
-        .boxed();
-    let mut all = futures::stream::select_all([
-        kv("queue", b.queue_state.raw().watch_all().await?),
-        kv("queue", b.dead_letters.raw().watch_all().await?),
-        kv("workers", b.workers.raw().watch_all().await?),
-        kv("pairing", b.pairing.raw().watch_all().await?),
-        inbox,
-    ]);
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(());
-    }
-    while let Some(next) = all.next().await {
-        // No subscriber right now is fine: the send fails and the change is dropped.
-        let _ = tx.send(next?);
-    }
-    anyhow::bail!("a watch ended")
 }
 
 /// `GET /console/events`: the event stream of a console session.
@@ -150,7 +109,7 @@ fn events(rx: broadcast::Receiver<String>) -> impl Stream<Item = Result<Event, I
     futures::stream::unfold(rx, |mut rx| async move {
         let data = match rx.recv().await {
             Ok(data) => data,
-            Err(broadcast::error::RecvError::Lagged(_)) => event("resync", None),
+            Err(broadcast::error::RecvError::Lagged(_)) => notice("resync", None),
             Err(broadcast::error::RecvError::Closed) => return None,
         };
         Some((Ok(Event::default().data(data)), rx))

@@ -19,6 +19,8 @@ use common::api::{self, Ignored, Operation};
 use common::auth::{Caller, Role};
 use common::ops::{Encoded, OpRegistry};
 use common::service::ServiceContext;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +74,38 @@ fn register_system_ops(ctx: &ServiceContext, ops: &mut OpRegistry) {
     });
 }
 
+/// The changes the console shows live: queue state, dead letters, workers, and each new message
+/// (its subject only: the consumer is headers-only, so no text is read).
+async fn console_watches(ctx: ServiceContext) -> anyhow::Result<Vec<BoxStream<'static, anyhow::Result<String>>>> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push};
+    use common::console_events::{kv_notices, notice};
+    let inbox = ctx
+        .js
+        .get_stream(common::topology::INBOX_STREAM)
+        .await?
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: ctx.nats.new_inbox(),
+            deliver_policy: DeliverPolicy::New,
+            headers_only: true,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?
+        .map(|m| {
+            let prefix = format!("{}.", common::topology::INBOX_SUBJECT_PREFIX);
+            m.map(|m| notice("queue", m.subject.as_str().strip_prefix(&prefix))).map_err(Into::into)
+        })
+        .boxed();
+    let b = &ctx.buckets;
+    Ok(vec![
+        kv_notices("queue", true, b.queue_state.raw().watch_all().await?),
+        kv_notices("queue", true, b.dead_letters.raw().watch_all().await?),
+        kv_notices("workers", true, b.workers.raw().watch_all().await?),
+        inbox,
+    ])
+}
+
 /// Leads the queue while `leadership` holds: rebuilds the index, then serves the leader-only
 /// operations until leadership ends.
 async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
@@ -84,6 +118,8 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
             return;
         }
     };
+    // The console's change notices come from the leader alone: one notice per change.
+    tokio::spawn(common::console_events::publish_changes(ctx.clone(), leadership.clone(), console_watches));
     // Boxed: the rebuild future is large and would otherwise sit on the caller's stack.
     let (dispatcher, handle) = match Box::pin(Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx)).await {
         Ok(started) => started,
