@@ -637,3 +637,13 @@ async fn queue_long_polls_wait_past_the_ordinary_request_timeout() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn listing_dead_letters_of_an_empty_queue_is_an_empty_list() {
+    let stack = TestStack::start().await;
+    for status in ["dead_letter", "queued", "processing"] {
+        let listed = stack.admin().ok("listJobsByStatus", json!({"status": status})).await;
+        assert_eq!(listed, json!([]), "{status}");
+    }
+    stack.stop().await;
+}
