@@ -51,7 +51,7 @@ const GRANTS: &[Grant] = &[
         buckets: &[(t::TELEGRAM_BOTS, Read), (t::CONSOLE_SESSIONS, Write)],
         objects: &[(t::SNAPSHOT_ARCHIVES, Write), (t::MEDIA, Write)],
         // `/readyz` pings every service.
-        publish: &["af.health.>"],
+        publish: &["af.health.>", crate::console_events::WANTED],
         subscribe: &[crate::console_events::SUBJECT],
     },
     Grant {
@@ -71,7 +71,7 @@ const GRANTS: &[Grant] = &[
         ],
         objects: &[],
         publish: &[t::DEMAND_SUBJECT, crate::console_events::SUBJECT],
-        subscribe: &[],
+        subscribe: &[crate::console_events::WANTED],
     },
     Grant {
         service: "hydration",
@@ -100,7 +100,7 @@ const GRANTS: &[Grant] = &[
         ],
         objects: &[(t::SNAPSHOT_ARCHIVES, Write), (t::MEDIA, Write)],
         publish: &[crate::console_events::SUBJECT],
-        subscribe: &[],
+        subscribe: &[crate::console_events::WANTED],
     },
     Grant {
         service: "scheduler",

@@ -1,8 +1,9 @@
 //! `GET /console/events`: server-sent events telling the console what changed, fed by NATS.
 //!
 //! One feed per ingress process, started by the first subscriber: a subscription to the change
-//! notices the owning services publish (`common::console_events`: the queue manager for the
-//! queue, dead letters, workers and new messages, hydration for pairing codes). Each notice
+//! notices the owning services publish while a console asks for them (`common::console_events`:
+//! the queue leader for the queue, dead letters, workers and new messages, hydration for
+//! pairing codes). Each notice
 //! names a topic (`queue`, `workers`, `pairing`) and, where there is one, the key; the page then
 //! reloads that panel through the operations API. No payload, no secret reaches ingress.
 //! Nothing polls: with no change, the stream carries only keep-alive comments.
@@ -15,7 +16,7 @@ use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use common::console_events::{SUBJECT, notice};
+use common::console_events::{SUBJECT, WANTED, WANTED_EVERY, notice};
 use common::service::ServiceContext;
 use futures::{Stream, StreamExt};
 use tokio::sync::{OnceCell, broadcast};
@@ -60,19 +61,35 @@ impl Hub {
     }
 }
 
-/// Forwards every notice to the subscribers, subscribing again when NATS ends the subscription.
+/// Forwards every notice to the subscribers, subscribing again when NATS ends the subscription;
+/// while any page listens, asks the owning services to keep their notices coming.
 async fn feed(ctx: ServiceContext, tx: broadcast::Sender<String>, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     loop {
         match ctx.nats.subscribe(SUBJECT).await {
             Ok(mut notices) => {
                 let _ = ctx.nats.flush().await;
+                // The first page sees every change made after it subscribed: wait until a
+                // publisher confirms its watches are in place (none yet, e.g. no queue leader:
+                // go on, the next ask starts them).
+                let _ = tokio::time::timeout(WANTED_EVERY, ctx.nats.request(WANTED, "".into())).await;
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }
-                while let Some(message) = notices.next().await {
-                    // No subscriber right now is fine: the send fails and the notice is dropped.
-                    let _ = tx.send(String::from_utf8_lossy(&message.payload).into_owned());
+                let mut ask = tokio::time::interval(WANTED_EVERY);
+                loop {
+                    tokio::select! {
+                        message = notices.next() => {
+                            let Some(message) = message else { break };
+                            // No page right now is fine: the send fails and the notice is dropped.
+                            let _ = tx.send(String::from_utf8_lossy(&message.payload).into_owned());
+                        }
+                        _ = ask.tick() => {
+                            if tx.receiver_count() > 0 {
+                                let _ = ctx.nats.publish(WANTED, "".into()).await;
+                            }
+                        }
+                    }
                 }
                 tracing::warn!("console notice subscription ended; subscribing again");
             }
