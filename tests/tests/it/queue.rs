@@ -254,7 +254,7 @@ async fn failures_retry_with_the_spec_backoff_then_dead_letter() {
             .worker("w1")
             .ok(
                 "failJob",
-                json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }),
+                json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": format!("boom {i}") }),
             )
             .await;
         assert_eq!(
@@ -269,11 +269,16 @@ async fn failures_retry_with_the_spec_backoff_then_dead_letter() {
     let job = claim(&stack, "w1").await;
     let outcome = stack
         .worker("w1")
-        .ok("failJob", json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "boom" }))
+        .ok(
+            "failJob",
+            json!({ "workerId": "w1", "messageId": id, "leaseId": job["leaseId"], "errorMessage": "last boom" }),
+        )
         .await;
     assert_eq!(outcome, json!({ "requeued": false, "deadLettered": true, "nextScheduledFor": null }));
     let stats = stack.admin().ok("getQueueStats", json!({})).await;
     assert_eq!(stats["deadLetter"], 1);
+    let dead = stack.admin().ok("listJobsByStatus", json!({ "status": "dead_letter" })).await;
+    assert_eq!((dead[0]["attempts"].clone(), dead[0]["lastError"].clone()), (json!(5), json!("last boom")));
 
     let requeued = stack.admin().ok("requeueDeadLetter", json!({ "messageId": id })).await;
     assert_eq!(requeued, id.as_str());

@@ -211,8 +211,9 @@ impl State {
             LeaseCheck::Held(token) => {
                 let now = self.now();
                 let error = truncate(&args.error_message);
-                let (state, outcome) = self.after_failure(&token, error, now, true);
-                self.write_conv(&token, state, After::Fail { worker_id: args.worker_id.into_string(), reply, outcome });
+                let (state, outcome) = self.after_failure(&token, error.clone(), now, true);
+                let after = After::Fail { worker_id: args.worker_id.into_string(), reply, outcome, error };
+                self.write_conv(&token, state, after);
             }
         }
     }
@@ -427,7 +428,7 @@ impl State {
                 self.worker_released(&worker_id, &conversation_id, now, true, false);
                 let _ = reply.send(to_answer(true));
             }
-            After::Fail { worker_id, reply, outcome } => {
+            After::Fail { worker_id, reply, outcome, .. } => {
                 let label = if outcome.dead_lettered { "dead_letter" } else { "retry" };
                 metrics::counter!(common::telemetry::FAILURES, "outcome" => label).increment(1);
                 self.worker_released(&worker_id, &conversation_id, now, true, false);

@@ -198,6 +198,9 @@ enum After {
         worker_id: String,
         reply: Reply,
         outcome: FailOutcome,
+        /// This failure's error: a dead-letter record carries it (the head state it would
+        /// otherwise be read from is gone with the dead-lettered job).
+        error: String,
     },
     Recover {
         worker_id: String,
@@ -745,6 +748,7 @@ enum LeaseCheck {
 fn state_error(after: &After, head: Option<&HeadState>) -> Option<String> {
     match after {
         After::Recover { .. } => Some(LEASE_EXPIRED_ERROR.to_string()),
+        After::Fail { error, .. } => Some(error.clone()),
         _ => head.and_then(|h| h.last_error.clone()),
     }
 }
