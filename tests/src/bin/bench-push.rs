@@ -172,14 +172,10 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     stack.admin().ok("setTestClock", json!({"nowMs": SLOT})).await;
     let jobs = args.jobs as u64;
-    loop {
-        let n = inbox_messages(&stack).await?;
-        if n >= jobs {
-            break;
-        }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(1800), "only {n} of {jobs} enqueued after 30 min");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::wait_until(&format!("{jobs} pushes are enqueued"), Duration::from_secs(1800), || async {
+        (inbox_messages(&stack).await.ok()? >= jobs).then_some(())
+    })
+    .await;
     let push_time = started.elapsed();
     let rss_peak = peak_rss_mb(pid);
     let raw_jobs = raw_publish(&stack, "BENCH_RAW_JOBS", args.jobs, args.concurrency).await?;

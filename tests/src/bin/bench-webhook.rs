@@ -135,16 +135,14 @@ async fn raw_run(args: &Args, nats: &async_nats::Client, first_id: i64) -> anyho
 async fn consumer_drained(stack: &TestStack) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let stream = stack.ctx.js.get_stream(common::topology::TELEGRAM_UPDATES_STREAM).await?;
-    loop {
+    tests::wait_until("the update consumer acknowledged every update", Duration::from_secs(600), || async {
         let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(common::topology::TELEGRAM_UPDATES_CONSUMER).await.map_err(|e| anyhow::anyhow!(e))?;
-        let info = consumer.info().await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the consumer is not done after 10 min");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            stream.get_consumer(common::topology::TELEGRAM_UPDATES_CONSUMER).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    Ok(started.elapsed())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
