@@ -57,6 +57,15 @@ async fn agent_with_model(stack: &TestStack, fake: &FakeLlm, extra_refs: &[&str]
     }
 }
 
+/// A stack whose agent uses the fake model server, and conversation `c1` assigned to `w1`.
+async fn stack_with_agent() -> (TestStack, FakeLlm) {
+    let stack = TestStack::start_with(MANUAL).await;
+    let fake = FakeLlm::start().await;
+    agent_with_model(&stack, &fake, &[]).await;
+    assign(&stack, "w1", "c1", AGENT).await;
+    (stack, fake)
+}
+
 fn engine_env<'a>(node: &'a str, entry: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![
         ("AF_ENGINE", "openclaw"),
@@ -254,10 +263,7 @@ async fn openclaw_agent_turns_use_history_and_skills_and_the_workspace_survives_
 #[tokio::test]
 async fn openclaw_gateway_crash_and_turn_timeout_fail_the_job_and_the_next_attempt_gets_a_new_gateway() {
     let (node, entry) = openclaw_install();
-    let stack = TestStack::start_with(MANUAL).await;
-    let fake = FakeLlm::start().await;
-    agent_with_model(&stack, &fake, &[]).await;
-    assign(&stack, "w1", "c1", AGENT).await;
+    let (stack, fake) = stack_with_agent().await;
     let data = tempfile::tempdir().expect("tmp");
     let env = engine_env(&node, &entry, &[("AF_ENGINE_TIMEOUT_MS", "20000")]);
     let (stop, worker) = start(config(&stack, "w1", Via::Http, data.path(), &env));
@@ -311,10 +317,7 @@ async fn openclaw_gateway_crash_and_turn_timeout_fail_the_job_and_the_next_attem
 #[tokio::test]
 async fn openclaw_model_provider_errors_fail_the_job_without_the_key() {
     let (node, entry) = openclaw_install();
-    let stack = TestStack::start_with(MANUAL).await;
-    let fake = FakeLlm::start().await;
-    agent_with_model(&stack, &fake, &[]).await;
-    assign(&stack, "w1", "c1", AGENT).await;
+    let (stack, fake) = stack_with_agent().await;
     let data = tempfile::tempdir().expect("tmp");
     let env = engine_env(&node, &entry, &[]);
     let (stop, worker) = start(config(&stack, "w1", Via::Http, data.path(), &env));
@@ -344,10 +347,7 @@ async fn openclaw_model_provider_errors_fail_the_job_without_the_key() {
 
 #[tokio::test]
 async fn openclaw_gateway_that_does_not_start_fails_the_job_with_its_log() {
-    let stack = TestStack::start_with(MANUAL).await;
-    let fake = FakeLlm::start().await;
-    agent_with_model(&stack, &fake, &[]).await;
-    assign(&stack, "w1", "c1", AGENT).await;
+    let (stack, fake) = stack_with_agent().await;
     // A "gateway" that reports a bad configuration and exits 78, as OpenClaw does.
     let bin = tempfile::tempdir().expect("tmp");
     let script = bin.path().join("gateway.sh");
