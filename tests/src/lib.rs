@@ -76,6 +76,13 @@ impl TestNats {
         self.server.url()
     }
 
+    /// Creates the streams and buckets as the privileged user, as `agent-factory --provision`
+    /// does for services that connect as their own users (which may not).
+    pub async fn provision(&self) {
+        let settings = Arc::new(test_settings(&self.dir.path().join("provision"), &[]));
+        ServiceContext::connect(settings, self.url(), "provision").await.expect("provision");
+    }
+
     /// The URL of `service`'s own restricted user.
     pub fn service_url(&self, service: &str) -> String {
         self.server.service_url(service)

@@ -189,11 +189,11 @@ async fn nats_access_services_started_alone_wait_for_the_provisioner() {
     let nats = tests::TestNats::start().await;
     let settings = std::sync::Arc::new(tests::test_settings(&nats.dir.path().join("data"), &[]));
     let url = nats.service_url("scheduler");
-    let alone = tokio::spawn({
-        let settings = settings.clone();
-        async move { common::service::ServiceContext::connect(settings, &url, "scheduler").await.map(|_| ()) }
-    });
+    let alone =
+        tokio::spawn(
+            async move { common::service::ServiceContext::connect(settings, &url, "scheduler").await.map(|_| ()) },
+        );
     // Only the privileged user may create the topology; the service finds it once it exists.
-    common::service::ServiceContext::connect(settings, nats.url(), "provisioner").await.expect("provision");
+    nats.provision().await;
     alone.await.expect("join").expect("the service connects once the topology exists");
 }

@@ -161,13 +161,6 @@ impl Processes {
     }
 }
 
-/// Creates the streams and buckets as the privileged user, as the compose stack's one-shot
-/// `agent-factory --provision` does: the services connect as their own users, which may not.
-async fn provision(nats: &TestNats) {
-    let settings = std::sync::Arc::new(tests::test_settings(&nats.dir.path().join("provision"), &[]));
-    common::service::ServiceContext::connect(settings, nats.url(), "provision").await.expect("provision");
-}
-
 /// The environment of `service`'s binary run alone, as docker-compose.yml sets it: its own NATS
 /// user.
 fn service_env(
@@ -260,7 +253,7 @@ async fn one_message_is_one_trace_across_the_services_and_the_reference_worker()
     let secrets_key = common::crypto::generate_key_base64().expect("key");
     let port = free_port();
     let api = format!("http://127.0.0.1:{port}");
-    provision(&nats).await;
+    nats.provision().await;
     let mut procs = Processes::new();
     for service in ["queue-manager", "hydration", "ingress"] {
         let extra = [("AF_TELEMETRY__OTLP_ENDPOINT", otlp.clone()), ("AF_HTTP__BIND", format!("127.0.0.1:{port}"))];
@@ -545,7 +538,7 @@ async fn every_service_serves_the_metrics_the_dashboard_and_the_alerts_query() {
     let secrets_key = common::crypto::generate_key_base64().expect("key");
     let api_port = free_port();
     let api = format!("http://127.0.0.1:{api_port}");
-    provision(&nats).await;
+    nats.provision().await;
     let mut procs = Processes::new();
     let mut metrics_urls = BTreeMap::new();
     for service in services {
