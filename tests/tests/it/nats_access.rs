@@ -123,15 +123,9 @@ async fn server_with(config: String, env: Vec<(String, String)>, dir: &std::path
 
 /// Whether any file under `dir` contains `needle`.
 fn stored_in_clear(dir: &std::path::Path, needle: &[u8]) -> bool {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            stack.extend(std::fs::read_dir(&path).expect("read dir").flatten().map(|e| e.path()));
-        } else if std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)) {
-            return true;
-        }
-    }
-    false
+    tests::files_under(dir)
+        .iter()
+        .any(|path| std::fs::read(path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)))
 }
 
 /// Publishes `text` into the inbox stream as the privileged user (provisioning first), and

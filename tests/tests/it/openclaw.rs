@@ -6,7 +6,7 @@
 //! and each failure (gateway that does not start, crashes mid-turn, exceeds the turn timeout;
 //! model provider errors) failing the job with a clear error.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::skills::sha256_hex;
@@ -121,23 +121,6 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(path),
-                Ok(t) if t.is_file() => out.push(path),
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn openclaw_agent_turns_use_history_and_skills_and_the_workspace_survives_a_move() {
     let (node, entry) = openclaw_install();
@@ -248,7 +231,7 @@ async fn openclaw_agent_turns_use_history_and_skills_and_the_workspace_survives_
     );
     assert_eq!(history(&stack, "c1").await[5], ("assistant".to_string(), "Still green.".to_string()));
     // No file of the restored data directory holds the model's API key.
-    for path in files_under(data2.path()) {
+    for path in tests::files_under(data2.path()) {
         if path.starts_with(data2.path().join(".openclaw-run")) {
             continue; // The new gateway's own run directory, never snapshotted.
         }

@@ -80,20 +80,14 @@ async fn telegram_webhook_unbound_users_get_a_reply_and_no_job() {
 
 /// The files under `dir`, recursively: (path relative to `dir`, bytes).
 fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(next) = stack.pop() {
-        for entry in std::fs::read_dir(&next).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().into_owned();
-                out.push((rel, std::fs::read(&path).unwrap_or_default()));
-            }
-        }
-    }
-    out
+    tests::files_under(dir)
+        .into_iter()
+        .map(|path| {
+            let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().into_owned();
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            (rel, bytes)
+        })
+        .collect()
 }
 
 #[tokio::test]
