@@ -30,6 +30,9 @@ pub const SUBJECT_PREFIX: &str = "af.op";
 pub const HEADER_STATUS: &str = "af-status";
 pub const HEADER_AUTHORIZATION: &str = "authorization";
 pub const HEADER_CLOCK_REVISION: &str = "af-clock-rev";
+/// On a reply: the request was not processed at all (it reached a stopping process), so
+/// sending it again cannot apply it twice.
+pub const HEADER_NOT_PROCESSED: &str = "af-not-processed";
 /// How an unanswered request's error starts: nobody serves the operation at this moment.
 const NO_RESPONDERS: &str = "no service is serving";
 /// How long a service-to-service call waits out a leader failover (the leader lease lives 3 s).
@@ -91,30 +94,77 @@ impl OpRegistry {
 
     /// Serves every registered operation until `shutdown` is cancelled. Each operation is a
     /// queue-group subscription, so replicas of a service share the load.
+    ///
+    /// Stopping loses no request: each subscription is drained (unsubscribed, then emptied of
+    /// what the server delivered before it saw that), a request that arrives meanwhile is
+    /// answered "not processed" so its caller sends it again to another replica
+    /// ([`OpClient::call_raw`]), and the requests already running finish, for up to
+    /// [`STOP_GRACE`], before this returns (and, on the queue leader, before the dispatcher
+    /// stops). Long polls are not waited for: the stopping dispatcher answers them 503.
     pub async fn serve(self, ctx: ServiceContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut streams = Vec::new();
+        let mut subscriptions = Vec::new();
         for (name, handler) in self.handlers {
             let spec = find(name).ok_or_else(|| anyhow::anyhow!("unknown operation {name}"))?;
             let sub = ctx.nats.queue_subscribe(subject(name), format!("af-{}", spec.service.as_str())).await?;
             // The registry lookup of a labelled metric is done once per operation, not per call.
             let served = metrics::histogram!(crate::telemetry::OP_DURATION, "op" => spec.name, "status" => "200");
-            streams.push(sub.map(move |msg| (spec, handler.clone(), served.clone(), msg)).boxed());
+            subscriptions.push((spec, handler, served, sub));
         }
         // The subscriptions are registered once the server has processed them; flush so a
         // caller that starts right after `serve` is spawned finds a responder.
         ctx.nats.flush().await?;
-        let mut all = futures::stream::select_all(streams);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                next = all.next() => {
-                    let Some((spec, handler, served, msg)) = next else { break };
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move { handle(ctx, spec, handler, served, msg).await });
+        let running = tokio_util::task::TaskTracker::new();
+        let serving = subscriptions.into_iter().map(|(spec, handler, served, mut sub)| {
+            let (ctx, shutdown, running) = (ctx.clone(), shutdown.clone(), running.clone());
+            async move {
+                loop {
+                    let msg = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        msg = sub.next() => match msg {
+                            Some(msg) => msg,
+                            None => return,
+                        },
+                    };
+                    let call = handle(ctx.clone(), spec, handler.clone(), served.clone(), msg);
+                    match spec.long_poll {
+                        true => drop(tokio::spawn(call)),
+                        false => drop(running.spawn(call)),
+                    }
+                }
+                if let Err(e) = sub.drain().await {
+                    tracing::warn!(op = spec.name, error = %e, "could not drain the subscription");
+                    return;
+                }
+                while let Some(msg) = sub.next().await {
+                    not_processed(&ctx, spec, msg).await;
                 }
             }
+        });
+        futures::future::join_all(serving).await;
+        running.close();
+        if tokio::time::timeout(STOP_GRACE, running.wait()).await.is_err() {
+            tracing::warn!(requests = running.len(), "stopped with operations still running");
         }
+        // The last replies sit in the client's write buffer; the connection may close next.
+        ctx.nats.flush().await?;
         Ok(())
+    }
+}
+
+/// How long a stopping service lets the requests it took finish.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Answers a request that reached a stopping process: nothing was done, send it again.
+async fn not_processed(ctx: &ServiceContext, spec: &OpSpec, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else { return };
+    let err = OpError::unavailable(format!("'{}' reached a process that is stopping; not processed", spec.name));
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_STATUS, status_text(err.http_status()));
+    headers.insert(HEADER_NOT_PROCESSED, "true");
+    let body = Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default());
+    if let Err(e) = ctx.nats.publish_with_headers(reply, headers, body).await {
+        tracing::warn!(op = spec.name, error = %e, "could not hand a request back");
     }
 }
 
@@ -336,6 +386,17 @@ fn find_over_limit(value: &serde_json::Value, limits: &LimitSettings, rev_path: 
     }
 }
 
+/// What a failed request is known about: whether it can be sent again safely.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unapplied {
+    /// A stopping replica answered that it did not process it.
+    HandedBack,
+    /// It reached nobody.
+    ReachedNobody,
+    /// Answered, or it may have been applied.
+    NotKnown,
+}
+
 /// Calls operations over NATS. Used by ingress (as a pass-through), the CLI, workers and tests.
 #[derive(Clone)]
 pub struct OpClient {
@@ -357,6 +418,11 @@ impl OpClient {
     }
 
     /// Sends raw JSON bytes and returns the HTTP-equivalent status with the raw reply body.
+    ///
+    /// A request answered "not processed" (it reached a replica that is stopping, see
+    /// [`OpRegistry::serve`]) is sent again until the timeout, and so is one that then finds
+    /// no responder while a leader takes over: neither was applied, so neither can be
+    /// applied twice.
     pub async fn call_raw(
         &self,
         name: &str,
@@ -364,6 +430,35 @@ impl OpClient {
         body: Bytes,
         extra_timeout: Duration,
     ) -> (u16, Bytes) {
+        let deadline = tokio::time::Instant::now() + self.timeout + extra_timeout;
+        let mut handed_back = false;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (status, reply, unapplied) = self.request(name, authorization, body.clone(), timeout).await;
+            handed_back |= unapplied == Unapplied::HandedBack;
+            let again = match unapplied {
+                Unapplied::HandedBack => true,
+                Unapplied::ReachedNobody => handed_back,
+                Unapplied::NotKnown => false,
+            };
+            if !again || tokio::time::Instant::now() + pause >= deadline {
+                return (status, reply);
+            }
+            // Real time: this waits for another replica to take the request over.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One request: the status, the reply body, and whether it is known not to be applied.
+    async fn request(
+        &self,
+        name: &str,
+        authorization: Option<&str>,
+        body: Bytes,
+        timeout: Duration,
+    ) -> (u16, Bytes, Unapplied) {
         let mut headers = HeaderMap::new();
         if let Some(auth) = authorization {
             headers.insert(HEADER_AUTHORIZATION, auth);
@@ -375,36 +470,42 @@ impl OpClient {
             }
         }
         crate::telemetry::inject_current_context(&mut headers);
-        let request =
-            async_nats::Request::new().payload(body).headers(headers).timeout(Some(self.timeout + extra_timeout));
+        let request = async_nats::Request::new().payload(body).headers(headers).timeout(Some(timeout));
         match self.nats.send_request(subject(name), request).await {
             Ok(msg) => {
-                let status = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(HEADER_STATUS))
-                    .and_then(|v| v.as_str().parse().ok())
-                    .unwrap_or(200);
-                (status, msg.payload)
+                let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+                let status = header(HEADER_STATUS).and_then(|v| v.parse().ok()).unwrap_or(200);
+                let unapplied = match header(HEADER_NOT_PROCESSED) {
+                    Some(_) => Unapplied::HandedBack,
+                    None => Unapplied::NotKnown,
+                };
+                (status, msg.payload, unapplied)
             }
             Err(e) => {
-                let err = match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
-                        OpError::unavailable(format!("{NO_RESPONDERS} '{name}' right now; retry shortly"))
-                    }
-                    async_nats::RequestErrorKind::TimedOut => {
-                        OpError::unavailable(format!("'{name}' timed out; it may or may not have been applied"))
-                    }
-                    async_nats::RequestErrorKind::MaxPayloadExceeded => OpError::new(
-                        ErrorCode::PayloadTooLarge,
-                        format!("the request for '{name}' exceeds the NATS maximum payload"),
+                let (err, unapplied) = match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => (
+                        OpError::unavailable(format!("{NO_RESPONDERS} '{name}' right now; retry shortly")),
+                        Unapplied::ReachedNobody,
+                    ),
+                    async_nats::RequestErrorKind::TimedOut => (
+                        OpError::unavailable(format!("'{name}' timed out; it may or may not have been applied")),
+                        Unapplied::NotKnown,
+                    ),
+                    async_nats::RequestErrorKind::MaxPayloadExceeded => (
+                        OpError::new(
+                            ErrorCode::PayloadTooLarge,
+                            format!("the request for '{name}' exceeds the NATS maximum payload"),
+                        ),
+                        Unapplied::NotKnown,
                     ),
                     async_nats::RequestErrorKind::InvalidSubject => {
-                        OpError::invalid(format!("'{name}' is not a valid operation name"))
+                        (OpError::invalid(format!("'{name}' is not a valid operation name")), Unapplied::NotKnown)
                     }
-                    async_nats::RequestErrorKind::Other => OpError::unavailable(format!("'{name}' failed: {e}")),
+                    async_nats::RequestErrorKind::Other => {
+                        (OpError::unavailable(format!("'{name}' failed: {e}")), Unapplied::NotKnown)
+                    }
                 };
-                (err.http_status(), Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()))
+                (err.http_status(), Bytes::from(serde_json::to_vec(&err.to_body()).unwrap_or_default()), unapplied)
             }
         }
     }

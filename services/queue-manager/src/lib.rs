@@ -120,16 +120,21 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
     };
     // The console's change notices come from the leader alone: one notice per change.
     tokio::spawn(common::console_events::publish_changes(ctx.clone(), leadership.clone(), console_watches));
+    // The dispatcher outlives the serving of operations by the time the requests already taken
+    // need to finish (`OpRegistry::serve`); its writes stay fenced by compare-and-set.
+    let dispatching = CancellationToken::new();
+    let _stop_dispatching = dispatching.clone().drop_guard();
     // Boxed: the rebuild future is large and would otherwise sit on the caller's stack.
-    let (dispatcher, handle) = match Box::pin(Dispatcher::start(ctx.clone(), leadership.clone(), ready_tx)).await {
-        Ok(started) => started,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "could not start the queue dispatcher");
-            // Back off before the lease is given up and perhaps retaken.
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            return;
-        }
-    };
+    let (dispatcher, handle) =
+        match Box::pin(Dispatcher::start(ctx.clone(), leadership.clone(), dispatching.clone(), ready_tx)).await {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "could not start the queue dispatcher");
+                // Back off before the lease is given up and perhaps retaken.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                return;
+            }
+        };
     let caught_up = tokio::select! {
         _ = leadership.cancelled() => false,
         ready = ready_rx.wait_for(|ready| *ready) => ready.is_ok(),
@@ -142,6 +147,7 @@ async fn lead(ctx: ServiceContext, leadership: CancellationToken) {
         }
     }
     leadership.cancel();
+    dispatching.cancel();
     let _ = handle.await;
 }
 

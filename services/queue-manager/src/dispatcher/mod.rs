@@ -247,11 +247,13 @@ impl Dispatcher {
         rx.await.map_err(|_| OpError::unavailable("the queue leader stepped down; retry"))
     }
 
-    /// Rebuilds the index from JetStream and runs the loop until `leadership` is cancelled.
+    /// Rebuilds the index from JetStream and runs the loop until `stop` is cancelled. A loop
+    /// that cannot go on (its inbox tail ended) gives up `leadership` itself.
     /// `ready` flips to true once the inbox replay has caught up.
     pub async fn start(
         ctx: ServiceContext,
         leadership: CancellationToken,
+        stop: CancellationToken,
         ready: watch::Sender<bool>,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(65_536);
@@ -279,11 +281,11 @@ impl Dispatcher {
         let inbox = consumer.messages().await?;
         state.tx = Some(tx.clone());
         state.ready = Some(ready);
-        tokio::spawn(signal_demand(ctx.nats.clone(), state.demand.clone(), leadership.clone()));
+        tokio::spawn(signal_demand(ctx.nats.clone(), state.demand.clone(), stop.clone()));
         if last_seq < start_seq {
             state.mark_caught_up();
         }
-        let handle = tokio::spawn(Box::pin(state.run(rx, inbox, leadership)));
+        let handle = tokio::spawn(Box::pin(state.run(rx, inbox, leadership, stop)));
         Ok((Self { tx }, handle))
     }
 }
@@ -531,6 +533,7 @@ impl State {
         mut rx: mpsc::Receiver<Event>,
         mut inbox: Ordered,
         leadership: CancellationToken,
+        stop: CancellationToken,
     ) {
         let clock = self.ctx.clock.clone();
         let mut flush = tokio::time::interval(Duration::from_millis(self.q().lazy_flush_ms));
@@ -556,7 +559,7 @@ impl State {
             // Finished I/O goes first: it unblocks conversations that commands wait on.
             tokio::select! {
                 biased;
-                _ = leadership.cancelled() => break,
+                _ = stop.cancelled() => break,
                 Some(event) = io.next(), if !io.is_empty() => self.handle(event),
                 event = rx.recv() => match event {
                     Some(event) => self.handle(event),
@@ -727,10 +730,10 @@ impl State {
 
 /// Publishes one demand signal per wake-up: a burst of unserved jobs costs the scheduler one
 /// message, not one per job, and a signal raised while one is being sent is never lost.
-async fn signal_demand(nats: async_nats::Client, demand: Arc<tokio::sync::Notify>, leadership: CancellationToken) {
+async fn signal_demand(nats: async_nats::Client, demand: Arc<tokio::sync::Notify>, stop: CancellationToken) {
     loop {
         tokio::select! {
-            _ = leadership.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = demand.notified() => {}
         }
         if let Err(e) = nats.publish(common::topology::DEMAND_SUBJECT, bytes::Bytes::new()).await {
