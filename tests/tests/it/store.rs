@@ -11,16 +11,20 @@ async fn connect(nats: &TestNats) -> async_nats::Client {
     common::service::connect_nats(nats.url(), "store-test", std::time::Duration::from_secs(5)).await.expect("connect")
 }
 
+/// A bucket keeping one entry per key, as every bucket of the stack does.
+async fn bucket(nats: &TestNats, name: &str) -> JsonStore {
+    let client = connect(nats).await;
+    let kv = jetstream::new(client.clone())
+        .create_key_value(jetstream::kv::Config { bucket: name.into(), history: 1, ..Default::default() })
+        .await
+        .expect("bucket");
+    JsonStore::new(kv, client)
+}
+
 #[tokio::test]
 async fn a_compare_and_set_write_wins_once_and_a_stale_revision_is_a_conflict() {
     let nats = TestNats::start().await;
-    let client = connect(&nats).await;
-    let js = jetstream::new(client.clone());
-    let kv = js
-        .create_key_value(jetstream::kv::Config { bucket: "cas_test".into(), history: 1, ..Default::default() })
-        .await
-        .expect("bucket");
-    let store = JsonStore::new(kv, client);
+    let store = bucket(&nats, "cas_test").await;
 
     let first = store.create("k", &json!({"n": 1})).await.expect("create");
     assert!(matches!(store.create("k", &json!({"n": 9})).await, Err(StoreError::Conflict { .. })));
@@ -87,13 +91,7 @@ async fn listings_stay_complete_while_keys_are_rewritten() {
     const KEYS: usize = 14;
     const LISTINGS: usize = 300;
     let nats = TestNats::start().await;
-    let client = connect(&nats).await;
-    let js = jetstream::new(client.clone());
-    let kv = js
-        .create_key_value(jetstream::kv::Config { bucket: "listing_test".into(), history: 1, ..Default::default() })
-        .await
-        .expect("bucket");
-    let store = Arc::new(JsonStore::new(kv, client));
+    let store = Arc::new(bucket(&nats, "listing_test").await);
     let expected: Vec<String> = {
         let mut keys: Vec<String> = (0..KEYS).map(|i| format!("k{i}")).collect();
         keys.sort();
@@ -146,13 +144,7 @@ async fn listings_stay_complete_while_keys_are_rewritten() {
 #[tokio::test]
 async fn a_listing_larger_than_one_batch_is_read_whole() {
     let nats = TestNats::start().await;
-    let client = connect(&nats).await;
-    let js = jetstream::new(client.clone());
-    let kv = js
-        .create_key_value(jetstream::kv::Config { bucket: "big_listing".into(), history: 1, ..Default::default() })
-        .await
-        .expect("bucket");
-    let store = JsonStore::new(kv, client);
+    let store = bucket(&nats, "big_listing").await;
     let filler = "x".repeat(512 * 1024);
     for i in 0..40 {
         store.create(&format!("doc{i:02}"), &json!({"i": i, "filler": filler})).await.expect("create");
