@@ -132,12 +132,22 @@ impl OpRegistry {
                         false => drop(running.spawn(call)),
                     }
                 }
-                if let Err(e) = sub.drain().await {
-                    tracing::warn!(op = spec.name, error = %e, "could not drain the subscription");
+                // A drain ends when the server confirms the unsubscribe: a connection that is
+                // down never does, and nothing could be handed back over it anyway.
+                if ctx.nats.connection_state() != async_nats::connection::State::Connected {
                     return;
                 }
-                while let Some(msg) = sub.next().await {
-                    not_processed(&ctx, spec, msg).await;
+                let hand_back = async {
+                    sub.drain().await?;
+                    while let Some(msg) = sub.next().await {
+                        not_processed(&ctx, spec, msg).await;
+                    }
+                    Ok::<_, async_nats::UnsubscribeError>(())
+                };
+                match tokio::time::timeout(STOP_GRACE, hand_back).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(op = spec.name, error = %e, "could not drain the subscription"),
+                    Err(_) => tracing::warn!(op = spec.name, "the subscription did not drain in time"),
                 }
             }
         });
@@ -147,7 +157,11 @@ impl OpRegistry {
             tracing::warn!(requests = running.len(), "stopped with operations still running");
         }
         // The last replies sit in the client's write buffer; the connection may close next.
-        ctx.nats.flush().await?;
+        if ctx.nats.connection_state() == async_nats::connection::State::Connected
+            && !matches!(tokio::time::timeout(STOP_GRACE, ctx.nats.flush()).await, Ok(Ok(())))
+        {
+            tracing::warn!("could not flush the last replies");
+        }
         Ok(())
     }
 }
