@@ -141,7 +141,11 @@ pub fn stored_args(body: &[u8]) -> StoredArgs {
 
 /// A non-reversible name for a bearer token: the first 12 hex digits of its SHA-256.
 pub fn fingerprint(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
+    digest_fingerprint(&Sha256::digest(token.as_bytes()).into())
+}
+
+/// [`fingerprint`] of a token of which only the SHA-256 is at hand.
+pub fn digest_fingerprint(digest: &[u8; 32]) -> String {
     hex::encode(&digest[..6])
 }
 

@@ -110,6 +110,13 @@ impl Authenticator {
         out
     }
 
+    /// Whether one of the accepted admin tokens has this [`crate::audit::fingerprint`]: a
+    /// console session records the fingerprint of the token that opened it, and ends when a
+    /// rotation stops accepting that token.
+    pub fn accepts_admin_fingerprint(&self, fingerprint: &str) -> bool {
+        self.admin.iter().any(|d| crate::audit::digest_fingerprint(d).as_bytes().ct_eq(fingerprint.as_bytes()).into())
+    }
+
     /// Authenticates the value of an `Authorization` header, which must be `Bearer <token>`
     /// (the scheme in any case, one token without spaces).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, OpError> {

@@ -48,6 +48,10 @@ struct SessionRecord {
     csrf: String,
     created_at: i64,
     expires_at: i64,
+    /// `common::audit::fingerprint` of the admin token the session was opened with. Empty in a
+    /// record written before sessions kept it: such a session is refused, as after a rotation.
+    #[serde(default)]
+    admin_token_fingerprint: String,
 }
 
 /// A valid session, as a request presented it.
@@ -115,6 +119,11 @@ pub(crate) async fn current(ctx: &ServiceContext, headers: &HeaderMap) -> Result
         .value;
     if record.expires_at <= ctx.clock.now_ms() {
         return Err(OpError::unauthenticated("the console session expired: log in again"));
+    }
+    if !ctx.auth.accepts_admin_fingerprint(&record.admin_token_fingerprint) {
+        return Err(OpError::unauthenticated(
+            "the admin token this console session was opened with is no longer accepted: log in again",
+        ));
     }
     Ok(Session { key, csrf: record.csrf, expires_at: record.expires_at })
 }
@@ -210,6 +219,7 @@ pub(crate) async fn login(
         csrf: common::crypto::random_base36(TOKEN_CHARS),
         created_at: now,
         expires_at: now + ttl_ms as i64,
+        admin_token_fingerprint: common::audit::fingerprint(&args.token),
     };
     if let Err(e) = ctx.buckets.console_sessions.create(&key_of(&id), &record).await {
         return error_response(&OpError::unavailable(format!("storing the console session: {e}")));

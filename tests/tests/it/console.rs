@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tests::{ADMIN_TOKEN, TestStack, message, wait_until};
 
@@ -53,8 +54,13 @@ async fn logout(stack: &TestStack, cookie: &str, csrf: Option<&str>) -> u16 {
 
 /// POSTs `getQueueStats` with the given extra headers; answers status and body.
 async fn call(stack: &TestStack, headers: &[(&str, &str)]) -> (u16, Value) {
+    call_at(&stack.http_url(""), headers).await
+}
+
+/// [`call`] to the ingress at `base` (`http://host:port`).
+async fn call_at(base: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut request = reqwest::Client::new()
-        .post(stack.http_url("/v1/ops/getQueueStats"))
+        .post(format!("{base}/v1/ops/getQueueStats"))
         .header("content-type", "application/json")
         .body("{}");
     for (k, v) in headers {
@@ -197,6 +203,38 @@ async fn console_sessions_expire() {
     assert_eq!(status, 401, "{body}");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("expired"), "{body}");
     stack.stop().await;
+}
+
+/// A session lives as long as the admin token that opened it is accepted: through a rollover
+/// (the token now among the previous ones) and not after it (the token removed).
+#[tokio::test]
+async fn console_sessions_end_when_a_rotation_stops_accepting_their_admin_token() {
+    let mut stack = TestStack::start_with(tests::MANUAL).await;
+    let Login { cookie, csrf } = logged_in(&stack).await;
+    let headers = [("cookie", cookie.as_str()), ("x-af-csrf", csrf.as_str())];
+    let new_token = SecretString::from("rotated-admin-token-rotated-admin-token".to_string());
+    let rollover = stack
+        .replica(|s| {
+            s.auth.previous_admin_tokens = vec![s.auth.admin_token.take().expect("admin token")];
+            s.auth.admin_token = Some(new_token.clone());
+        })
+        .await;
+    stack.stop_services().await;
+    // The replica's queue manager has taken the queue over once this answers.
+    rollover.client(ADMIN_TOKEN).ok("getQueueStats", json!({})).await;
+    let (status, body) = call_at(&format!("http://{}", rollover.http_addr), &headers).await;
+    assert_eq!(status, 200, "the old token is still accepted: {body}");
+    let rotated = stack
+        .replica(|s| {
+            s.auth.admin_token = Some(new_token.clone());
+            s.auth.previous_admin_tokens.clear();
+        })
+        .await;
+    rollover.stop().await;
+    let (status, body) = call_at(&format!("http://{}", rotated.http_addr), &headers).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("no longer accepted"), "{body}");
+    rotated.stop().await;
 }
 
 // ---- explainConversation ---------------------------------------------------------------
